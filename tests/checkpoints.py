@@ -1,0 +1,211 @@
+"""Tiny random Hugging Face checkpoints for offline tests.
+
+Every architecture tuco_lens supports gets a 2-layer, 32-wide causal LM with a small
+word-level tokenizer (special tokens and a chat template included), saved with
+``save_pretrained`` so that ``AutoModelForCausalLM.from_pretrained(dir)`` and
+``AutoTokenizer.from_pretrained(dir)`` load it without network access.
+
+A "fine-tuned" twin is made from a base checkpoint by adding Gaussian noise to the decoder
+blocks only (``perturb="blocks"``: embeddings, final norm and unembedding stay identical) or
+to every parameter (``perturb="all"``).
+
+Example:
+    >>> base = build_checkpoint("llama", tmp / "base")
+    >>> ft = build_checkpoint("llama", tmp / "ft", base_dir=base, noise=0.1, seed=1)
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+__all__ = ["ARCHITECTURES", "CHAT_TEMPLATE", "MODEL_VOCAB_SIZE", "build_tokenizer", "build_checkpoint", "hf_config_for"]
+
+ARCHITECTURES = ("gpt2", "llama", "llama3", "mistral", "qwen2", "gpt_neox", "gemma")
+
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+_WORDS = (
+    "the a an and or but if then so of to in on at by for with from as is are was be "
+    "i you he she it we they me my your his her its our their this that what who how why "
+    "when where yes no not all some one two three many more good bad new old big small "
+    "hello thanks please sorry cat dog bird fish tree house car city sea sun moon day night "
+    "water food time say tell ask help make go come see know think want give take find "
+    ". , ? ! : ' \" ( ) - 0 1 2 3"
+).split()
+
+#: Wraps turns in role markers; ``add_generation_prompt`` opens an assistant turn.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}<|system|> {{ message['content'] }} <|end|> "
+    "{% elif message['role'] == 'user' %}<|user|> {{ message['content'] }} <|end|> "
+    "{% elif message['role'] == 'assistant' %}<|assistant|> {{ message['content'] }} <|end|> "
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+#: Embedding rows of every tiny model (the tokenizer has fewer tokens, as real models often do).
+MODEL_VOCAB_SIZE = 128
+
+_BLOCK_PARAM = re.compile(r"\.(layers|h)\.\d+\.")
+
+
+def build_tokenizer(directory: str | Path, *, prepend_bos: bool = True) -> PreTrainedTokenizerFast:
+    """Build a tiny word-level tokenizer and save it to ``directory``.
+
+    Text is lower-cased and split on whitespace and punctuation; unknown words map to
+    ``<unk>``. With ``prepend_bos`` the tokenizer prepends ``<bos>`` (Llama style).
+
+    Args:
+        directory: Where to save the tokenizer files (created if missing).
+        prepend_bos: Whether encoding adds ``<bos>`` in front.
+
+    Returns:
+        The tokenizer, reloaded from ``directory`` so its ``name_or_path`` points there.
+
+    Example:
+        >>> tok = build_tokenizer(tmp / "tok")
+        >>> tok.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False,
+        ...                         add_generation_prompt=True)
+        '<bos><|user|> hello <|end|> <|assistant|> '
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + tuple(dict.fromkeys(_WORDS)))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    if prepend_bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", vocab["<bos>"])]
+        )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=list(SPECIAL_TOKENS[4:]),
+        chat_template=CHAT_TEMPLATE,
+    )
+    tokenizer.save_pretrained(directory)
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def hf_config_for(arch: str, vocab_size: int, tokenizer: PreTrainedTokenizerFast) -> transformers.PretrainedConfig:
+    """The tiny Hugging Face config used for ``arch`` (see :data:`ARCHITECTURES`)."""
+    ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    rms = {
+        "vocab_size": vocab_size,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128,
+        "tie_word_embeddings": False,
+        **ids,
+    }
+    if arch == "gpt2":
+        return transformers.GPT2Config(
+            vocab_size=vocab_size, n_positions=128, n_embd=32, n_layer=2, n_head=4,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids,
+        )
+    if arch == "llama":
+        return transformers.LlamaConfig(**rms, rope_theta=10000.0)
+    if arch == "llama3":
+        scaling = {
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        }
+        return transformers.LlamaConfig(**rms, rope_theta=500000.0, rope_scaling=scaling)
+    if arch == "mistral":
+        return transformers.MistralConfig(**rms, sliding_window=None)
+    if arch == "qwen2":
+        return transformers.Qwen2Config(**{**rms, "tie_word_embeddings": True})
+    if arch == "gpt_neox":
+        return transformers.GPTNeoXConfig(
+            vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=128, rotary_pct=0.5,
+            use_parallel_residual=True, hidden_dropout=0.0, attention_dropout=0.0, **ids,
+        )
+    if arch == "gemma":
+        return transformers.GemmaConfig(**{**rms, "tie_word_embeddings": True}, head_dim=8)
+    raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
+
+
+def _randomize_norms_and_biases(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Move norm weights away from 1 and biases away from 0 so mistakes show up in tests."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            is_norm = "norm" in name or re.search(r"\bln_", name) is not None
+            if name.endswith("bias"):
+                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+            elif is_norm and param.dim() == 1:
+                param.add_(0.1 * torch.randn(param.shape, generator=generator))
+
+
+def _add_noise(model: torch.nn.Module, noise: float, perturb: str, generator: torch.Generator) -> None:
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if perturb == "blocks" and not _BLOCK_PARAM.search(f".{name}"):
+                continue
+            scale = param.std().item() if param.numel() > 1 else 0.0
+            scale = scale if scale > 0 else 1.0
+            param.add_(noise * scale * torch.randn(param.shape, generator=generator))
+
+
+def build_checkpoint(
+    arch: str,
+    directory: str | Path,
+    *,
+    seed: int = 0,
+    base_dir: str | Path | None = None,
+    noise: float = 0.0,
+    perturb: str = "blocks",
+) -> Path:
+    """Write a tiny random causal LM plus tokenizer to ``directory``.
+
+    Args:
+        arch: One of :data:`ARCHITECTURES`.
+        directory: Output directory (any name; created if missing).
+        seed: Seed of the random weights (or of the noise, with ``base_dir``).
+        base_dir: If given, load this checkpoint and perturb it instead of building anew.
+        noise: Noise scale relative to each parameter's standard deviation.
+        perturb: ``"blocks"`` (decoder layers only) or ``"all"`` (every parameter).
+
+    Returns:
+        ``directory`` as a :class:`~pathlib.Path`.
+
+    Example:
+        >>> pt = build_checkpoint("gemma", tmp / "gemma-base")
+        >>> ft = build_checkpoint("gemma", tmp / "gemma-ft", base_dir=pt, noise=0.2, seed=1)
+    """
+    if perturb not in ("blocks", "all"):
+        raise ValueError(f"perturb must be 'blocks' or 'all', got {perturb!r}")
+    directory = Path(directory)
+    generator = torch.Generator().manual_seed(seed)
+    if base_dir is not None:
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        _add_noise(model, noise, perturb, generator)
+    else:
+        tokenizer = build_tokenizer(directory)
+        config = hf_config_for(arch, MODEL_VOCAB_SIZE, tokenizer)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        _randomize_norms_and_biases(model, generator)
+    model.eval()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -1,0 +1,271 @@
+"""Can two HookedTransformers form a TuCo pair?
+
+TuCo runs the pre-trained model's blocks on the fine-tuned model's residual stream, so both
+models must share the architecture, the vocabulary, the device, the dtype and the way their
+weights were processed (``fold_ln``, centering...). :func:`check_compatible` refuses a pair
+that differs in any of these, listing every difference and how to fix it.
+
+Example:
+    >>> from tuco_lens.compatibility import check_compatible, describe_differences
+    >>> describe_differences(pt, ft)
+    []
+    >>> check_compatible(pt, ft)  # raises IncompatiblePairError if the list is not empty
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from transformer_lens import HookedTransformer
+
+from tuco_lens.errors import IncompatiblePairError, InputTypeError
+
+__all__ = [
+    "PROCESSING_ATTR",
+    "PROCESSING_FLAGS",
+    "check_compatible",
+    "describe_differences",
+    "processing_of",
+]
+
+#: Name of the attribute where tuco_lens records how it processed a model's weights.
+PROCESSING_ATTR = "tuco_processing"
+#: The weight-processing flags of ``HookedTransformer.from_pretrained`` that tuco_lens tracks.
+PROCESSING_FLAGS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
+
+_SAME_MODEL_HINT = (
+    "a fine-tune has the architecture of its base model: check that you passed the right "
+    "pre-trained model"
+)
+_ARCHITECTURE_FIELDS = (
+    "n_layers",
+    "d_model",
+    "n_heads",
+    "n_key_value_heads",
+    "d_head",
+    "d_mlp",
+    "d_vocab",
+    "positional_embedding_type",
+    "normalization_type",
+    "act_fn",
+    "gated_mlp",
+    "parallel_attn_mlp",
+    "rotary_dim",
+)
+_LEARNED_POSITIONS = ("standard", "shortformer")
+# A mean over n entries of an uncentred matrix is ~std/sqrt(n); a centred one is ~0 up to
+# rounding (< 1% of that even in bfloat16). Everything below this fraction counts as centred.
+_CENTRED_FRACTION = 0.05
+
+
+def _cfg_value(model: HookedTransformer, field: str) -> Any:
+    cfg = model.cfg
+    if field == "n_key_value_heads":  # TransformerLens writes None for "same as n_heads"
+        return cfg.n_key_value_heads or cfg.n_heads
+    if field == "normalization_type":  # "LNPre" is "LN" with fold_ln: compared as processing
+        return cfg.normalization_type.removesuffix("Pre") if cfg.normalization_type else None
+    return getattr(cfg, field, None)
+
+
+def _is_centred(matrix: torch.Tensor) -> bool:
+    """Whether every row of ``matrix`` has mean ~0 (along the last dimension)."""
+    matrix = matrix.detach().float()
+    row_means = matrix.mean(-1).abs()
+    threshold = _CENTRED_FRACTION * matrix.std() / matrix.shape[-1] ** 0.5
+    return bool((row_means <= threshold).all())
+
+
+def processing_of(model: HookedTransformer) -> dict[str, bool | None]:
+    """How a model's weights were processed: recorded by tuco_lens, else inferred.
+
+    Models loaded by :func:`tuco_lens.loading.load_model` carry a record of the flags that took
+    effect. For other models ``fold_ln`` is read from ``cfg.normalization_type`` (``"LNPre"`` /
+    ``"RMSPre"`` mean folded), centering from the weights themselves (rows of ``W_E`` / ``W_U``
+    with zero mean), and ``fold_value_biases`` is ``None`` (unknown) unless the model has
+    nonzero value biases. A flag that cannot change anything for this model (centering writes on
+    an RMSNorm model, folding biases that are all zero) is reported as ``False``.
+
+    Args:
+        model: Any HookedTransformer (or subclass).
+
+    Returns:
+        A dict with the keys of :data:`PROCESSING_FLAGS`; values ``True``, ``False`` or ``None``.
+
+    Example:
+        >>> processing_of(HookedTransformer.from_pretrained("gpt2"))["fold_ln"]
+        True
+    """
+    recorded = getattr(model, PROCESSING_ATTR, None)
+    if isinstance(recorded, dict):
+        return {flag: recorded.get(flag) for flag in PROCESSING_FLAGS}
+    cfg = model.cfg
+    norm = cfg.normalization_type
+    layer_norm = norm in ("LN", "LNPre") and not getattr(cfg, "final_rms", False)
+    b_V, b_O = model.b_V, model.b_O
+    if b_V.abs().max() > 0:
+        fold_value_biases: bool | None = False
+    elif b_O.abs().max() > 0:
+        fold_value_biases = None  # folded, or a model with output biases only
+    else:
+        fold_value_biases = False
+    return {
+        "fold_ln": norm in ("LNPre", "RMSPre"),
+        "center_writing_weights": _is_centred(model.W_E) if layer_norm else False,
+        "center_unembed": _is_centred(model.W_U),
+        "fold_value_biases": fold_value_biases,
+    }
+
+
+def _architecture_differences(pt: HookedTransformer, ft: HookedTransformer) -> list[str]:
+    fields = list(_ARCHITECTURE_FIELDS)
+    if _cfg_value(pt, "positional_embedding_type") in _LEARNED_POSITIONS:
+        fields.append("n_ctx")  # the learned position table has n_ctx rows
+    messages = []
+    for field in fields:
+        a, b = _cfg_value(pt, field), _cfg_value(ft, field)
+        if a != b:
+            hint = _SAME_MODEL_HINT
+            if field == "d_vocab":
+                hint = (
+                    "the fine-tune probably resized its embeddings (e.g. added chat tokens); TuCo "
+                    "needs one shared vocabulary, so pair it with a base model of the same size "
+                    "(e.g. resize the base model's embeddings before loading it)"
+                )
+            elif field == "n_ctx":
+                hint = "load both with the same n_ctx"
+            messages.append(
+                f"cfg.{field} differs: pre-trained has {a!r}, fine-tuned has {b!r}; {hint}."
+            )
+    return messages
+
+
+def _vocabulary_difference(pt: HookedTransformer, ft: HookedTransformer) -> list[str]:
+    if pt.tokenizer is None or ft.tokenizer is None or pt.tokenizer is ft.tokenizer:
+        return []
+    vocab_pt, vocab_ft = pt.tokenizer.get_vocab(), ft.tokenizer.get_vocab()
+    if vocab_pt == vocab_ft:
+        return []
+    only_pt = sorted(set(vocab_pt) - set(vocab_ft))
+    only_ft = sorted(set(vocab_ft) - set(vocab_pt))
+    moved = sorted(t for t in set(vocab_pt) & set(vocab_ft) if vocab_pt[t] != vocab_ft[t])
+    details = []
+    for label, tokens in (
+        ("only in the pre-trained tokenizer", only_pt),
+        ("only in the fine-tuned tokenizer", only_ft),
+        ("with different ids", moved),
+    ):
+        if tokens:
+            shown = ", ".join(repr(t) for t in tokens[:5]) + (", ..." if len(tokens) > 5 else "")
+            details.append(f"{len(tokens)} token(s) {label} ({shown})")
+    return [
+        f"tokenizer vocabulary differs: {'; '.join(details)}; the same token id must mean the "
+        "same token in both models: load both with the same tokenizer (tokenizer=...) if their "
+        "vocabularies really are the same, or pair models that share a vocabulary."
+    ]
+
+
+def _parameter_set(model: HookedTransformer, attribute: str) -> set[Any]:
+    return {getattr(p, attribute) for p in model.parameters()}
+
+
+def _placement_differences(pt: HookedTransformer, ft: HookedTransformer) -> list[str]:
+    messages = []
+    devices_pt, devices_ft = _parameter_set(pt, "device"), _parameter_set(ft, "device")
+    if devices_pt != devices_ft:
+        messages.append(
+            f"device differs: pre-trained parameters are on {sorted(map(str, devices_pt))}, "
+            f"fine-tuned ones on {sorted(map(str, devices_ft))}; move both to one device "
+            "(load_pair(..., device='cuda') or model.to('cuda'))."
+        )
+    dtypes_pt, dtypes_ft = _parameter_set(pt, "dtype"), _parameter_set(ft, "dtype")
+    if dtypes_pt != dtypes_ft:
+        messages.append(
+            f"dtype differs: pre-trained parameters are {sorted(map(str, dtypes_pt))}, "
+            f"fine-tuned ones {sorted(map(str, dtypes_ft))}; load both with the same dtype "
+            "(load_pair(..., dtype='float32') or model.to(torch.float32))."
+        )
+    return messages
+
+
+def _processing_differences(pt: HookedTransformer, ft: HookedTransformer) -> list[str]:
+    proc_pt, proc_ft = processing_of(pt), processing_of(ft)
+    messages = []
+    for flag in PROCESSING_FLAGS:
+        a, b = proc_pt[flag], proc_ft[flag]
+        if a is not None and b is not None and a != b:
+            messages.append(
+                f"weight processing differs: {flag} is {a} for the pre-trained model and {b} for "
+                "the fine-tuned model; load both the same way, e.g. tuco_lens.load_pair(pt, ft) "
+                "(no processing, residual stream = Hugging Face hidden states) or "
+                "HookedTransformer.from_pretrained_no_processing for both."
+            )
+    return messages
+
+
+def describe_differences(pt: HookedTransformer, ft: HookedTransformer) -> list[str]:
+    """Every reason why ``pt`` and ``ft`` cannot form a TuCo pair.
+
+    Compares the architecture (layers, widths, heads, vocabulary size, positional embedding,
+    normalization, activation, parallel attention/MLP...), the tokenizer vocabularies (when both
+    models have a tokenizer), the devices and dtypes of the parameters and the weight
+    processing (see :func:`processing_of`; flags unknown for either model are not compared).
+
+    Args:
+        pt: The pre-trained model.
+        ft: The fine-tuned model.
+
+    Returns:
+        Human-readable messages, each naming both values and a fix; empty if compatible.
+
+    Example:
+        >>> describe_differences(pt, ft)
+        ['cfg.n_layers differs: pre-trained has 2, fine-tuned has 3; ...']
+    """
+    return (
+        _architecture_differences(pt, ft)
+        + _vocabulary_difference(pt, ft)
+        + _placement_differences(pt, ft)
+        + _processing_differences(pt, ft)
+    )
+
+
+def check_compatible(pt: HookedTransformer, ft: HookedTransformer) -> None:
+    """Raise if ``pt`` and ``ft`` cannot form a TuCo pair.
+
+    Identical models (even the same object) are compatible; their TuCo is 0. If only one model
+    has a tokenizer the vocabularies cannot be compared: a ``UserWarning`` says so.
+
+    Args:
+        pt: The pre-trained model.
+        ft: The fine-tuned model.
+
+    Raises:
+        IncompatiblePairError: Listing every difference found by :func:`describe_differences`.
+        InputTypeError: If either argument is not a HookedTransformer.
+
+    Example:
+        >>> check_compatible(pt, ft)  # returns None when the pair is fine
+    """
+    for model in (pt, ft):
+        if not isinstance(model, HookedTransformer):
+            raise InputTypeError(
+                f"expected two HookedTransformer models, got {type(model).__name__}; load "
+                "checkpoints with tuco_lens.load_model"
+            )
+    differences = describe_differences(pt, ft)
+    if differences:
+        listing = "\n".join(f"  - {message}" for message in differences)
+        raise IncompatiblePairError(
+            f"the pre-trained and fine-tuned models cannot form a TuCo pair "
+            f"({len(differences)} difference(s)):\n{listing}"
+        )
+    if (pt.tokenizer is None) != (ft.tokenizer is None):
+        missing = "pre-trained" if pt.tokenizer is None else "fine-tuned"
+        warnings.warn(
+            f"the {missing} model has no tokenizer, so the vocabularies were not compared; "
+            "make sure both models use the same token ids",
+            UserWarning,
+            stacklevel=2,
+        )

@@ -1,0 +1,337 @@
+"""The PTC/FTC decomposition of a fine-tuned forward pass and the TuCo statistics built on it.
+
+For every layer ``l`` and the fine-tuned residual stream ``x_l`` (the input of fine-tuned
+block ``l``)::
+
+    PTC_l = f_PT(x_l, l) = pt.blocks[l](x_l) - x_l       # pre-training component
+    FTC_l = f_FT(x_l, l) - f_PT(x_l, l) = ft.blocks[l](x_l) - pt.blocks[l](x_l)
+    x_{l+1} = x_l + PTC_l + FTC_l                         # the fine-tuned trajectory, exactly
+
+and TuCo (Definition 4.3 of the paper) is, at the last real token ``n``::
+
+    TuCo = ||Σ_l FTC_l[n]|| / (||Σ_l PTC_l[n]|| + ||Σ_l FTC_l[n]||)      (L1 norm by default)
+
+:class:`DecompositionAccumulator` reduces each layer's components as soon as they are
+produced (so no per-layer activation is kept), and :class:`Decomposition` holds the result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from tuco_lens.errors import InputError, TuCoError
+
+__all__ = ["Decomposition", "DecompositionAccumulator", "Norm", "vector_norm", "ratio"]
+
+Norm = Literal["l1", "l2"]
+_ORDERS = {"l1": 1, "l2": 2}
+
+
+def vector_norm(x: Float[Tensor, "... d_model"], norm: Norm) -> Float[Tensor, "..."]:
+    """The L1 or L2 norm over the last (``d_model``) axis."""
+    return torch.linalg.vector_norm(x, ord=_ORDERS[norm], dim=-1)
+
+
+def ratio(ftc: Float[Tensor, "..."], ptc: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
+    """``ftc / (ptc + ftc)``, defined as 0 where both norms are 0 (nothing was written)."""
+    total = ptc + ftc
+    return torch.where(total > 0, ftc / total.clamp_min(torch.finfo(total.dtype).tiny), 0.0)
+
+
+def check_norm(norm: str) -> Norm:
+    """Validate a norm name, raising :class:`~tuco_lens.errors.InputError` otherwise."""
+    if norm not in _ORDERS:
+        raise InputError(f"norm must be 'l1' (the paper's) or 'l2', got {norm!r}.")
+    return norm  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """TuCo and the per-layer, per-token PTC/FTC statistics of a batch of prompts.
+
+    Layer ``l`` indexes fine-tuned block ``l`` (0-based). Cumulative quantities at layer ``l``
+    include blocks ``0..l``, so ``beta[:, -1]`` is the per-token TuCo and the paper's
+    ``β_{l+1}`` is ``beta[:, l]``. Padding positions hold ``NaN`` in every per-position tensor.
+
+    Attributes:
+        tuco: The paper's TuCo at the last real token of each prompt. ``[batch]``
+        tuco_per_token: The same formula at every position. ``[batch, pos]``
+        ptc_norm: ``||PTC_l||`` at every layer and position. ``[batch, layer, pos]``
+        ftc_norm: ``||FTC_l||`` at every layer and position. ``[batch, layer, pos]``
+        ptc_cum_norm: ``||Σ_{s≤l} PTC_s||``. ``[batch, layer, pos]``
+        ftc_cum_norm: ``||Σ_{s≤l} FTC_s||``. ``[batch, layer, pos]``
+        beta: Cumulative ratio ``ftc_cum_norm / (ptc_cum_norm + ftc_cum_norm)``.
+            ``[batch, layer, pos]``
+        ptc_sum: ``Σ_l PTC_l`` at the last real token, to project on your own directions.
+            ``[batch, d_model]``
+        ftc_sum: ``Σ_l FTC_l`` at the last real token. ``[batch, d_model]``
+        tokens: The token ids that were scored. ``[batch, pos]``
+        attention_mask: 1 at real tokens, 0 at padding. ``[batch, pos]``
+        str_tokens: Token strings per prompt, padding included (as ``""``).
+        prompts: The prompts as given (before any chat template), if known.
+        norm: ``"l1"`` (the paper's) or ``"l2"``.
+
+    Example:
+        >>> dec = pair.decompose(["How do I bake bread?", "The history of Rome"])
+        >>> dec.tuco                      # tensor([0.31, 0.12])
+        >>> dec.to_dataframe().head()     # prompt, layer, position, token, ...
+    """
+
+    tuco: Float[Tensor, "batch"]
+    tuco_per_token: Float[Tensor, "batch pos"]
+    ptc_norm: Float[Tensor, "batch layer pos"]
+    ftc_norm: Float[Tensor, "batch layer pos"]
+    ptc_cum_norm: Float[Tensor, "batch layer pos"]
+    ftc_cum_norm: Float[Tensor, "batch layer pos"]
+    beta: Float[Tensor, "batch layer pos"]
+    ptc_sum: Float[Tensor, "batch d_model"]
+    ftc_sum: Float[Tensor, "batch d_model"]
+    tokens: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch pos"]
+    str_tokens: list[list[str]]
+    prompts: list[str] | None = None
+    norm: Norm = "l1"
+
+    def __post_init__(self) -> None:
+        b, p = self.tokens.shape
+        n_layers = self.ptc_norm.shape[1]
+        expected = {
+            "tuco": (b,),
+            "tuco_per_token": (b, p),
+            "ptc_norm": (b, n_layers, p),
+            "ftc_norm": (b, n_layers, p),
+            "ptc_cum_norm": (b, n_layers, p),
+            "ftc_cum_norm": (b, n_layers, p),
+            "beta": (b, n_layers, p),
+            "attention_mask": (b, p),
+        }
+        for name, shape in expected.items():
+            if tuple(getattr(self, name).shape) != shape:
+                raise TuCoError(
+                    f"Decomposition.{name} has shape {tuple(getattr(self, name).shape)}, "
+                    f"expected {shape}."
+                )
+        if self.ptc_sum.shape != self.ftc_sum.shape or self.ptc_sum.shape[0] != b:
+            raise TuCoError("Decomposition.ptc_sum / ftc_sum must both be [batch, d_model].")
+        if len(self.str_tokens) != b or (self.prompts is not None and len(self.prompts) != b):
+            raise TuCoError("Decomposition.str_tokens / prompts must have one entry per prompt.")
+
+    # ---------------------------------------------------------------- shapes and views
+    @property
+    def n_prompts(self) -> int:
+        """Number of prompts (rows)."""
+        return self.tokens.shape[0]
+
+    @property
+    def n_layers(self) -> int:
+        """Number of layers (blocks) of the models."""
+        return self.ptc_norm.shape[1]
+
+    @property
+    def preco(self) -> Float[Tensor, "batch"]:
+        """PreCo = 1 - TuCo, the pre-training contribution."""
+        return 1.0 - self.tuco
+
+    @property
+    def last_index(self) -> Int[Tensor, "batch"]:
+        """Position of the last real token of each prompt (where TuCo is measured)."""
+        n_pos = self.attention_mask.shape[-1]
+        return n_pos - 1 - self.attention_mask.flip(-1).to(torch.long).argmax(-1)
+
+    def at_last_token(self, per_position: Float[Tensor, "batch layer pos"]) -> Float[Tensor, "batch layer"]:
+        """Select the last real token of each prompt from a ``[batch, layer, pos]`` tensor.
+
+        Example:
+            >>> dec.at_last_token(dec.ftc_norm)   # ||FTC_l|| per layer at the scored token
+        """
+        index = self.last_index.to(per_position.device)[:, None, None]
+        return per_position.gather(-1, index.expand(-1, per_position.shape[1], 1))[..., 0]
+
+    def __len__(self) -> int:
+        return self.n_prompts
+
+    def __getitem__(self, rows: int | slice | list[int] | Tensor) -> "Decomposition":
+        """The decomposition of some prompts, e.g. ``dec[0]`` or ``dec[2:5]``."""
+        index = torch.arange(self.n_prompts)[rows]
+        index = index.reshape(-1)
+        values = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor):
+                values[f.name] = value[index.to(value.device)]
+            elif isinstance(value, list):
+                values[f.name] = [value[i] for i in index.tolist()]
+            else:
+                values[f.name] = value
+        return Decomposition(**values)
+
+    # ---------------------------------------------------------------- conversions
+    def to_dataframe(self) -> pd.DataFrame:
+        """A tidy table: one row per prompt, layer and real (unpadded) position.
+
+        Columns: ``prompt`` (index), ``layer``, ``position`` (0 = first real token),
+        ``token``, ``is_last`` (the token TuCo is measured at), ``ptc_norm``, ``ftc_norm``,
+        ``ptc_cum_norm``, ``ftc_cum_norm``, ``beta`` and ``tuco`` (the prompt's TuCo).
+
+        Example:
+            >>> df = dec.to_dataframe()
+            >>> df[df.is_last].pivot(index="layer", columns="prompt", values="beta")
+        """
+        mask = self.attention_mask.bool().cpu()
+        b_idx, p_idx = mask.nonzero(as_tuple=True)
+        first = mask.to(torch.long).argmax(-1)
+        last = self.last_index.cpu()
+        n_real = len(b_idx)
+        layers = torch.arange(self.n_layers)
+        table = {
+            "prompt": b_idx.repeat_interleave(self.n_layers).numpy(),
+            "layer": layers.repeat(n_real).numpy(),
+            "position": (p_idx - first[b_idx]).repeat_interleave(self.n_layers).numpy(),
+            "token": [self.str_tokens[b][p] for b, p in zip(b_idx.tolist(), p_idx.tolist()) for _ in layers],
+            "is_last": (p_idx == last[b_idx]).repeat_interleave(self.n_layers).numpy(),
+        }
+        for name in ("ptc_norm", "ftc_norm", "ptc_cum_norm", "ftc_cum_norm", "beta"):
+            values = getattr(self, name).detach().float().cpu()  # [batch, layer, pos]
+            table[name] = values[b_idx, :, p_idx].reshape(-1).numpy()
+        table["tuco"] = self.tuco.detach().float().cpu()[b_idx].repeat_interleave(self.n_layers).numpy()
+        return pd.DataFrame(table)
+
+    def summary(self) -> pd.DataFrame:
+        """One row per prompt: ``prompt`` text (if known), ``n_tokens``, ``last_token``,
+        ``tuco``, ``preco``, and the L-norms of the summed components at the last token.
+
+        Example:
+            >>> dec.summary().sort_values("tuco")
+        """
+        last = self.last_index.cpu().tolist()
+        return pd.DataFrame(
+            {
+                "prompt": self.prompts if self.prompts is not None else [None] * self.n_prompts,
+                "n_tokens": self.attention_mask.sum(-1).cpu().numpy(),
+                "last_token": [toks[i] for toks, i in zip(self.str_tokens, last)],
+                "tuco": self.tuco.detach().float().cpu().numpy(),
+                "preco": self.preco.detach().float().cpu().numpy(),
+                "ptc_sum_norm": vector_norm(self.ptc_sum.float(), self.norm).cpu().numpy(),
+                "ftc_sum_norm": vector_norm(self.ftc_sum.float(), self.norm).cpu().numpy(),
+            }
+        )
+
+
+class DecompositionAccumulator:
+    """Reduces each layer's PTC/FTC as it is produced; keeps no per-layer activation.
+
+    Feed layers in order with :meth:`add`; memory held is two ``[batch, pos, d_model]``
+    running sums (``positions="all"``) or two ``[batch, d_model]`` (``positions="last"``), plus
+    the small per-layer norm tables. Sums are kept in ``dtype`` (float32 by default) whatever
+    the model dtype.
+
+    Args:
+        n_layers: Number of blocks.
+        attention_mask: ``[batch, pos]`` mask of the batch being run.
+        norm: ``"l1"`` or ``"l2"``.
+        positions: ``"all"`` for every statistic at every position, ``"last"`` for the sums at
+            the last real token only (all that TuCo needs).
+        dtype: Accumulation dtype (float32 or float64).
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        attention_mask: Int[Tensor, "batch pos"],
+        norm: Norm = "l1",
+        positions: Literal["all", "last"] = "all",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.n_layers = n_layers
+        self.norm = check_norm(norm)
+        self.positions = positions
+        self.dtype = dtype
+        self.mask = attention_mask
+        n_pos = attention_mask.shape[-1]
+        self.last_index = n_pos - 1 - attention_mask.flip(-1).to(torch.long).argmax(-1)
+        self.next_layer = 0
+        self.ptc_total: Tensor | None = None
+        self.ftc_total: Tensor | None = None
+        b = attention_mask.shape[0]
+        if positions == "all":
+            shape = (b, n_layers, n_pos)
+            device = attention_mask.device
+            self.tables = {
+                name: torch.empty(shape, dtype=dtype, device=device)
+                for name in ("ptc_norm", "ftc_norm", "ptc_cum_norm", "ftc_cum_norm")
+            }
+        elif positions == "last":
+            self.tables = {}
+        else:
+            raise InputError(f"positions must be 'all' or 'last', got {positions!r}.")
+
+    def _select(self, t: Tensor) -> Tensor:
+        if self.positions == "all":
+            return t.to(self.dtype)
+        rows = torch.arange(t.shape[0], device=t.device)
+        return t[rows, self.last_index.to(t.device)].to(self.dtype)
+
+    def add(
+        self,
+        layer: int,
+        resid_pre: Float[Tensor, "batch pos d_model"],
+        pt_resid_post: Float[Tensor, "batch pos d_model"],
+        ft_resid_post: Float[Tensor, "batch pos d_model"],
+    ) -> None:
+        """Add layer ``layer``: ``PTC = pt_resid_post - resid_pre``, ``FTC = ft - pt``."""
+        if layer != self.next_layer:
+            raise TuCoError(
+                f"Layer {layer} reached the decomposition out of order (expected layer "
+                f"{self.next_layer}). Did a hook skip or re-run a block?"
+            )
+        x, pt, ft = (self._select(t) for t in (resid_pre, pt_resid_post, ft_resid_post))
+        device = self.mask.device
+        ptc = (pt - x).to(device)
+        ftc = (ft - pt).to(device)
+        if self.ptc_total is None:
+            self.ptc_total, self.ftc_total = ptc, ftc
+        else:
+            self.ptc_total = self.ptc_total + ptc
+            self.ftc_total = self.ftc_total + ftc
+        if self.positions == "all":
+            self.tables["ptc_norm"][:, layer] = vector_norm(ptc, self.norm)
+            self.tables["ftc_norm"][:, layer] = vector_norm(ftc, self.norm)
+            self.tables["ptc_cum_norm"][:, layer] = vector_norm(self.ptc_total, self.norm)
+            self.tables["ftc_cum_norm"][:, layer] = vector_norm(self.ftc_total, self.norm)
+        self.next_layer += 1
+
+    def _check_complete(self) -> None:
+        if self.next_layer != self.n_layers:
+            raise TuCoError(
+                f"Only {self.next_layer} of {self.n_layers} layers were decomposed. Was the "
+                "forward pass stopped early (stop_at_layer) or a block skipped?"
+            )
+
+    def last_token_sums(self) -> tuple[Float[Tensor, "batch d_model"], Float[Tensor, "batch d_model"]]:
+        """``(Σ_l PTC_l, Σ_l FTC_l)`` at the last real token."""
+        self._check_complete()
+        if self.positions == "last":
+            return self.ptc_total, self.ftc_total
+        rows = torch.arange(self.mask.shape[0], device=self.mask.device)
+        return self.ptc_total[rows, self.last_index], self.ftc_total[rows, self.last_index]
+
+    def tuco(self) -> Float[Tensor, "batch"]:
+        """TuCo at the last real token (Definition 4.3)."""
+        ptc, ftc = self.last_token_sums()
+        return ratio(vector_norm(ftc, self.norm), vector_norm(ptc, self.norm))
+
+    def per_position_tables(self) -> dict[str, Float[Tensor, "batch layer pos"]]:
+        """Norm tables and ``beta`` with ``NaN`` at padding (``positions="all"`` only)."""
+        self._check_complete()
+        if self.positions != "all":
+            raise TuCoError("Per-position tables need positions='all'.")
+        pad = ~self.mask.bool()[:, None, :]
+        tables = dict(self.tables)
+        tables["beta"] = ratio(tables["ftc_cum_norm"], tables["ptc_cum_norm"])
+        return {k: v.masked_fill(pad, float("nan")) for k, v in tables.items()}

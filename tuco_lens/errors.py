@@ -1,0 +1,46 @@
+"""Errors raised by tuco_lens.
+
+Every error a user can trigger with bad input derives from :class:`TuCoError`, so
+``except tuco_lens.TuCoError`` catches all of them. Each also derives from the builtin
+exception a Python user would expect (``ValueError``, ``TypeError``, ``FileNotFoundError``),
+so existing ``except ValueError`` code keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "TuCoError",
+    "IncompatiblePairError",
+    "ModelLoadError",
+    "InputError",
+    "InputTypeError",
+    "AlphaError",
+]
+
+
+class TuCoError(Exception):
+    """Base class of every error tuco_lens raises on purpose."""
+
+
+class IncompatiblePairError(TuCoError, ValueError):
+    """The pre-trained and fine-tuned models cannot form a TuCo pair.
+
+    The message names what differs (layer count, width, heads, vocabulary, positional
+    embedding, normalization, weight processing, device or dtype) and how to fix it.
+    """
+
+
+class ModelLoadError(TuCoError, FileNotFoundError):
+    """A model could not be resolved or loaded (missing path, unsupported architecture...)."""
+
+
+class InputError(TuCoError, ValueError):
+    """Prompts, tokens or attention masks that cannot be scored as given."""
+
+
+class InputTypeError(TuCoError, TypeError):
+    """An input of the wrong type (e.g. float tokens, a dict where a prompt was expected)."""
+
+
+class AlphaError(TuCoError, ValueError):
+    """An α that is not a finite number, or a per-layer α of the wrong length."""

@@ -1,0 +1,113 @@
+"""Token-by-token generation from a HookedTransformer with an explicit attention mask.
+
+TransformerLens's own ``generate`` rebuilds the attention mask from pad-token ids, which is
+ambiguous when the pad token is also BOS/EOS (GPT-2). This loop takes the mask tuco_lens built
+while tokenizing, keeps it in the KV cache, and is what ``TuCoPair.generate`` runs inside
+``pair.scaled(alpha)``; any forward hooks active on the model apply at every step.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.utilities.logits_utils import sample_logits
+from tqdm.auto import tqdm
+
+from tuco_lens.errors import InputError
+from tuco_lens.inputs import TokenBatch
+
+__all__ = ["to_left_padding", "generate_tokens"]
+
+
+def to_left_padding(batch: TokenBatch) -> TokenBatch:
+    """Move every row's padding to the left (generation appends at the right).
+
+    Example:
+        >>> to_left_padding(TokenBatch(torch.tensor([[5, 6, 0]]), torch.tensor([[1, 1, 0]]))).tokens
+        tensor([[0, 5, 6]])
+    """
+    mask = batch.attention_mask
+    # Stable sort puts padding (0) first and keeps the order of real tokens.
+    order = torch.argsort(mask, dim=-1, stable=True)
+    return TokenBatch(batch.tokens.gather(-1, order), mask.gather(-1, order), batch.prompts)
+
+
+@torch.no_grad()
+def generate_tokens(
+    model: HookedTransformer,
+    batch: TokenBatch,
+    *,
+    max_new_tokens: int = 20,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_at_eos: bool = True,
+    eos_token_id: int | list[int] | None = None,
+    use_past_kv_cache: bool = True,
+    show_progress: bool = False,
+) -> Int[Tensor, "batch pos_plus_new"]:
+    """Generate ``max_new_tokens`` tokens after each (left-padded) row of ``batch``.
+
+    Rows that produced an end-of-sequence token keep receiving the pad token afterwards.
+    Returns the prompt tokens followed by the new ones; ``[batch, pos + max_new_tokens]``
+    (fewer new columns if every row stopped early).
+
+    Example:
+        >>> out = generate_tokens(model, prepare_batch(model, ["Once upon"]), max_new_tokens=5)
+    """
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise InputError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}.")
+    if batch.attention_mask.shape[1] + max_new_tokens > model.cfg.n_ctx:
+        raise InputError(
+            f"Prompt length {batch.attention_mask.shape[1]} + max_new_tokens {max_new_tokens} "
+            f"exceeds the model's context of {model.cfg.n_ctx}."
+        )
+    batch = to_left_padding(batch)
+    tokens, mask = batch.tokens, batch.attention_mask
+    n = tokens.shape[0]
+    stop = _stop_tokens(model, stop_at_eos, eos_token_id)
+    pad = _fill_token(model, stop)
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, n) if use_past_kv_cache else None
+    finished = torch.zeros(n, dtype=torch.bool, device=tokens.device)
+    new_tokens, new_mask = tokens, mask
+    for _ in tqdm(range(max_new_tokens), disable=not show_progress, desc="generate"):
+        if cache is None:
+            logits = model(tokens, attention_mask=mask, return_type="logits")
+        else:
+            logits = model(new_tokens, attention_mask=new_mask, past_kv_cache=cache, return_type="logits")
+        final = logits[:, -1, :]
+        if do_sample:
+            next_token = sample_logits(final, top_k=top_k, top_p=top_p, temperature=temperature, tokens=tokens)
+        else:
+            next_token = final.argmax(-1)
+        next_token = next_token.to(tokens.device)
+        if stop:
+            next_token = torch.where(finished, torch.full_like(next_token, pad), next_token)
+            finished |= torch.isin(next_token, torch.tensor(stop, device=tokens.device))
+        new_tokens = next_token[:, None]
+        new_mask = torch.ones_like(new_tokens)
+        tokens = torch.cat([tokens, new_tokens], dim=1)
+        mask = torch.cat([mask, new_mask], dim=1)
+        if stop and bool(finished.all()):
+            break
+    return tokens
+
+
+def _stop_tokens(model: HookedTransformer, stop_at_eos: bool, eos_token_id: int | list[int] | None) -> list[int]:
+    if not stop_at_eos:
+        return []
+    if eos_token_id is None:
+        eos = getattr(model.tokenizer, "eos_token_id", None)
+        return [] if eos is None else [int(eos)]
+    return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(i) for i in eos_token_id]
+
+
+def _fill_token(model: HookedTransformer, stop: list[int]) -> int:
+    pad = getattr(model.tokenizer, "pad_token_id", None)
+    if pad is not None:
+        return int(pad)
+    return stop[0] if stop else 0

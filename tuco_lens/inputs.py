@@ -1,0 +1,352 @@
+"""Turning prompts or token tensors into a validated, padded batch.
+
+Every public entry point of tuco_lens (``decompose``, ``tuco``, ``run_with_alpha``,
+``generate``) goes through :func:`prepare_batch`, so padding, attention masks and bad
+input are handled in exactly one place:
+
+* strings are tokenized one by one with the fine-tuned model's own ``to_tokens`` (so the
+  tokens are what ``model.to_tokens(prompt)`` gives, BOS included by TransformerLens's
+  rule), or wrapped in the fine-tuned tokenizer's chat template with the generation
+  prompt, then padded (left by default) with an explicit attention mask;
+* token tensors are checked (integer dtype, ids inside the vocabulary, mask shape and
+  values, at least one real token per row); a tensor that looks padded but comes with no
+  mask is refused instead of being scored silently wrong.
+
+The scoring code never infers padding from pad-token ids: it always passes the mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from tuco_lens.errors import InputError, InputTypeError
+
+__all__ = [
+    "TokenBatch",
+    "prepare_batch",
+    "last_real_index",
+    "length_sorted_batches",
+]
+
+Inputs = str | Sequence[str] | Tensor
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Tokens, their attention mask and (when known) the prompts they came from.
+
+    Attributes:
+        tokens: Token ids, padded; ``Int[Tensor, "batch pos"]``.
+        attention_mask: 1 at real tokens, 0 at padding; same shape as ``tokens``.
+        prompts: The prompts as the user gave them (before any chat template), or ``None``
+            when the batch was built from a tensor.
+    """
+
+    tokens: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch pos"]
+    prompts: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.tokens.shape != self.attention_mask.shape:
+            raise InputError(
+                f"attention_mask has shape {tuple(self.attention_mask.shape)} but tokens have "
+                f"shape {tuple(self.tokens.shape)}; they must match."
+            )
+
+    @property
+    def last_index(self) -> Int[Tensor, "batch"]:
+        """Position of the last real (unpadded) token of every row."""
+        return last_real_index(self.attention_mask)
+
+    @property
+    def n_tokens(self) -> Int[Tensor, "batch"]:
+        """Number of real tokens in every row."""
+        return self.attention_mask.sum(-1)
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def sub_batch(self, rows: Int[Tensor, "rows"] | Sequence[int]) -> tuple["TokenBatch", Int[Tensor, "cols"]]:
+        """Keep some rows and drop the columns that are padding in all of them.
+
+        Dropping all-padding columns changes no number: attention never reads masked keys and
+        positions are computed from the mask (TransformerLens uses ``cumsum(mask) - 1``).
+
+        Returns:
+            The smaller batch and the indices of the columns it kept.
+        """
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.tokens.device)
+        mask = self.attention_mask[rows]
+        cols = mask.any(0).nonzero().flatten()
+        prompts = None if self.prompts is None else [self.prompts[i] for i in rows.tolist()]
+        return TokenBatch(self.tokens[rows][:, cols], mask[:, cols], prompts), cols
+
+
+def last_real_index(attention_mask: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch"]:
+    """Index of the last position whose mask is 1, for left, right or no padding.
+
+    Example:
+        >>> last_real_index(torch.tensor([[0, 1, 1], [1, 1, 0]])).tolist()
+        [2, 1]
+    """
+    n_pos = attention_mask.shape[-1]
+    return n_pos - 1 - attention_mask.flip(-1).to(torch.long).argmax(-1)
+
+
+def prepare_batch(
+    model: HookedTransformer,
+    inputs: Inputs,
+    *,
+    attention_mask: Tensor | None = None,
+    chat_template: bool = False,
+    prepend_bos: bool | None = None,
+    padding_side: Literal["left", "right"] = "left",
+) -> TokenBatch:
+    """Validate and tokenize what a user passed into a :class:`TokenBatch`.
+
+    Args:
+        model: The fine-tuned model; its tokenizer, vocabulary size and context length are used.
+        inputs: A prompt, a list of prompts, or an integer tensor ``[batch, pos]`` or ``[pos]``.
+        attention_mask: Mask for a token tensor (1 = real token). Required when the tensor is
+            padded. Not allowed with strings (tuco_lens builds the mask itself).
+        chat_template: Wrap each prompt as a user turn in the tokenizer's chat template with
+            the generation prompt (as the TuCo paper does). Strings only.
+        prepend_bos: Whether to prepend BOS to plain strings; ``None`` follows the model's
+            ``cfg.default_prepend_bos`` like ``model.to_tokens``. Ignored with the chat template,
+            whose text decides BOS itself.
+        padding_side: Where padding goes when prompts have different lengths.
+
+    Returns:
+        The padded tokens and mask on the model's device, and the prompts as given.
+
+    Raises:
+        InputError: empty input, empty prompt, ids outside the vocabulary, a prompt longer than
+            the context, a mask of the wrong shape or values, a row with no real token, or a
+            tensor that looks padded and came without a mask.
+        InputTypeError: anything that is not a string, a list of strings or an integer tensor.
+
+    Example:
+        >>> batch = prepare_batch(pair.ft, ["Hi", "The history of Rome"])
+        >>> batch.tokens.shape == batch.attention_mask.shape
+        True
+    """
+    if padding_side not in ("left", "right"):
+        raise InputError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
+    if isinstance(inputs, Tensor):
+        if chat_template:
+            raise InputError(
+                "chat_template=True needs prompts as strings; got a token tensor. Pass the "
+                "prompts, or apply the template yourself before tokenizing."
+            )
+        batch = _batch_from_tensor(model, inputs, attention_mask)
+    else:
+        if attention_mask is not None:
+            raise InputError(
+                "attention_mask is only for token tensors: tuco_lens tokenizes strings and "
+                "builds their mask itself. Drop attention_mask, or pass tokens."
+            )
+        prompts = _as_prompt_list(inputs)
+        ids = [_encode(model, p, chat_template, prepend_bos) for p in prompts]
+        batch = _pad(model, ids, padding_side, prompts)
+    device = _input_device(model)
+    return TokenBatch(batch.tokens.to(device), batch.attention_mask.to(device), batch.prompts)
+
+
+def length_sorted_batches(
+    batch: TokenBatch, batch_size: int | None = None, token_budget: int | None = None
+) -> Iterator[tuple[Int[Tensor, "rows"], Int[Tensor, "cols"], TokenBatch]]:
+    """Split a batch into sub-batches of similar length, trimming padding in each.
+
+    Rows are sorted by their number of real tokens (longest first, so an out-of-memory error
+    shows up on the first sub-batch), grouped by ``batch_size`` rows and/or so that
+    ``rows × padded length`` stays within ``token_budget``. Yields ``(rows, cols, sub_batch)``:
+    callers scatter results back to ``[rows][:, cols]`` to restore the input order and frame.
+
+    Example:
+        >>> for rows, cols, sub in length_sorted_batches(batch, batch_size=8): ...
+    """
+    for name, value in (("batch_size", batch_size), ("token_budget", token_budget)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise InputError(f"{name} must be a positive integer or None, got {value!r}.")
+    n = len(batch)
+    lengths = batch.n_tokens.cpu()
+    if batch_size is None and token_budget is None:
+        order = torch.arange(n)  # one pass, input order
+    else:
+        order = torch.argsort(lengths, descending=True, stable=True)
+    start = 0
+    while start < n:
+        longest = int(lengths[order[start]])
+        size = n - start if batch_size is None else min(batch_size, n - start)
+        if token_budget is not None:
+            size = max(1, min(size, token_budget // max(longest, 1)))
+        rows = order[start : start + size]
+        sub, cols = batch.sub_batch(rows)
+        yield rows, cols, sub
+        start += size
+
+
+def _input_device(model: HookedTransformer) -> torch.device:
+    return model.embed.W_E.device
+
+
+def _as_prompt_list(inputs: object) -> list[str]:
+    if isinstance(inputs, str):
+        prompts = [inputs]
+    elif isinstance(inputs, Sequence) and not isinstance(inputs, (bytes, bytearray)):
+        prompts = list(inputs)
+    else:
+        raise InputTypeError(
+            f"Expected a prompt (str), a list of prompts, or an integer token tensor; got "
+            f"{type(inputs).__name__}."
+        )
+    if not prompts:
+        raise InputError("No prompts given: the input list is empty.")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise InputTypeError(
+                f"Prompt {i} is a {type(p).__name__}, not a str. Pass strings, or one integer "
+                f"tensor of tokens with an attention_mask."
+            )
+        if not p:
+            raise InputError(f"Prompt {i} is an empty string; TuCo needs at least one token.")
+    return prompts
+
+
+def _encode(
+    model: HookedTransformer, prompt: str, chat_template: bool, prepend_bos: bool | None
+) -> list[int]:
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        raise InputError(
+            "The fine-tuned model has no tokenizer, so strings cannot be tokenized. Pass token "
+            "ids, or load the model with its tokenizer (model.set_tokenizer(...))."
+        )
+    if chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise InputError(
+                "chat_template=True, but the fine-tuned tokenizer has no chat template. Use "
+                "chat_template=False, or set tokenizer.chat_template."
+            )
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
+        if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        ids = [int(i) for i in ids]
+    else:
+        bos = model.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
+        ids = model.to_tokens(prompt, prepend_bos=bos, truncate=False, move_to_device=False)[0]
+        ids = ids.tolist()
+    if not ids:
+        raise InputError(f"Prompt {prompt!r} tokenizes to no tokens.")
+    if len(ids) > model.cfg.n_ctx:
+        raise InputError(
+            f"A prompt has {len(ids)} tokens, more than the model's context of {model.cfg.n_ctx}:"
+            f" {prompt[:60]!r}... Shorten it; tuco_lens does not truncate silently."
+        )
+    return ids
+
+
+def _pad_id(model: HookedTransformer) -> int:
+    tok = model.tokenizer
+    for candidate in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None)):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def _pad(
+    model: HookedTransformer, ids: list[list[int]], side: str, prompts: list[str]
+) -> TokenBatch:
+    width = max(len(row) for row in ids)
+    tokens = torch.full((len(ids), width), _pad_id(model), dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, row in enumerate(ids):
+        span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        tokens[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
+    return TokenBatch(tokens, mask, prompts)
+
+
+def _batch_from_tensor(
+    model: HookedTransformer, tokens: Tensor, attention_mask: Tensor | None
+) -> TokenBatch:
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise InputTypeError(
+            f"Tokens must be an integer tensor, got dtype {tokens.dtype}. Convert with "
+            f"tokens.long() if these really are token ids."
+        )
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+        if attention_mask is not None and attention_mask.ndim == 1:
+            attention_mask = attention_mask[None]
+    if tokens.ndim != 2:
+        raise InputError(f"Tokens must have shape [batch, pos] or [pos], got {tuple(tokens.shape)}.")
+    if tokens.numel() == 0:
+        raise InputError(f"Token tensor is empty (shape {tuple(tokens.shape)}).")
+    tokens = tokens.to(torch.long)
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= model.cfg.d_vocab:
+        bad = low if low < 0 else high
+        raise InputError(
+            f"Token id {bad} is outside the vocabulary [0, {model.cfg.d_vocab}) of the "
+            f"fine-tuned model. Were these tokens made with another tokenizer?"
+        )
+    if tokens.shape[1] > model.cfg.n_ctx:
+        raise InputError(
+            f"Tokens have {tokens.shape[1]} positions, more than the model's context of "
+            f"{model.cfg.n_ctx}."
+        )
+    if attention_mask is None:
+        _refuse_unmasked_padding(model, tokens)
+        attention_mask = torch.ones_like(tokens)
+    else:
+        attention_mask = _check_mask(attention_mask, tokens)
+    return TokenBatch(tokens, attention_mask.to(tokens.device), None)
+
+
+def _check_mask(mask: Tensor, tokens: Tensor) -> Tensor:
+    if not isinstance(mask, Tensor):
+        raise InputTypeError(f"attention_mask must be a tensor, got {type(mask).__name__}.")
+    if mask.shape != tokens.shape:
+        raise InputError(
+            f"attention_mask has shape {tuple(mask.shape)} but tokens have shape "
+            f"{tuple(tokens.shape)}; they must match."
+        )
+    if mask.dtype.is_floating_point and not torch.all((mask == 0) | (mask == 1)):
+        raise InputError("attention_mask must contain only 0 and 1.")
+    mask = mask.to(torch.long)
+    if not torch.all((mask == 0) | (mask == 1)):
+        raise InputError("attention_mask must contain only 0 and 1.")
+    empty = (mask.sum(-1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise InputError(
+            f"Row(s) {empty} of attention_mask have no real token (all zeros); remove them."
+        )
+    return mask
+
+
+def _refuse_unmasked_padding(model: HookedTransformer, tokens: Tensor) -> None:
+    """Refuse a batch that looks padded (pad-token runs of different lengths) without a mask."""
+    tok = model.tokenizer
+    pad = getattr(tok, "pad_token_id", None) if tok is not None else None
+    if pad is None or tokens.shape[0] < 2:
+        return
+    is_pad = tokens == pad
+    leading = is_pad.to(torch.long).cumprod(-1).sum(-1)
+    trailing = is_pad.flip(-1).to(torch.long).cumprod(-1).sum(-1)
+    if bool((leading != leading[0]).any() or (trailing != trailing[0]).any()):
+        raise InputError(
+            "These tokens look padded (rows start or end with different numbers of pad tokens, "
+            f"id {pad}) but no attention_mask was given, so padding would be scored as text. "
+            "Pass attention_mask= (1 = real token), let tuco_lens tokenize the strings, or pass "
+            "attention_mask=torch.ones_like(tokens) if every token is real."
+        )
