@@ -53,6 +53,10 @@ CHAT_TEMPLATE = (
 #: Embedding rows of every tiny model (the tokenizer has fewer tokens, as real models often do).
 MODEL_VOCAB_SIZE = 128
 
+#: Weight init scale: larger than Hugging Face's 0.02 so activations leave the near-linear
+#: regime and conversion mistakes (activation, norm offsets...) show in the logits.
+INIT_STD = 0.2
+
 _BLOCK_PARAM = re.compile(r"\.(layers|h)\.\d+\.")
 
 
@@ -114,12 +118,13 @@ def hf_config_for(arch: str, vocab_size: int, tokenizer: PreTrainedTokenizerFast
         "num_key_value_heads": 2,
         "max_position_embeddings": 128,
         "tie_word_embeddings": False,
+        "initializer_range": INIT_STD,
         **ids,
     }
     if arch == "gpt2":
         return transformers.GPT2Config(
             vocab_size=vocab_size, n_positions=128, n_embd=32, n_layer=2, n_head=4,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=INIT_STD, **ids,
         )
     if arch == "llama":
         return transformers.LlamaConfig(**rms, rope_theta=10000.0)
@@ -137,7 +142,8 @@ def hf_config_for(arch: str, vocab_size: int, tokenizer: PreTrainedTokenizerFast
         return transformers.GPTNeoXConfig(
             vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, max_position_embeddings=128, rotary_pct=0.5,
-            use_parallel_residual=True, hidden_dropout=0.0, attention_dropout=0.0, **ids,
+            use_parallel_residual=True, hidden_dropout=0.0, attention_dropout=0.0,
+            initializer_range=INIT_STD, **ids,
         )
     if arch == "gemma":
         return transformers.GemmaConfig(**{**rms, "tie_word_embeddings": True}, head_dim=8)

@@ -69,8 +69,10 @@ def _cfg_value(model: HookedTransformer, field: str) -> Any:
     return getattr(cfg, field, None)
 
 
-def _is_centred(matrix: torch.Tensor) -> bool:
-    """Whether every row of ``matrix`` has mean ~0 (along the last dimension)."""
+def _is_centred(matrix: torch.Tensor) -> bool | None:
+    """Whether every row of ``matrix`` has mean ~0 (along the last dimension); None if unknown."""
+    if matrix.is_meta:
+        return None
     matrix = matrix.detach().float()
     row_means = matrix.mean(-1).abs()
     threshold = _CENTRED_FRACTION * matrix.std() / matrix.shape[-1] ** 0.5
@@ -104,8 +106,11 @@ def processing_of(model: HookedTransformer) -> dict[str, bool | None]:
     norm = cfg.normalization_type
     layer_norm = norm in ("LN", "LNPre") and not getattr(cfg, "final_rms", False)
     b_V, b_O = model.b_V, model.b_O
-    if b_V.abs().max() > 0:
-        fold_value_biases: bool | None = False
+    fold_value_biases: bool | None
+    if b_V.is_meta:  # weights not materialised: nothing to infer from
+        fold_value_biases = None
+    elif b_V.abs().max() > 0:
+        fold_value_biases = False
     elif b_O.abs().max() > 0:
         fold_value_biases = None  # folded, or a model with output biases only
     else:

@@ -119,6 +119,9 @@ class PairedBlocks:
         self._readers: list[Any] = [None] * n
         self._handles: list[Any] = []
         self._lens_hooks: list[tuple[HookPoint, Callable]] = []
+        # True while a pre-trained block runs, so that a pt that shares blocks with ft (or is
+        # ft itself: identical models) does not re-enter these hooks.
+        self._in_pt_block = False
 
     # ---------------------------------------------------------------- context protocol
     def __enter__(self) -> "PairedBlocks":
@@ -169,6 +172,8 @@ class PairedBlocks:
     # ---------------------------------------------------------------- hooks
     def _pre_hook(self, layer: int) -> Callable:
         def pre_hook(block: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            if self._in_pt_block:
+                return
             self._kwargs[layer] = kwargs
             entry = kwargs.get("past_kv_cache_entry")
             if entry is not None:
@@ -177,7 +182,8 @@ class PairedBlocks:
                 self._readers[layer].remove()
 
             def read_resid_pre(module: torch.nn.Module, inputs: tuple, output: Tensor) -> None:
-                self._resid_pre[layer] = output
+                if not self._in_pt_block:
+                    self._resid_pre[layer] = output
 
             self._readers[layer] = block.hook_resid_pre.register_forward_hook(read_resid_pre)
 
@@ -204,15 +210,21 @@ class PairedBlocks:
         device = next(block.parameters()).device
         spe = kwargs.get("shortformer_pos_embed")
         mask = kwargs.get("attention_mask")
-        return block(
-            x.to(device),
-            shortformer_pos_embed=None if spe is None else spe.to(device),
-            past_kv_cache_entry=pt_entry,
-            attention_mask=None if mask is None else mask.to(device),
-        )
+        self._in_pt_block = True
+        try:
+            return block(
+                x.to(device),
+                shortformer_pos_embed=None if spe is None else spe.to(device),
+                past_kv_cache_entry=pt_entry,
+                attention_mask=None if mask is None else mask.to(device),
+            )
+        finally:
+            self._in_pt_block = False
 
     def _read_hook(self, layer: int) -> Callable:
         def read_hook(block: torch.nn.Module, args: tuple, output: Tensor) -> None:
+            if self._in_pt_block:
+                return
             x = self._consume(layer)
             self.on_layer(layer, x, self._run_pt_block(layer, x), output)
 
@@ -220,6 +232,8 @@ class PairedBlocks:
 
     def _write_hook(self, layer: int) -> Callable:
         def write_hook(ft_post: Float[Tensor, "batch pos d_model"], hook: HookPoint) -> Tensor | None:
+            if self._in_pt_block:
+                return None
             x = self._consume(layer)
             return self.on_layer(layer, x, self._run_pt_block(layer, x), ft_post)
 

@@ -1,0 +1,90 @@
+"""Shared pytest fixtures: tiny offline checkpoints and tiny HookedTransformers.
+
+Everything runs offline: ``HF_HUB_OFFLINE=1`` is set before transformers is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from checkpoints import ARCHITECTURES, build_checkpoint  # noqa: E402
+
+# Directory names that would mislead name-based loaders: the loader must ignore names.
+MISLEADING_NAMES = {
+    "gpt2": ("meta-llama-Llama-2-7b-hf", "gemma-2b-it-sft"),
+    "llama": ("gpt2-medium", "gemma-ft"),
+    "llama3": ("Meta-Llama-3-8B", "llama-3-8b-instruct-dpo"),
+    "mistral": ("llama-7b-hf", "my-llama-2-chat-sft"),
+    "qwen2": ("google-gemma-7b", "codellama-qwen-merge"),
+    "gpt_neox": ("pythia-llama-70m", "gpt2-sft"),
+    "gemma": ("gemma-base", "gemma-ft"),
+}
+
+
+@pytest.fixture(autouse=True)
+def _seed_torch() -> None:
+    """Every test starts from the same torch RNG state."""
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def checkpoint_pair(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., tuple[Path, Path]]:
+    """Factory: ``checkpoint_pair(arch, noise=0.2, perturb="blocks") -> (pt_dir, ft_dir)``.
+
+    ``pt_dir`` holds a tiny random base model of architecture ``arch`` (one of
+    ``checkpoints.ARCHITECTURES``) and its tokenizer; ``ft_dir`` the same model with Gaussian
+    noise added to the decoder blocks (or all parameters with ``perturb="all"``). Directory
+    names are deliberately misleading (a Mistral model in ``my-llama-2-chat-sft``...). Built
+    once per session and argument combination.
+    """
+    root = tmp_path_factory.mktemp("checkpoints")
+    cache: dict[tuple[str, float, str], tuple[Path, Path]] = {}
+
+    def make(arch: str, noise: float = 0.2, perturb: str = "blocks") -> tuple[Path, Path]:
+        key = (arch, noise, perturb)
+        if key not in cache:
+            pt_name, ft_name = MISLEADING_NAMES[arch]
+            pt_dir = root / f"set{ARCHITECTURES.index(arch)}" / pt_name  # names may repeat
+            if not (pt_dir / "config.json").exists():
+                build_checkpoint(arch, pt_dir, seed=0)
+            ft_dir = pt_dir.parent / f"{ft_name}-{perturb}-{noise:g}"
+            build_checkpoint(arch, ft_dir, seed=1, base_dir=pt_dir, noise=noise, perturb=perturb)
+            cache[key] = (pt_dir, ft_dir)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session", params=ARCHITECTURES)
+def arch_pair(request: pytest.FixtureRequest, checkpoint_pair) -> tuple[str, Path, Path]:
+    """``(arch, pt_dir, ft_dir)`` for every architecture (parametrized)."""
+    return (request.param, *checkpoint_pair(request.param))
+
+
+@pytest.fixture
+def tiny_hooked() -> Callable[..., "HookedTransformer"]:  # noqa: F821
+    """Factory: ``tiny_hooked(**cfg_overrides) -> HookedTransformer`` with random weights.
+
+    Defaults: 2 layers, d_model 16, 4 heads of 4, d_mlp 32, n_ctx 32, d_vocab 128, LayerNorm,
+    GELU. Any ``HookedTransformerConfig`` field can be overridden.
+    """
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    def make(**overrides) -> HookedTransformer:
+        options = dict(
+            n_layers=2, d_model=16, n_heads=4, d_head=4, d_mlp=32, n_ctx=32, d_vocab=128,
+            act_fn="gelu", normalization_type="LN", device="cpu",
+        )
+        options.update(overrides)
+        return HookedTransformer(HookedTransformerConfig(**options))
+
+    return make
