@@ -40,7 +40,8 @@ Requirements / limitations
   both work with left and right padding in float32/bfloat16 (the self-tests use "eager" and also run
   the padding tests with "sdpa"). For float64 models WITH padding use "sdpa": HF's eager attention yields
   NaN there (softmax computed in float32 turns the float64 mask minimum into -inf on fully masked pad
-  rows); the reference raises a RuntimeError if real-token logits come out NaN.
+  rows); the reference raises a RuntimeError if real-token logits come out NaN. Even unpadded, eager
+  float64 is only ~1e-8 accurate for the rotary models (their eager softmax runs in float32).
 * Padding: pass an ``attention_mask``; left and right padding both work for the decomposition and the
   alpha logits. ``position_ids`` are always derived from the mask (``position_ids_from_mask``) so that
   padded rows use the same positions as the unpadded prompt.

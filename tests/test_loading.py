@@ -6,6 +6,7 @@ import importlib.util
 
 import pytest
 import torch
+import transformers
 from transformer_lens import HookedTransformer
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
@@ -95,7 +96,23 @@ def test_in_memory_model_and_tokenizer(checkpoint_pair):
     model = load_model(hf, tokenizer=tokenizer)
     assert model.to_tokens("hello cat").tolist() == [saved("hello cat").input_ids]
     assert model.cfg.tokenizer_name is None
-    assert load_model(hf).tokenizer is None  # nothing to find a tokenizer from
+    with pytest.warns(UserWarning, match="no tokenizer found"):
+        assert load_model(hf).tokenizer is None  # nothing to find a tokenizer from
+
+
+def test_unsupported_models_raise_model_load_error():
+    gemma2 = transformers.Gemma2Config(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+    )
+    with pytest.raises(ModelLoadError, match="Gemma2ForCausalLM.*official name"):
+        load_model(transformers.Gemma2ForCausalLM(gemma2))
+    llama = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2,
+    )
+    with pytest.raises(ModelLoadError, match="LlamaModel has no language-model head"):
+        load_model(transformers.LlamaModel(llama))
 
 
 def test_ready_hooked_transformer_is_returned_as_is(checkpoint_pair, tiny_hooked):

@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -265,10 +266,10 @@ def _convert(
                 cfg_dict = _gemma_config(hf_config)
             else:
                 cfg_dict = tl_loading.convert_hf_model_config(str(config_dir))
-        except NotImplementedError as error:
-            raise ModelLoadError(
-                f"TransformerLens cannot convert {architecture}: {error}"
-            ) from error
+        except (NotImplementedError, ValueError) as error:
+            raise ModelLoadError(f"TransformerLens cannot convert {architecture}: {error}") from error
+        if cfg_dict["original_architecture"] == "Qwen2ForCausalLM":  # TL truncates it to int
+            cfg_dict["rotary_base"] = tl_loading._get_rope_theta(hf_config, cfg_dict["rotary_base"])
         if default_prepend_bos is not None:
             cfg_dict["default_prepend_bos"] = default_prepend_bos
         if n_ctx is not None:
@@ -283,7 +284,12 @@ def _convert(
         )
         cfg_dict.setdefault("default_prepend_bos", True)
         cfg = HookedTransformerConfig.from_dict(cfg_dict)
-        state_dict = tl_loading.get_pretrained_state_dict(str(config_dir), cfg, hf_model, dtype=dtype)
+        try:
+            state_dict = tl_loading.get_pretrained_state_dict(
+                str(config_dir), cfg, hf_model, dtype=dtype
+            )
+        except (NotImplementedError, ValueError) as error:
+            raise ModelLoadError(f"TransformerLens cannot convert {architecture}: {error}") from error
     model = HookedTransformer(cfg, move_to_device=False)
     processing = _applicable(cfg, processing)
     model.load_and_process_state_dict(
@@ -292,17 +298,24 @@ def _convert(
     del state_dict
     if tokenizer is not None:
         _attach_tokenizer(model, tokenizer, default_padding_side)
+    else:
+        warnings.warn(
+            f"no tokenizer found for {name!r}: the model takes token ids only; pass tokenizer=... "
+            "(a tokenizer or a path) to load_model for text input",
+            UserWarning,
+            stacklevel=3,
+        )
     model.move_model_modules_to_device()
     model.eval()
     setattr(model, PROCESSING_ATTR, processing)
     return model
 
 
-def _load_hf_model(source: str, dtype: torch.dtype, kwargs: dict[str, Any], where: str) -> Any:
+def _load_hf_model(source: str, dtype: torch.dtype, kwargs: dict[str, Any], what: str) -> Any:
     try:
         return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except Exception as error:
-        raise ModelLoadError(f"could not load {where} {source!r}: {error}") from error
+        raise ModelLoadError(f"could not load {what}: {error}") from error
 
 
 def load_model(
@@ -389,15 +402,20 @@ def load_model(
         return source
 
     if route == "official":
-        model = HookedTransformer.from_pretrained_no_processing(
-            source,
-            device=device,
-            dtype=dtype or torch.float32,
-            tokenizer=_resolve_tokenizer(tokenizer, None),
-            **processing,
-            **hf_model_kwargs,
-            **from_pretrained_kwargs,
-        )
+        try:
+            model = HookedTransformer.from_pretrained_no_processing(
+                source,
+                device=device,
+                dtype=dtype or torch.float32,
+                tokenizer=_resolve_tokenizer(tokenizer, None),
+                **processing,
+                **hf_model_kwargs,
+                **from_pretrained_kwargs,
+            )
+        except OSError as error:  # download failures, missing files, no network
+            raise ModelLoadError(
+                f"could not load the TransformerLens model {source!r}: {error}"
+            ) from error
         setattr(model, PROCESSING_ATTR, _applicable(model.cfg, processing))
         return model
 
@@ -410,11 +428,12 @@ def load_model(
         )
     if route == "hf_model":
         parameter = next(source.parameters())
+        origin = str(getattr(source, "name_or_path", "") or "")
         return _convert(
             source,
-            _resolve_tokenizer(tokenizer, getattr(source, "name_or_path", None) or None),
-            name=Path(str(getattr(source, "name_or_path", "") or type(source).__name__)).name,
-            device=device if device is not None else parameter.device,
+            _resolve_tokenizer(tokenizer, origin if origin and Path(origin).is_dir() else None),
+            name=Path(origin).name or type(source).__name__,
+            device=device if device is not None else str(parameter.device),
             dtype=dtype or parameter.dtype,
             processing=processing,
             **from_pretrained_kwargs,
@@ -423,17 +442,26 @@ def load_model(
     dtype = dtype or torch.float32
     if route == "local":
         path = Path(source).expanduser().resolve()
+        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"{str(path)!r} holds a PEFT adapter, not a full checkpoint: merge it into its "
+                "base model first (peft's merge_and_unload(), then save_pretrained) and load that"
+            )
         if not (path / "config.json").is_file():
             raise ModelLoadError(
                 f"{str(path)!r} is not a Hugging Face checkpoint directory: expected a directory "
                 "containing config.json and the weights (*.safetensors or pytorch_model.bin), as "
                 "written by model.save_pretrained(...)"
             )
-        text, where, tokenizer_kwargs = str(path), "the checkpoint directory", {}
+        text, what, tokenizer_kwargs = str(path), f"the checkpoint directory {str(path)!r}", {}
     else:  # hub id
-        text, where = os.fspath(source), "the Hugging Face hub model"
+        text = os.fspath(source)
+        what = (
+            f"{text!r} from the Hugging Face hub (there is no local directory "
+            f"{str(Path(text).resolve())!r})"
+        )
         tokenizer_kwargs = {k: v for k, v in hf_model_kwargs.items() if k in _TOKENIZER_KWARGS}
-    hf_model = _load_hf_model(text, dtype, hf_model_kwargs, where)
+    hf_model = _load_hf_model(text, dtype, hf_model_kwargs, what)
     try:
         return _convert(
             hf_model,
@@ -484,7 +512,8 @@ def load_pair(
     """
     from tuco_lens.pair import TuCoPair
 
-    _route(pt), _route(ft)  # fail on a bad source before loading anything
+    for source in (pt, ft):  # fail on a bad source before loading anything
+        _route(source)
     options = dict(device=device, dtype=dtype, tokenizer=tokenizer, **kwargs)
     pt_model = load_model(pt, **options)
     ft_model = load_model(ft, **options)

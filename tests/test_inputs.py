@@ -1,0 +1,131 @@
+"""Input handling: tokenization, padding, chat template, and every input error with its message."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tuco_lens
+from tuco_lens import InputError, InputTypeError
+from tuco_lens.inputs import TokenBatch, last_real_index, length_sorted_batches
+
+
+@pytest.fixture(scope="module")
+def pair(checkpoint_pair):
+    pt_dir, ft_dir = checkpoint_pair("llama")
+    return tuco_lens.load_pair(str(pt_dir), str(ft_dir))
+
+
+def test_strings_are_tokenized_like_to_tokens_and_left_padded(pair):
+    batch = pair.tokenize(["the cat", "a dog and a bird"])
+    short = pair.ft.to_tokens("the cat")[0]
+    long = pair.ft.to_tokens("a dog and a bird")[0]
+    assert batch.tokens[0, -len(short):].tolist() == short.tolist()
+    assert batch.tokens[1].tolist() == long.tolist()
+    assert batch.attention_mask.tolist() == [[0] * (len(long) - len(short)) + [1] * len(short), [1] * len(long)]
+    assert batch.last_index.tolist() == [len(long) - 1] * 2
+    right = pair.tokenize(["the cat", "a dog and a bird"], padding_side="right")
+    assert right.tokens[0, : len(short)].tolist() == short.tolist()
+    assert right.last_index.tolist() == [len(short) - 1, len(long) - 1]
+    assert batch.prompts == ["the cat", "a dog and a bird"]
+
+
+def test_chat_template_wraps_prompt_with_generation_prompt(pair):
+    batch = pair.tokenize("the cat", chat_template=True)
+    text = pair.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "the cat"}], add_generation_prompt=True, tokenize=False
+    )
+    expected = pair.tokenizer(text, add_special_tokens=False).input_ids
+    assert batch.tokens[0].tolist() == expected
+    assert expected.count(pair.tokenizer.bos_token_id) == 1  # no doubled BOS
+    # TuCo is measured at the template's last token (the start of the assistant turn)
+    assert pair.tokenizer.convert_ids_to_tokens(expected[-1]) == pair.tokenizer.convert_ids_to_tokens(
+        pair.tokenizer("<|assistant|>", add_special_tokens=False).input_ids[-1]
+    )
+
+
+def test_string_and_token_inputs_give_the_same_tuco(pair):
+    prompts = ["the cat sat", "a dog"]
+    batch = pair.tokenize(prompts)
+    from_strings = pair.tuco(prompts)
+    from_tokens = pair.tuco(batch.tokens, attention_mask=batch.attention_mask)
+    assert torch.equal(from_strings, from_tokens)
+    single = pair.tuco("a dog")
+    torch.testing.assert_close(single[0], from_strings[1], atol=2e-6, rtol=1e-5)
+
+
+def test_last_real_index_and_length_sorted_batches():
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1], [0, 1, 0, 0]])
+    assert last_real_index(mask).tolist() == [3, 2, 3, 1]
+    batch = TokenBatch(torch.arange(16).reshape(4, 4), mask)
+    chunks = list(length_sorted_batches(batch, batch_size=2))
+    assert [rows.tolist() for rows, _, _ in chunks] == [[2, 1], [0, 3]]  # longest first, stable
+    rows, cols, sub = chunks[1]
+    assert cols.tolist() == [1, 2, 3]  # column 0 is padding in both rows and is dropped
+    assert sub.tokens.tolist() == [[1, 2, 3], [13, 14, 15]]
+    seen = torch.cat([rows for rows, _, _ in length_sorted_batches(batch, token_budget=8)])
+    assert sorted(seen.tolist()) == [0, 1, 2, 3]
+    with pytest.raises(InputError, match="batch_size must be a positive integer"):
+        list(length_sorted_batches(batch, batch_size=0))
+
+
+@pytest.mark.parametrize(
+    "inputs, kwargs, error, message",
+    [
+        ([], {}, InputError, "input list is empty"),
+        ("", {}, InputError, "Prompt 0 is an empty string"),
+        (["ok", ""], {}, InputError, "Prompt 1 is an empty string"),
+        (["ok", 3], {}, InputTypeError, "Prompt 1 is a int, not a str"),
+        (42, {}, InputTypeError, "Expected a prompt"),
+        (torch.tensor([[1.0, 2.0]]), {}, InputTypeError, "integer tensor, got dtype torch.float32"),
+        (torch.tensor([[True, False]]), {}, InputTypeError, "integer tensor"),
+        (torch.tensor([[1, 2, 100000]]), {}, InputError, "Token id 100000 is outside the vocabulary"),
+        (torch.tensor([[1, -1, 2]]), {}, InputError, "Token id -1 is outside the vocabulary"),
+        (torch.zeros(0, 3, dtype=torch.long), {}, InputError, "Token tensor is empty"),
+        (torch.zeros(2, 2, 2, dtype=torch.long), {}, InputError, r"shape \[batch, pos\]"),
+        (torch.tensor([[1, 2, 3]]), {"attention_mask": torch.ones(1, 2)}, InputError, "attention_mask has shape"),
+        (torch.tensor([[1, 2, 3]]), {"attention_mask": torch.tensor([[1, 2, 1]])}, InputError, "only 0 and 1"),
+        (torch.tensor([[1, 2], [3, 4]]), {"attention_mask": torch.tensor([[1, 1], [0, 0]])}, InputError, r"Row\(s\) \[1\]"),
+        (torch.tensor([[1, 2]]), {"chat_template": True}, InputError, "needs prompts as strings"),
+        ("the cat", {"attention_mask": torch.ones(1, 2)}, InputError, "attention_mask is only for token tensors"),
+        ("the cat", {"padding_side": "middle"}, InputError, "padding_side must be"),
+        ("the cat " * 200, {}, InputError, "more than the model's context"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(pair, inputs, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        pair.tuco(inputs, **kwargs)
+
+
+def test_unmasked_padding_is_refused(pair):
+    padded = pair.ft.to_tokens(["the cat", "a dog and a bird went"], padding_side="right")
+    with pytest.raises(InputError, match="look padded"):
+        pair.tuco(padded)
+    left = pair.ft.to_tokens(["the cat", "a dog and a bird went"], padding_side="left")
+    with pytest.raises(InputError, match="look padded"):
+        pair.decompose(left)
+    # with the mask it is fine, and equals the strings
+    mask = (left != pair.tokenizer.pad_token_id).long()
+    torch.testing.assert_close(pair.tuco(left, attention_mask=mask), pair.tuco(["the cat", "a dog and a bird went"]))
+
+
+def test_missing_chat_template_and_tokenizer(pair):
+    template = pair.tokenizer.chat_template
+    pair.tokenizer.chat_template = None
+    try:
+        with pytest.raises(InputError, match="has no chat template"):
+            pair.tuco("the cat", chat_template=True)
+    finally:
+        pair.tokenizer.chat_template = template
+
+
+def test_generation_inputs_are_checked(pair):
+    with pytest.raises(InputError, match="max_new_tokens must be a non-negative integer"):
+        pair.generate("the cat", max_new_tokens=-1)
+    with pytest.raises(InputError, match="exceeds the model's context"):
+        pair.generate("the cat", max_new_tokens=10**6)
+    with pytest.raises(InputError, match="return_type must be"):
+        pair.generate("the cat", return_type="logits")
+    text = pair.generate("the cat", max_new_tokens=3)
+    assert isinstance(text, str)
+    assert isinstance(pair.generate(["the cat", "a dog"], max_new_tokens=3), list)
