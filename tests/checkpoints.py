@@ -1,9 +1,11 @@
 """Tiny random Hugging Face checkpoints for offline tests.
 
-Every architecture tuco_lens supports gets a 2-layer, 32-wide causal LM with a small
-word-level tokenizer (special tokens and a chat template included), saved with
+Every architecture tuco_lens supports gets a 2-layer, 32-wide causal LM (4 heads, 2 KV heads
+where the architecture has grouped-query attention, 128 embedding rows, 128 positions, float32)
+with a 118-token word-level tokenizer (special tokens and a chat template included), saved with
 ``save_pretrained`` so that ``AutoModelForCausalLM.from_pretrained(dir)`` and
-``AutoTokenizer.from_pretrained(dir)`` load it without network access.
+``AutoTokenizer.from_pretrained(dir)`` load it without network access. Weights are drawn with
+std 0.2 and norm weights / biases are randomized too, so conversion mistakes show up.
 
 A "fine-tuned" twin is made from a base checkpoint by adding Gaussian noise to the decoder
 blocks only (``perturb="blocks"``: embeddings, final norm and unembedding stay identical) or
@@ -24,11 +26,21 @@ import transformers
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-__all__ = ["ARCHITECTURES", "CHAT_TEMPLATE", "MODEL_VOCAB_SIZE", "build_tokenizer", "build_checkpoint", "hf_config_for"]
+__all__ = [
+    "ARCHITECTURES",
+    "CHAT_TEMPLATE",
+    "INIT_STD",
+    "MODEL_VOCAB_SIZE",
+    "build_checkpoint",
+    "build_tokenizer",
+    "hf_config_for",
+]
 
 ARCHITECTURES = ("gpt2", "llama", "llama3", "mistral", "qwen2", "gpt_neox", "gemma")
 
-SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+SPECIAL_TOKENS = (
+    "<pad>", "<bos>", "<eos>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
+)
 _WORDS = (
     "the a an and or but if then so of to in on at by for with from as is are was be "
     "i you he she it we they me my your his her its our their this that what who how why "
@@ -102,7 +114,9 @@ def build_tokenizer(directory: str | Path, *, prepend_bos: bool = True) -> PreTr
     return AutoTokenizer.from_pretrained(directory)
 
 
-def hf_config_for(arch: str, vocab_size: int, tokenizer: PreTrainedTokenizerFast) -> transformers.PretrainedConfig:
+def hf_config_for(
+    arch: str, vocab_size: int, tokenizer: PreTrainedTokenizerFast
+) -> transformers.PretrainedConfig:
     """The tiny Hugging Face config used for ``arch`` (see :data:`ARCHITECTURES`)."""
     ids = {
         "bos_token_id": tokenizer.bos_token_id,
@@ -161,7 +175,9 @@ def _randomize_norms_and_biases(model: torch.nn.Module, generator: torch.Generat
                 param.add_(0.1 * torch.randn(param.shape, generator=generator))
 
 
-def _add_noise(model: torch.nn.Module, noise: float, perturb: str, generator: torch.Generator) -> None:
+def _add_noise(
+    model: torch.nn.Module, noise: float, perturb: str, generator: torch.Generator
+) -> None:
     with torch.no_grad():
         for name, param in model.named_parameters():
             if perturb == "blocks" and not _BLOCK_PARAM.search(f".{name}"):
@@ -186,7 +202,8 @@ def build_checkpoint(
         arch: One of :data:`ARCHITECTURES`.
         directory: Output directory (any name; created if missing).
         seed: Seed of the random weights (or of the noise, with ``base_dir``).
-        base_dir: If given, load this checkpoint and perturb it instead of building anew.
+        base_dir: If given, load this checkpoint and perturb it instead of building anew
+            (``arch`` is then ignored: the architecture is the base checkpoint's).
         noise: Noise scale relative to each parameter's standard deviation.
         perturb: ``"blocks"`` (decoder layers only) or ``"all"`` (every parameter).
 
@@ -208,8 +225,9 @@ def build_checkpoint(
     else:
         tokenizer = build_tokenizer(directory)
         config = hf_config_for(arch, MODEL_VOCAB_SIZE, tokenizer)
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state alone
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         _randomize_norms_and_biases(model, generator)
     model.eval()
     model.save_pretrained(directory)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import transformers
 from transformer_lens import HookedTransformer
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from checkpoints import MODEL_VOCAB_SIZE, hf_config_for
+from checkpoints import MODEL_VOCAB_SIZE, build_checkpoint, hf_config_for
 from tuco_lens import loading
 from tuco_lens.compatibility import check_compatible
 from tuco_lens.errors import IncompatiblePairError, InputError, InputTypeError, ModelLoadError
@@ -26,7 +27,10 @@ HF_CLASS = {
     "gemma": "GemmaForCausalLM",
 }
 NO_PROCESSING = {
-    "fold_ln": False, "center_writing_weights": False, "center_unembed": False, "fold_value_biases": False,
+    "fold_ln": False,
+    "center_writing_weights": False,
+    "center_unembed": False,
+    "fold_value_biases": False,
 }
 HAS_PAIR = importlib.util.find_spec("tuco_lens.pair") is not None
 
@@ -61,6 +65,28 @@ def test_local_directory_matches_hugging_face(arch_pair):
     assert model.tokenizer is not None
     assert model.tokenizer.get_vocab() == AutoTokenizer.from_pretrained(ft_dir).get_vocab()
     _assert_matches_hf(model, _hf_outputs(ft_dir, tokens), tokens)
+
+
+def test_fine_tuned_checkpoint_perturbs_decoder_blocks_only(arch_pair):
+    _, pt_dir, ft_dir = arch_pair
+    pt = AutoModelForCausalLM.from_pretrained(pt_dir).state_dict()
+    ft = AutoModelForCausalLM.from_pretrained(ft_dir).state_dict()
+    assert pt.keys() == ft.keys()
+    for name in pt:
+        in_block = re.search(r"\.(layers|h)\.\d+\.", name) is not None
+        assert torch.equal(pt[name], ft[name]) != in_block, name
+
+
+def test_checkpoints_are_deterministic(tmp_path):
+    first = build_checkpoint("qwen2", tmp_path / "a", seed=3)
+    second = build_checkpoint("qwen2", tmp_path / "b", seed=3)
+    other = build_checkpoint("qwen2", tmp_path / "c", seed=4)
+    load = lambda d: AutoModelForCausalLM.from_pretrained(d).state_dict()  # noqa: E731
+    a, b, c = load(first), load(second), load(other)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    norms = [k for k in a if "norm" in k]
+    assert norms and not any(torch.all(a[k] == 1.0) for k in norms)  # not left at init
 
 
 def test_llama3_rope_and_gqa_are_read_from_the_config(checkpoint_pair):
@@ -171,6 +197,19 @@ def test_directory_without_config_raises(tmp_path):
     (tmp_path / "empty-llama").mkdir()
     with pytest.raises(ModelLoadError, match=r"empty-llama.*config\.json"):
         load_model(tmp_path / "empty-llama")
+
+
+def test_adapter_directory_explains_merging(tmp_path):
+    (tmp_path / "lora-sft").mkdir()
+    (tmp_path / "lora-sft" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match="PEFT adapter.*merge_and_unload"):
+        load_model(tmp_path / "lora-sft")
+
+
+def test_hub_like_missing_path_names_both_readings():
+    expected = r"'checkpoints/my-run' from the Hugging Face hub.*no local"
+    with pytest.raises(ModelLoadError, match=expected):
+        load_model("checkpoints/my-run")
 
 
 @pytest.mark.parametrize("source", [3, ["gpt2"], None, {"name": "gpt2"}, torch.zeros(2)])

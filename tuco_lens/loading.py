@@ -87,7 +87,9 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 def _check_device(device: Any) -> None:
     if device is not None and not isinstance(device, (str, torch.device)):
-        raise InputTypeError(f"device must be a string or torch.device, got {type(device).__name__}")
+        raise InputTypeError(
+            f"device must be a string or torch.device, got {type(device).__name__}"
+        )
 
 
 def _route(source: Any) -> str:
@@ -206,12 +208,14 @@ def _resolve_tokenizer(
     if source is None:
         return None
     local = Path(source).expanduser()
-    if tokenizer is None and local.is_dir() and not any((local / f).exists() for f in _TOKENIZER_FILES):
+    has_files = any((local / name).exists() for name in _TOKENIZER_FILES)
+    if tokenizer is None and local.is_dir() and not has_files:
         return None  # a checkpoint directory saved without tokenizer files
     try:
         return AutoTokenizer.from_pretrained(os.fspath(source), **kwargs)
     except Exception as error:
-        raise ModelLoadError(f"could not load a tokenizer from {os.fspath(source)!r}: {error}") from error
+        message = f"could not load a tokenizer from {os.fspath(source)!r}: {error}"
+        raise ModelLoadError(message) from error
 
 
 def _attach_tokenizer(
@@ -267,9 +271,11 @@ def _convert(
             else:
                 cfg_dict = tl_loading.convert_hf_model_config(str(config_dir))
         except (NotImplementedError, ValueError) as error:
-            raise ModelLoadError(f"TransformerLens cannot convert {architecture}: {error}") from error
+            message = f"TransformerLens cannot convert {architecture}: {error}"
+            raise ModelLoadError(message) from error
         if cfg_dict["original_architecture"] == "Qwen2ForCausalLM":  # TL truncates it to int
-            cfg_dict["rotary_base"] = tl_loading._get_rope_theta(hf_config, cfg_dict["rotary_base"])
+            theta = tl_loading._get_rope_theta(hf_config, cfg_dict["rotary_base"])
+            cfg_dict["rotary_base"] = theta
         if default_prepend_bos is not None:
             cfg_dict["default_prepend_bos"] = default_prepend_bos
         if n_ctx is not None:
@@ -289,7 +295,8 @@ def _convert(
                 str(config_dir), cfg, hf_model, dtype=dtype
             )
         except (NotImplementedError, ValueError) as error:
-            raise ModelLoadError(f"TransformerLens cannot convert {architecture}: {error}") from error
+            message = f"TransformerLens cannot convert {architecture}: {error}"
+            raise ModelLoadError(message) from error
     model = HookedTransformer(cfg, move_to_device=False)
     processing = _applicable(cfg, processing)
     model.load_and_process_state_dict(
