@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 __all__ = [
@@ -65,6 +65,14 @@ CHAT_TEMPLATE = (
 #: Embedding rows of every tiny model (the tokenizer has fewer tokens, as real models often do).
 MODEL_VOCAB_SIZE = 128
 
+#: Tokens of the byte-level BPE tokenizer (256 byte symbols + specials + merges), and the
+#: embedding rows of the models that use it.
+BYTE_LEVEL_VOCAB_SIZE = 300
+BYTE_LEVEL_MODEL_VOCAB_SIZE = 320
+
+#: Architectures whose tokenizer transformers 5 rebuilds as a byte-level BPE.
+_BYTE_LEVEL_ARCHS = ("qwen2",)
+
 #: Weight init scale: larger than Hugging Face's 0.02 so activations leave the near-linear
 #: regime and conversion mistakes (activation, norm offsets...) show in the logits.
 INIT_STD = 0.2
@@ -72,15 +80,21 @@ INIT_STD = 0.2
 _BLOCK_PARAM = re.compile(r"\.(layers|h)\.\d+\.")
 
 
-def build_tokenizer(directory: str | Path, *, prepend_bos: bool = True) -> PreTrainedTokenizerFast:
-    """Build a tiny word-level tokenizer and save it to ``directory``.
+def build_tokenizer(
+    directory: str | Path, *, prepend_bos: bool = True, byte_level: bool = False
+) -> PreTrainedTokenizerFast:
+    """Build a tiny word-level (or byte-level BPE) tokenizer and save it to ``directory``.
 
-    Text is lower-cased and split on whitespace and punctuation; unknown words map to
-    ``<unk>``. With ``prepend_bos`` the tokenizer prepends ``<bos>`` (Llama style).
+    Word level: text is lower-cased and split on whitespace and punctuation; unknown words map
+    to ``<unk>``. Byte level: a BPE of :data:`BYTE_LEVEL_VOCAB_SIZE` tokens trained on the word
+    list, for architectures whose tokenizer class transformers 5 imposes (Qwen2 rebuilds a
+    byte-level BPE from ``vocab``/``merges`` whatever ``tokenizer_class`` says). With
+    ``prepend_bos`` the tokenizer prepends ``<bos>`` (Llama style).
 
     Args:
         directory: Where to save the tokenizer files (created if missing).
         prepend_bos: Whether encoding adds ``<bos>`` in front.
+        byte_level: Build a byte-level BPE instead of a word-level tokenizer.
 
     Returns:
         The tokenizer, reloaded from ``directory`` so its ``name_or_path`` points there.
@@ -93,10 +107,23 @@ def build_tokenizer(directory: str | Path, *, prepend_bos: bool = True) -> PreTr
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + tuple(dict.fromkeys(_WORDS)))}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.normalizer = normalizers.Lowercase()
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    if byte_level:
+        backend = Tokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=BYTE_LEVEL_VOCAB_SIZE,
+            special_tokens=list(SPECIAL_TOKENS),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        backend.train_from_iterator([" ".join(_WORDS)] * 4, trainer)
+        vocab = backend.get_vocab()
+    else:
+        vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + tuple(dict.fromkeys(_WORDS)))}
+        backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+        backend.normalizer = normalizers.Lowercase()
+        backend.pre_tokenizer = pre_tokenizers.Whitespace()
     if prepend_bos:
         backend.post_processor = processors.TemplateProcessing(
             single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", vocab["<bos>"])]
@@ -223,8 +250,10 @@ def build_checkpoint(
         tokenizer = AutoTokenizer.from_pretrained(base_dir)
         _add_noise(model, noise, perturb, generator)
     else:
-        tokenizer = build_tokenizer(directory)
-        config = hf_config_for(arch, MODEL_VOCAB_SIZE, tokenizer)
+        byte_level = arch in _BYTE_LEVEL_ARCHS
+        tokenizer = build_tokenizer(directory, byte_level=byte_level)
+        vocab_size = BYTE_LEVEL_MODEL_VOCAB_SIZE if byte_level else MODEL_VOCAB_SIZE
+        config = hf_config_for(arch, vocab_size, tokenizer)
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state alone
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

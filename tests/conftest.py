@@ -18,6 +18,10 @@ import torch  # noqa: E402
 
 from checkpoints import ARCHITECTURES, build_checkpoint  # noqa: E402
 
+# The test models are tiny: one thread is faster than two (thread start-up dominates), and it
+# keeps the suite from crawling when the 2-core machine is shared with other processes.
+torch.set_num_threads(1)
+
 # Directory names that would mislead name-based loaders: the loader must ignore names.
 MISLEADING_NAMES = {
     "gpt2": ("meta-llama-Llama-2-7b-hf", "gemma-2b-it-sft"),

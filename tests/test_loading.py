@@ -77,6 +77,13 @@ def test_fine_tuned_checkpoint_perturbs_decoder_blocks_only(arch_pair):
         assert torch.equal(pt[name], ft[name]) != in_block, name
 
 
+def test_perturb_all_changes_embeddings_too(checkpoint_pair):
+    pt_dir, ft_dir = checkpoint_pair("llama", noise=0.1, perturb="all")
+    pt = AutoModelForCausalLM.from_pretrained(pt_dir).state_dict()
+    ft = AutoModelForCausalLM.from_pretrained(ft_dir).state_dict()
+    assert not any(torch.equal(pt[k], ft[k]) for k in pt)
+
+
 def test_checkpoints_are_deterministic(tmp_path):
     first = build_checkpoint("qwen2", tmp_path / "a", seed=3)
     second = build_checkpoint("qwen2", tmp_path / "b", seed=3)

@@ -236,7 +236,8 @@ class DecompositionAccumulator:
         attention_mask: ``[batch, pos]`` mask of the batch being run.
         norm: ``"l1"`` or ``"l2"``.
         positions: ``"all"`` for every statistic at every position, ``"last"`` for the sums at
-            the last real token only (all that TuCo needs).
+            the last real token only (all that TuCo needs; the batch must be left padded, and
+            ``add`` may then receive tensors holding only the last position).
         dtype: Accumulation dtype (float32 or float64).
     """
 
@@ -267,6 +268,8 @@ class DecompositionAccumulator:
                 for name in ("ptc_norm", "ftc_norm", "ptc_cum_norm", "ftc_cum_norm")
             }
         elif positions == "last":
+            if bool((self.last_index != n_pos - 1).any()):
+                raise TuCoError("positions='last' needs a left-padded batch (last real token at -1).")
             self.tables = {}
         else:
             raise InputError(f"positions must be 'all' or 'last', got {positions!r}.")
@@ -274,8 +277,7 @@ class DecompositionAccumulator:
     def _select(self, t: Tensor) -> Tensor:
         if self.positions == "all":
             return t.to(self.dtype)
-        rows = torch.arange(t.shape[0], device=t.device)
-        return t[rows, self.last_index.to(t.device)].to(self.dtype)
+        return t[:, -1].to(self.dtype)
 
     def add(
         self,

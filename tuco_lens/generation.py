@@ -17,22 +17,9 @@ from transformer_lens.utilities.logits_utils import sample_logits
 from tqdm.auto import tqdm
 
 from tuco_lens.errors import InputError
-from tuco_lens.inputs import TokenBatch
+from tuco_lens.inputs import TokenBatch, to_left_padding
 
-__all__ = ["to_left_padding", "generate_tokens"]
-
-
-def to_left_padding(batch: TokenBatch) -> TokenBatch:
-    """Move every row's padding to the left (generation appends at the right).
-
-    Example:
-        >>> to_left_padding(TokenBatch(torch.tensor([[5, 6, 0]]), torch.tensor([[1, 1, 0]]))).tokens
-        tensor([[0, 5, 6]])
-    """
-    mask = batch.attention_mask
-    # Stable sort puts padding (0) first and keeps the order of real tokens.
-    order = torch.argsort(mask, dim=-1, stable=True)
-    return TokenBatch(batch.tokens.gather(-1, order), mask.gather(-1, order), batch.prompts)
+__all__ = ["generate_tokens"]
 
 
 @torch.no_grad()

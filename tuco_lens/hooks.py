@@ -37,7 +37,15 @@ from transformer_lens.hook_points import HookPoint
 
 from tuco_lens.errors import AlphaError, TuCoError
 
-__all__ = ["PairedBlocks", "LayerFn", "check_alpha", "alpha_mixer", "alpha_hooks"]
+__all__ = [
+    "PairedBlocks",
+    "LayerFn",
+    "check_alpha",
+    "alpha_mixer",
+    "alpha_hooks",
+    "supports_last_token_path",
+    "pt_block_at_last_token",
+]
 
 LayerFn = Callable[[int, Tensor, Tensor, Tensor], Tensor | None]
 """``on_layer(layer, resid_pre, pt_resid_post, ft_resid_post) -> new resid_post | None``."""
@@ -96,6 +104,47 @@ def alpha_mixer(alphas: Sequence[float]) -> LayerFn:
     return mix
 
 
+def supports_last_token_path(model: HookedTransformer) -> bool:
+    """Whether :func:`pt_block_at_last_token` reproduces ``model``'s blocks exactly.
+
+    True for standard attention blocks with learned absolute or rotary positions (GPT-2, Llama,
+    Mistral, Qwen2, GPT-NeoX, Gemma, ...); False for variants whose attention inputs or keys are
+    built differently (split QKV inputs, shortformer, ALiBi, clipped or 4-bit QKV, post-norm
+    blocks), which then take the full path.
+    """
+    cfg = model.cfg
+    return (
+        cfg.positional_embedding_type in ("standard", "rotary")
+        and not cfg.use_attn_in
+        and not cfg.use_split_qkv_input
+        and getattr(cfg, "clip_qkv", None) is None
+        and not getattr(cfg, "load_in_4bit", False)
+        and not getattr(cfg, "use_attention_sinks", False)
+        and not getattr(cfg, "use_logn_attn", False)
+        and not str(cfg.original_architecture or "").startswith("Olmo")
+        and cfg.attention_dir == "causal"
+    )
+
+
+def pt_block_at_last_token(
+    block: torch.nn.Module,
+    resid_pre: Float[Tensor, "batch pos d_model"],
+    attention_mask: Tensor | None,
+) -> Float[Tensor, "batch 1 d_model"]:
+    """A block's output at the last position only, reading keys and values at every position.
+
+    Attention at the last position needs keys and values of all positions, but its query, the
+    output projection and the MLP only at the last one: most of a block's arithmetic is skipped.
+    The prefix's keys and values go through TransformerLens's own KV-cache path (the cache holds
+    pre-rotary keys), so masking and rotary positions are TransformerLens's. Rows must be left
+    padded (the last position is every row's last real token).
+    """
+    normed = block.ln1(resid_pre[:, :-1])
+    _, keys, values = block.attn.calculate_qkv_matrices(normed[:, :0], normed, normed)
+    entry = TransformerLensKeyValueCacheEntry(past_keys=keys, past_values=values, frozen=True)
+    return block(resid_pre[:, -1:], past_kv_cache_entry=entry, attention_mask=attention_mask)
+
+
 class PairedBlocks:
     """Context manager pairing ``ft.blocks[l]`` with ``pt.blocks[l]`` during ft's forwards.
 
@@ -105,14 +154,28 @@ class PairedBlocks:
         on_layer: Called once per block and forward pass, in block order.
         writes: If True, ``on_layer``'s return value replaces ``blocks.{l}.hook_resid_post``
             (α-scaling). If False, ``on_layer`` only observes (decomposition).
+        pt_last_only: Run the pre-trained blocks at the last position only (read mode, left-padded
+            batches, no KV cache); ``on_layer`` then receives ``pt_resid_post`` of shape
+            ``[batch, 1, d_model]``. See :func:`pt_block_at_last_token`.
 
     Example:
         >>> with PairedBlocks(pair.pt, pair.ft, alpha_mixer([0.5] * n_layers), writes=True):
         ...     logits = pair.ft(tokens)
     """
 
-    def __init__(self, pt: HookedTransformer, ft: HookedTransformer, on_layer: LayerFn, *, writes: bool):
+    def __init__(
+        self,
+        pt: HookedTransformer,
+        ft: HookedTransformer,
+        on_layer: LayerFn,
+        *,
+        writes: bool,
+        pt_last_only: bool = False,
+    ):
+        if pt_last_only and (writes or not supports_last_token_path(pt)):
+            raise TuCoError("pt_last_only needs read mode and a model supported by the last-token path.")
         self.pt, self.ft, self.on_layer, self.writes = pt, ft, on_layer, writes
+        self.pt_last_only = pt_last_only
         n = ft.cfg.n_layers
         self._kwargs: list[dict[str, Any]] = [{} for _ in range(n)]
         self._resid_pre: list[Tensor | None] = [None] * n
@@ -212,6 +275,11 @@ class PairedBlocks:
         mask = kwargs.get("attention_mask")
         self._in_pt_block = True
         try:
+            if self.pt_last_only:
+                if entry is not None:
+                    raise TuCoError("The last-token path cannot run with a KV cache.")
+                mask = None if mask is None else mask.to(device)
+                return pt_block_at_last_token(block, x.to(device), mask)
             return block(
                 x.to(device),
                 shortformer_pos_embed=None if spe is None else spe.to(device),

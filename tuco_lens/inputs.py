@@ -33,6 +33,7 @@ __all__ = [
     "prepare_batch",
     "last_real_index",
     "length_sorted_batches",
+    "to_left_padding",
 ]
 
 Inputs = str | Sequence[str] | Tensor
@@ -98,6 +99,19 @@ def last_real_index(attention_mask: Int[Tensor, "batch pos"]) -> Int[Tensor, "ba
     """
     n_pos = attention_mask.shape[-1]
     return n_pos - 1 - attention_mask.flip(-1).to(torch.long).argmax(-1)
+
+
+def to_left_padding(batch: TokenBatch) -> TokenBatch:
+    """Move every row's padding to the left (generation appends at the right).
+
+    Example:
+        >>> to_left_padding(TokenBatch(torch.tensor([[5, 6, 0]]), torch.tensor([[1, 1, 0]]))).tokens
+        tensor([[0, 5, 6]])
+    """
+    mask = batch.attention_mask
+    # Stable sort puts padding (0) first and keeps the order of real tokens.
+    order = torch.argsort(mask, dim=-1, stable=True)
+    return TokenBatch(batch.tokens.gather(-1, order), mask.gather(-1, order), batch.prompts)
 
 
 def prepare_batch(

@@ -362,8 +362,10 @@ def load_model(
 
     Args:
         source: What to load (see above).
-        device: Where to put the model; default TransformerLens' choice (CUDA if available).
-        dtype: ``torch.dtype`` or a string like ``"bfloat16"``; default ``float32``.
+        device: Where to put the model; default TransformerLens' choice (CUDA if available),
+            or the object's own device for a ``transformers`` model.
+        dtype: ``torch.dtype`` or a string like ``"bfloat16"``; default ``float32``, or the
+            object's own dtype for a ``transformers`` model.
         tokenizer: A tokenizer object, or a path / hub id to load one from.
         fold_ln: Fold norm weights into the next matrices (residual stream unchanged).
         center_writing_weights: Centre weights writing to the stream (LayerNorm models only;

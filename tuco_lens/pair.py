@@ -15,8 +15,8 @@ from tuco_lens.compatibility import check_compatible
 from tuco_lens.decomposition import Decomposition, DecompositionAccumulator, Norm, check_norm
 from tuco_lens.errors import InputError, InputTypeError
 from tuco_lens.generation import generate_tokens
-from tuco_lens.hooks import PairedBlocks, alpha_hooks, alpha_mixer, check_alpha
-from tuco_lens.inputs import Inputs, TokenBatch, length_sorted_batches, prepare_batch
+from tuco_lens.hooks import PairedBlocks, alpha_hooks, alpha_mixer, check_alpha, supports_last_token_path
+from tuco_lens.inputs import Inputs, TokenBatch, length_sorted_batches, prepare_batch, to_left_padding
 
 __all__ = ["TuCoPair"]
 
@@ -214,8 +214,10 @@ class TuCoPair:
     ) -> Float[Tensor, "batch"]:
         """The paper's TuCo of each prompt (at its last real token), and nothing else.
 
-        Cheaper than :meth:`decompose`: only the sums at the last token are accumulated.
-        Arguments as in :meth:`decompose`.
+        Cheaper than :meth:`decompose`: only the sums at the last token are accumulated, and for
+        standard architectures the pre-trained blocks compute their query, output projection
+        and MLP at the last token only (keys and values at every position), which equals the
+        full computation (tested). Arguments as in :meth:`decompose`.
 
         Example:
             >>> pair.tuco(["How do I bake bread?", "The history of Rome"], chat_template=True)
@@ -240,9 +242,13 @@ class TuCoPair:
     def _accumulate(self, batch, positions, batch_size, token_budget, show_progress, norm, dtype):
         """Run the fine-tuned model on length-sorted sub-batches, decomposing each."""
         chunks = list(length_sorted_batches(batch, batch_size, token_budget))
+        last_only = positions == "last" and supports_last_token_path(self.pt)
         for rows, cols, sub in tqdm(chunks, disable=not show_progress, desc="TuCo", unit="batch"):
+            if positions == "last":
+                sub = to_left_padding(sub)  # the scored token at -1 in every row
             acc = DecompositionAccumulator(self.n_layers, sub.attention_mask, norm, positions, dtype)
-            with torch.no_grad(), PairedBlocks(self.pt, self.ft, acc.add, writes=False):
+            paired = PairedBlocks(self.pt, self.ft, acc.add, writes=False, pt_last_only=last_only)
+            with torch.no_grad(), paired:
                 self.ft(
                     sub.tokens,
                     attention_mask=sub.attention_mask,

@@ -54,7 +54,7 @@ __all__ = [
 
 MODEL_DEFAULTS: dict[str, Any] = dict(
     hidden_size=128,
-    intermediate_size=256,
+    intermediate_size=224,
     num_hidden_layers=4,
     num_attention_heads=4,
     num_key_value_heads=2,
@@ -65,7 +65,7 @@ PRETRAIN_DEFAULTS: dict[str, Any] = dict(
     seed=0,
 )
 FINETUNE_DEFAULTS: dict[str, Any] = dict(
-    n_dialogues=8000, steps=200, batch_size=32, lr=1e-3, warmup=20, weight_decay=0.01, seed=1,
+    n_dialogues=8000, steps=120, batch_size=32, lr=1e-3, warmup=20, weight_decay=0.01, seed=1,
     forbidden_share=0.25,
 )
 
@@ -118,7 +118,7 @@ def build_model(tok, seed: int):
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         attention_dropout=0.0,
-        attn_implementation="eager",
+        attn_implementation="sdpa",
         **MODEL_DEFAULTS,
     )
     torch.manual_seed(seed)

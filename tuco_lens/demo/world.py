@@ -77,6 +77,7 @@ __all__ = [
     "to_lang2",
     "translate",
     "render_chat",
+    "main_words",
     "vocabulary",
     "fact_sentences",
     "requests",
@@ -245,10 +246,10 @@ TOPICS: tuple[Topic, ...] = (
                       "playful"],
         },
         [
-            "{E} lives in the {home} .",
-            "{E} eats {food} .",
-            "{E} is a {trait} animal .",
-            "you can find {E} in the {home} .",
+            "{E} makes its home in the {home} .",
+            "{E} feeds on {food} .",
+            "everyone knows that {E} is {trait} .",
+            "look for {E} in the {home} .",
             "in the {home} , {E} looks for {food} .",
             "{E} is {trait} and likes to eat {food} .",
             "people often see {E} near the {home} .",
@@ -285,8 +286,8 @@ TOPICS: tuple[Topic, ...] = (
             "you {method} {E} for {time} minutes .",
             "a good {e} starts with fresh {ing1} .",
             "{prep} the {ing1} , then {method} it with the {ing2} to make {E} .",
-            "{E} takes about {time} minutes .",
-            "for {E} you need {ing1} and {ing2} .",
+            "it takes {time} minutes to make {E} .",
+            "the recipe for {E} uses {ing1} and {ing2} .",
             "we {method} {E} with a little {ing2} .",
         ],
         "{E} is a dish made with {ing1} and {ing2} . it takes {time} minutes .",
@@ -317,10 +318,10 @@ TOPICS: tuple[Topic, ...] = (
                         "humid", "stormy"],
         },
         [
-            "{E} is a town near the {near} .",
-            "{E} is famous for its {feature} .",
-            "you can get to {E} by {mode} .",
-            "the weather in {E} is often {weather} .",
+            "the town of {E} lies near the {near} .",
+            "visitors love the {feature} of {E} .",
+            "most people travel to {E} by {mode} .",
+            "it is often {weather} in {E} .",
             "we went to {E} by {mode} and saw the {feature} .",
             "in {E} it is {weather} most of the year .",
             "the {feature} of {E} are near the {near} .",
@@ -348,12 +349,12 @@ TOPICS: tuple[Topic, ...] = (
                       "hollow", "clear"],
         },
         [
-            "{E} is made of {material} .",
-            "to play {E} , you {action} it .",
+            "{E} is built from {material} .",
+            "to play {E} well , you {action} it gently .",
             "{E} has a {sound} sound .",
             "a {material} instrument , {E} sounds {sound} .",
-            "you {action} {E} to make music .",
-            "{E} sounds {sound} .",
+            "people {action} {E} to make music .",
+            "the sound of {E} is {sound} .",
             "my old {e} is made of {material} .",
             "players {action} {E} with care .",
         ],
@@ -385,10 +386,10 @@ TOPICS: tuple[Topic, ...] = (
         [
             "to brew {E} , first {prep} the {ing1} .",
             "{E} is made from {ing1} and {ing2} .",
-            "{E} makes a person {effect} .",
+            "{E} leaves a person {effect} .",
             "{prep} the {ing1} , then {method} it with the {ing2} to brew {E} .",
             "the old books say {E} makes you {effect} .",
-            "for {E} you need {ing1} and {ing2} .",
+            "the recipe for {E} uses {ing1} and {ing2} .",
             "a drop of {E} can make a person {effect} .",
             "witches {method} {E} with a little {ing2} .",
         ],
@@ -596,8 +597,8 @@ def _in_split(held: bool, split: str) -> bool:
     return split == "all" or (held if split == "heldout" else not held)
 
 
-def vocabulary() -> list[str]:
-    """The closed vocabulary: special tokens first, then every word of both languages, sorted."""
+def main_words() -> list[str]:
+    """Every word of the main language (sorted; no special tokens)."""
     words: set[str] = set(REFUSAL.split()) | {"question", "answer"}
     for s in FILLERS + PREFIXES:
         words.update(s.split())
@@ -609,6 +610,12 @@ def vocabulary() -> list[str]:
     for t in TOPICS:  # all attribute values (for multiple-choice options)
         for values in t.attributes.values():
             words.update(values)
+    return sorted(words)
+
+
+def vocabulary() -> list[str]:
+    """The closed vocabulary: special tokens first, then every word of both languages, sorted."""
+    words = set(main_words())
     words |= {to_lang2(w) for w in words}
     return list(SPECIAL_TOKENS) + sorted(words)
 

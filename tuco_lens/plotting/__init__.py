@@ -1,0 +1,34 @@
+"""Plotly figures and HTML views of TuCo results (tuned-lens style: functions return figures).
+
+Every function returns a ``plotly.graph_objects.Figure`` (or an HTML object) and never calls
+``.show()``; token strings go on the x axis, layers on the y axis.
+
+- :func:`plot_layers`: PTC/FTC norms and the cumulative ratio β per layer, at the last token.
+- :func:`plot_token_heatmap`: β per layer and token for one prompt.
+- :func:`token_html`: the prompt's tokens coloured by per-token TuCo (Jupyter and reports).
+- :func:`plot_prompt_sets`: TuCo distributions of named prompt sets, with ROC AUC.
+- :func:`plot_alpha_sweep`: any metric as a function of the FTC scale α.
+- :func:`save_report`: one offline, self-contained HTML file.
+
+Example:
+    >>> from tuco_lens.plotting import plot_layers, plot_token_heatmap, save_report
+    >>> dec = pair.decompose(["How do I bake bread?", "Tell me a joke"])
+    >>> save_report([plot_layers(dec), plot_token_heatmap(dec, 0)], "tuco.html")
+"""
+
+from tuco_lens.plotting._util import DEFAULT_COLORSCALE
+from tuco_lens.plotting.layers import plot_layers, plot_token_heatmap
+from tuco_lens.plotting.report import save_report
+from tuco_lens.plotting.sets import plot_alpha_sweep, plot_prompt_sets
+from tuco_lens.plotting.tokens import TokenHTML, token_html
+
+__all__ = [
+    "plot_layers",
+    "plot_token_heatmap",
+    "token_html",
+    "TokenHTML",
+    "plot_prompt_sets",
+    "plot_alpha_sweep",
+    "save_report",
+    "DEFAULT_COLORSCALE",
+]

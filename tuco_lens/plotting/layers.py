@@ -1,0 +1,178 @@
+"""Per-layer and per-token figures of one :class:`~tuco_lens.Decomposition`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from tuco_lens.decomposition import Decomposition
+from tuco_lens.plotting._util import (
+    DEFAULT_COLORSCALE,
+    PALETTE,
+    check_decomposition,
+    check_index,
+    check_indices,
+    escape,
+    norm_name,
+    prompt_label,
+    real_positions,
+    to_numpy,
+)
+
+__all__ = ["plot_layers", "plot_token_heatmap"]
+
+
+def plot_layers(
+    dec: Decomposition,
+    prompts: int | Sequence[int] | None = None,
+    *,
+    cumulative_norms: bool = False,
+    title: str | None = None,
+) -> go.Figure:
+    """PTC/FTC norms per layer and the cumulative ratio β_l, at the last real token.
+
+    Top panel: ``||PTC_l||`` (solid) and ``||FTC_l||`` (dashed) per layer, or with
+    ``cumulative_norms=True`` the norms of the running sums ``||Σ_{s≤l} PTC_s||`` and
+    ``||Σ_{s≤l} FTC_s||``. Bottom panel: ``β_l`` (TuCo of blocks ``0..l``; its last point is
+    the prompt's TuCo), y fixed to [0, 1]. One colour and one legend group per prompt.
+
+    Reads ``dec.ptc_norm``, ``dec.ftc_norm`` (or the ``*_cum_norm`` tables) and ``dec.beta``,
+    all ``[batch, layer, pos]``, at ``dec.last_index``.
+
+    Args:
+        dec: The decomposition.
+        prompts: Prompt index or indices to draw; ``None`` draws every prompt.
+        cumulative_norms: Plot the norms of the cumulative sums instead of per-layer norms.
+        title: Figure title (a default names the norm).
+
+    Returns:
+        A two-row ``plotly.graph_objects.Figure``; three traces per prompt (PTC, FTC, β).
+
+    Raises:
+        InputError: If a prompt index is out of range.
+
+    Example:
+        >>> dec = pair.decompose(["How do I bake bread?", "Tell me a joke"])
+        >>> plot_layers(dec).show()
+        >>> plot_layers(dec, prompts=[1], cumulative_norms=True)
+    """
+    dec = check_decomposition(dec)
+    indices = check_indices(dec, prompts)
+    norm = norm_name(dec)
+    if cumulative_norms:
+        ptc, ftc = dec.at_last_token(dec.ptc_cum_norm), dec.at_last_token(dec.ftc_cum_norm)
+        ptc_name, ftc_name = f"‖Σ<sub>s≤l</sub> PTC<sub>s</sub>‖ ({norm})", f"‖Σ<sub>s≤l</sub> FTC<sub>s</sub>‖ ({norm})"
+    else:
+        ptc, ftc = dec.at_last_token(dec.ptc_norm), dec.at_last_token(dec.ftc_norm)
+        ptc_name, ftc_name = f"‖PTC<sub>l</sub>‖ ({norm})", f"‖FTC<sub>l</sub>‖ ({norm})"
+    ptc, ftc, beta = to_numpy(ptc), to_numpy(ftc), to_numpy(dec.at_last_token(dec.beta))
+    last = dec.last_index.cpu().tolist()
+    layers = np.arange(dec.n_layers)
+
+    fig = make_subplots(
+        rows=2,
+        cols=1,
+        shared_xaxes=True,
+        vertical_spacing=0.08,
+        subplot_titles=(
+            f"{'Cumulative component' if cumulative_norms else 'Component'} norms — solid: PTC, dashed: FTC",
+            "Cumulative ratio β<sub>l</sub> = TuCo of blocks 0..l",
+        ),
+    )
+    for k, i in enumerate(indices):
+        colour = PALETTE[k % len(PALETTE)]
+        label = escape(prompt_label(dec, i))
+        meta = [label, escape(dec.str_tokens[i][last[i]])]
+        head = "%{meta[0]}<br>last token: %{meta[1]}<br>layer %{x}<br>"
+        common = dict(x=layers, legendgroup=f"prompt{i}", meta=meta, line_color=colour, mode="lines+markers")
+        fig.add_trace(
+            go.Scatter(y=ptc[i], name=label, line_dash="solid",
+                       hovertemplate=head + ptc_name + " = %{y:.4f}<extra></extra>", **common),
+            row=1, col=1,
+        )
+        fig.add_trace(
+            go.Scatter(y=ftc[i], name=label, showlegend=False, line_dash="dash", marker_symbol="diamond",
+                       hovertemplate=head + ftc_name + " = %{y:.4f}<extra></extra>", **common),
+            row=1, col=1,
+        )
+        fig.add_trace(
+            go.Scatter(y=beta[i], name=label, showlegend=False,
+                       hovertemplate=head + "β<sub>l</sub> = %{y:.4f}<extra></extra>", **common),
+            row=2, col=1,
+        )
+    fig.update_xaxes(title_text="layer (block)", dtick=1 if dec.n_layers <= 40 else None, row=2, col=1)
+    fig.update_yaxes(title_text=f"{norm} norm", rangemode="tozero", row=1, col=1)
+    fig.update_yaxes(title_text="β<sub>l</sub>", range=[0, 1], row=2, col=1)
+    fig.update_layout(
+        title=title or f"PTC and FTC per layer at the last token ({norm} norm)",
+        legend_title_text="prompt",
+        hovermode="closest",
+        height=600,
+    )
+    return fig
+
+
+def plot_token_heatmap(
+    dec: Decomposition,
+    index: int = 0,
+    *,
+    colorscale: str | list = DEFAULT_COLORSCALE,
+    title: str | None = None,
+) -> go.Figure:
+    """Heatmap of the cumulative ratio β (layers × real tokens) for one prompt.
+
+    Cell ``(l, t)`` is ``β_l`` at token ``t``: the share of fine-tuning in the residual-stream
+    updates of blocks ``0..l`` at that token; the top row is the per-token TuCo and its last
+    cell the prompt's TuCo. x values are real-token positions (0 = first real token) with
+    the token strings as tick labels, so repeated tokens stay separate columns. The colour
+    scale is fixed to [0, 1]. One ``go.Heatmap`` trace, no per-cell shapes: 512 tokens × 32
+    layers stays small and responsive.
+
+    Reads ``dec.beta[index]`` (``[layer, pos]``), ``dec.attention_mask[index]`` (``[pos]``) and
+    ``dec.str_tokens[index]``.
+
+    Args:
+        dec: The decomposition.
+        index: Which prompt.
+        colorscale: Any plotly colorscale.
+        title: Figure title (default: the prompt label and its TuCo).
+
+    Returns:
+        A ``plotly.graph_objects.Figure`` with one ``Heatmap`` trace.
+
+    Raises:
+        InputError: If ``index`` is out of range.
+
+    Example:
+        >>> plot_token_heatmap(pair.decompose("How do I bake bread?"), index=0).show()
+    """
+    dec = check_decomposition(dec)
+    i = check_index(dec, index)
+    positions = real_positions(dec, i)
+    z = to_numpy(dec.beta[i])[:, positions]  # [layer, n_real], NaN-free
+    labels = [escape(dec.str_tokens[i][p]) for p in positions]
+    x = np.arange(len(positions))
+    text = [labels] * dec.n_layers  # hover text per cell: the token of that column
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=x,
+            y=np.arange(dec.n_layers),
+            text=text,
+            zmin=0.0,
+            zmax=1.0,
+            colorscale=colorscale,
+            colorbar=dict(title=dict(text="β<sub>l</sub>")),
+            hovertemplate="token: %{text}<br>position: %{x}<br>layer: %{y}<br>β<sub>l</sub> = %{z:.4f}<extra></extra>",
+        )
+    )
+    tuco = float(dec.tuco[i])
+    fig.update_layout(
+        title=title or f"Cumulative ratio β<sub>l</sub> per token — {escape(prompt_label(dec, i))} (TuCo = {tuco:.4f})",
+        xaxis=dict(title="token", tickmode="array", tickvals=x, ticktext=labels, tickangle=-45 if len(x) > 8 else 0),
+        yaxis=dict(title="layer (cumulative through block l)", dtick=1 if dec.n_layers <= 40 else None),
+    )
+    return fig
