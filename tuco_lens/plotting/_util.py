@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import plotly.colors
+import torch
 from torch import Tensor
 
 from tuco_lens.decomposition import Decomposition
@@ -83,7 +84,10 @@ def norm_name(dec: Decomposition) -> str:
 
 
 def to_numpy(t: Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy()
+    t = t.detach().cpu()
+    if t.dtype in (torch.float16, torch.bfloat16):  # NumPy has no bfloat16
+        t = t.float()
+    return t.numpy()
 
 
 def colour_at(value: float, colorscale: str | list = DEFAULT_COLORSCALE) -> tuple[int, int, int]:
