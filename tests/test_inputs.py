@@ -44,6 +44,18 @@ def test_chat_template_wraps_prompt_with_generation_prompt(pair):
     )
 
 
+def test_preformatted_prompt_gets_no_second_bos(pair):
+    text = pair.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "the cat"}], add_generation_prompt=True, tokenize=False
+    )
+    assert text.startswith(pair.tokenizer.bos_token)
+    assert pair.tokenize(text).tokens.tolist() == pair.tokenize("the cat", chat_template=True).tokens.tolist()
+    forced = pair.tokenize(text, prepend_bos=True).tokens[0].tolist()
+    assert forced[:2] == [pair.tokenizer.bos_token_id] * 2  # an explicit choice is respected
+    plain = pair.tokenize("the cat").tokens[0].tolist()
+    assert plain[0] == pair.tokenizer.bos_token_id and plain.count(pair.tokenizer.bos_token_id) == 1
+
+
 def test_string_and_token_inputs_give_the_same_tuco(pair):
     prompts = ["the cat sat", "a dog"]
     batch = pair.tokenize(prompts)

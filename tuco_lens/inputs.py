@@ -133,8 +133,9 @@ def prepare_batch(
         chat_template: Wrap each prompt as a user turn in the tokenizer's chat template with
             the generation prompt (as the TuCo paper does). Strings only.
         prepend_bos: Whether to prepend BOS to plain strings; ``None`` follows the model's
-            ``cfg.default_prepend_bos`` like ``model.to_tokens``. Ignored with the chat template,
-            whose text decides BOS itself.
+            ``cfg.default_prepend_bos`` like ``model.to_tokens``, except that a prompt already
+            starting with the BOS token's text (a prompt formatted by hand or by a chat
+            template) gets no second BOS. Ignored with the chat template, whose text decides BOS.
         padding_side: Where padding goes when prompts have different lengths.
 
     Returns:
@@ -257,6 +258,8 @@ def _encode(
         ids = [int(i) for i in ids]
     else:
         bos = model.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
+        if prepend_bos is None and tokenizer.bos_token and prompt.startswith(tokenizer.bos_token):
+            bos = False  # an already formatted prompt ("<s>[INST] ..."): no second BOS
         ids = model.to_tokens(prompt, prepend_bos=bos, truncate=False, move_to_device=False)[0]
         ids = ids.tolist()
     if not ids:

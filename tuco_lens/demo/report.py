@@ -1,0 +1,171 @@
+"""The demo's main job: score the demo prompt sets, sweep α, and write a self-contained report.
+
+``tuco-lens demo`` runs :func:`run_demo`; notebooks can call it too. Every number it reports
+is computed here, on the embedded pair, at run time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+from tqdm.auto import tqdm
+
+from tuco_lens.metrics import roc_auc
+from tuco_lens.pair import TuCoPair
+from tuco_lens.plotting import (
+    TokenHTML,
+    plot_alpha_sweep,
+    plot_layers,
+    plot_prompt_sets,
+    plot_token_heatmap,
+    save_report,
+    token_html,
+)
+
+__all__ = ["DemoResults", "ALPHAS", "SCORED_SETS", "score_sets", "refusal_sweep", "run_demo"]
+
+#: α values of the refusal sweep.
+ALPHAS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+
+#: The prompt sets scored by the demo (names from :func:`tuco_lens.demo.prompt_sets`).
+SCORED_SETS: tuple[str, ...] = ("web", "chat", "harmful", "harmful_lang2", "web_lang2", "chat_lang2")
+
+
+@dataclass
+class DemoResults:
+    """What the demo measured.
+
+    Attributes:
+        scores: One row per prompt: ``set``, ``index``, ``prompt``, ``tuco``.
+        sweep: One row per α: ``alpha``, ``refusal_rate_harmful``, ``refusal_rate_chat``.
+        auc_chat_vs_web: ROC AUC of TuCo separating chat (positive) from web prompts.
+        auc_harmful_vs_lang2: ROC AUC of TuCo separating harmful requests in the main language
+            (positive) from the same requests in the rarer second language.
+        figures: The report's figures, in order.
+    """
+
+    scores: pd.DataFrame
+    sweep: pd.DataFrame
+    auc_chat_vs_web: float
+    auc_harmful_vs_lang2: float
+    figures: list[go.Figure | TokenHTML] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """A few lines for the terminal."""
+        means = self.scores.groupby("set", sort=False)["tuco"].mean()
+        lines = ["mean TuCo per prompt set: " + ", ".join(f"{k} {v:.3f}" for k, v in means.items())]
+        lines.append(f"ROC AUC, TuCo of chat vs web prompts: {self.auc_chat_vs_web:.3f}")
+        lines.append(f"ROC AUC, TuCo of harmful requests vs the same in language 2: {self.auc_harmful_vs_lang2:.3f}")
+        rates = ", ".join(
+            f"α={a:g}: {r:.0%}" for a, r in zip(self.sweep.alpha, self.sweep.refusal_rate_harmful)
+        )
+        lines.append(f"refusal rate on harmful requests: {rates}")
+        return "\n".join(lines)
+
+
+def score_sets(
+    pair: TuCoPair, sets: dict[str, list[str]], names: Sequence[str] = SCORED_SETS, show_progress: bool = False
+) -> pd.DataFrame:
+    """TuCo of every prompt of the named sets: columns ``set``, ``index``, ``prompt``, ``tuco``."""
+    frames = []
+    for name in tqdm(names, disable=not show_progress, desc="scoring prompt sets"):
+        scores = pair.tuco(sets[name], batch_size=32).tolist()
+        frames.append(pd.DataFrame({"set": name, "index": range(len(scores)), "prompt": sets[name], "tuco": scores}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def refusal_sweep(
+    pair: TuCoPair,
+    prompts: dict[str, list[str]],
+    alphas: Sequence[float] = ALPHAS,
+    show_progress: bool = False,
+) -> pd.DataFrame:
+    """Refusal rate (greedy completions starting with REFUSAL) per α and prompt set.
+
+    Returns:
+        Columns ``alpha`` and ``refusal_rate_<set>`` for each set in ``prompts``.
+    """
+    from tuco_lens.demo import REFUSAL, is_refusal
+
+    n_new = len(pair.tokenizer(REFUSAL, add_special_tokens=False).input_ids) + 1
+    rows = []
+    for alpha in tqdm(alphas, disable=not show_progress, desc="α sweep"):
+        row = {"alpha": float(alpha)}
+        for name, texts in prompts.items():
+            completions = pair.generate(texts, alpha=alpha, max_new_tokens=n_new)
+            row[f"refusal_rate_{name}"] = sum(map(is_refusal, completions)) / len(completions)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def run_demo(
+    out_dir: str | Path | None = None,
+    *,
+    pair: TuCoPair | None = None,
+    alphas: Sequence[float] = ALPHAS,
+    show_progress: bool = False,
+) -> DemoResults:
+    """Score the demo sets, sweep α, build the figures and (with ``out_dir``) write the report.
+
+    Writes ``report.html`` (self-contained, plotly.js embedded), ``results.csv`` (TuCo per
+    prompt), ``alpha_sweep.csv`` and ``summary.json`` into ``out_dir``.
+
+    Example:
+        >>> results = run_demo("tuco-report")
+        >>> print(results.summary())
+    """
+    from tuco_lens import demo
+
+    pair = pair if pair is not None else demo.load_pair()
+    sets = demo.prompt_sets()
+    scores = score_sets(pair, sets, show_progress=show_progress)
+    by_set = {name: scores.tuco[scores.set == name].tolist() for name in SCORED_SETS}
+    sweep = refusal_sweep(pair, {"harmful": sets["harmful"], "chat": sets["chat"]}, alphas, show_progress)
+    results = DemoResults(
+        scores=scores,
+        sweep=sweep,
+        auc_chat_vs_web=roc_auc(by_set["chat"], by_set["web"]),
+        auc_harmful_vs_lang2=roc_auc(by_set["harmful"], by_set["harmful_lang2"]),
+    )
+    examples = [sets["web"][0], sets["chat"][0], sets["harmful"][0], sets["harmful_lang2"][0]]
+    dec = pair.decompose(examples)
+    results.figures = [
+        plot_prompt_sets(
+            {name: by_set[name] for name in ("web", "chat", "harmful", "harmful_lang2")},
+            positive="chat",
+            negative="web",
+            title="TuCo per prompt set (demo pair)",
+        ),
+        plot_layers(dec, title="Per-layer PTC / FTC at the last token: web, chat, harmful, harmful (language 2)"),
+        plot_token_heatmap(dec, index=2, title="Cumulative fine-tuning share β per layer and token (harmful request)"),
+        token_html(dec, index=[0, 1, 2, 3]),
+        plot_alpha_sweep(
+            sweep.alpha.tolist(),
+            {"harmful requests": sweep.refusal_rate_harmful.tolist(), "benign chat": sweep.refusal_rate_chat.tolist()},
+            yaxis_title="refusal rate (greedy)",
+            title="Refusal rate as the fine-tuning component is scaled by α",
+        ),
+    ]
+    if out_dir is not None:
+        _write(results, Path(out_dir))
+    return results
+
+
+def _write(results: DemoResults, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results.scores.to_csv(out_dir / "results.csv", index=False)
+    results.sweep.to_csv(out_dir / "alpha_sweep.csv", index=False)
+    summary = {
+        "auc_chat_vs_web": results.auc_chat_vs_web,
+        "auc_harmful_vs_lang2": results.auc_harmful_vs_lang2,
+        "mean_tuco": results.scores.groupby("set", sort=False)["tuco"].mean().to_dict(),
+        "refusal_rate_harmful": dict(zip(map(str, results.sweep.alpha), results.sweep.refusal_rate_harmful)),
+        "refusal_rate_chat": dict(zip(map(str, results.sweep.alpha), results.sweep.refusal_rate_chat)),
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    save_report(results.figures, out_dir / "report.html", title="tuco_lens demo report")
