@@ -1,0 +1,126 @@
+"""The ``tuco-lens`` command on tiny checkpoints written by the test (score, steer, errors, help)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tuco_lens
+from tuco_lens.cli import main
+
+
+@pytest.fixture(scope="module")
+def dirs(checkpoint_pair):
+    pt_dir, ft_dir = checkpoint_pair("llama")
+    return str(pt_dir), str(ft_dir)
+
+
+@pytest.fixture(scope="module")
+def pair(dirs):
+    return tuco_lens.load_pair(*dirs)
+
+
+PROMPTS = ["the cat sat on the mat", "a dog", "hello , how are you ?", "the bird and the fish"]
+
+
+def test_score_txt_to_csv_matches_library(dirs, pair, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPTS[0] + "\n\n" + "\n".join(PROMPTS[1:]) + "\n")
+    out = tmp_path / "scores.csv"
+    code = main(["score", "--pt", dirs[0], "--ft", dirs[1], "--prompts", str(prompts), "--out", str(out),
+                 "--batch-size", "2", "--no-progress"])
+    assert code == 0
+    rows = sorted(csv.DictReader(out.open()), key=lambda r: int(r["index"]))
+    assert [r["prompt"] for r in rows] == PROMPTS
+    assert [int(r["line"]) for r in rows] == [1, 3, 4, 5]  # the blank line is skipped
+    expected = pair.tuco(PROMPTS)
+    assert [float(r["tuco"]) for r in rows] == pytest.approx(expected.tolist(), abs=1e-6)
+    assert [int(r["n_tokens"]) for r in rows] == pair.tokenize(PROMPTS).n_tokens.tolist()
+
+
+def test_score_jsonl_keeps_fields_uses_chat_template_and_resumes(dirs, pair, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "label": i % 2}) + "\n" for i, p in enumerate(PROMPTS)))
+    out = tmp_path / "scores.jsonl"
+    # a previous run was interrupted after two prompts
+    expected = pair.tuco(PROMPTS, chat_template=True)
+    done = [{"prompt": PROMPTS[i], "label": i % 2, "index": i, "tuco": 0.123, "n_tokens": 1} for i in (0, 3)]
+    out.write_text("".join(json.dumps(r) + "\n" for r in done))
+    args = ["score", "--pt", dirs[0], "--ft", dirs[1], "--prompts", str(prompts), "--out", str(out),
+            "--chat-template", "--no-progress"]
+    assert main(args) == 0
+    rows = {r["index"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert sorted(rows) == [0, 1, 2, 3]
+    assert rows[0]["tuco"] == 0.123  # not recomputed
+    assert rows[1]["tuco"] == pytest.approx(float(expected[1]), abs=1e-6)
+    assert rows[2]["label"] == 0 and rows[1]["label"] == 1
+    assert main(args) == 0  # nothing left to do
+    assert len(out.read_text().splitlines()) == 4
+
+
+@pytest.mark.parametrize(
+    "content, suffix, message",
+    [
+        ("", ".txt", "contains no prompt"),
+        ('{"prompt": "a"}\n{oops\n', ".jsonl", ":2: not valid JSON"),
+        ('{"text": "a"}\n', ".jsonl", ':1: expected an object with a string "prompt" field'),
+        ("a\n", ".csv", "unknown extension '.csv'"),
+        ('{"prompt": "a", "tuco": 1}\n', ".jsonl", r"clash with output columns"),
+    ],
+)
+def test_score_bad_input_files(dirs, tmp_path, capsys, content, suffix, message):
+    prompts = tmp_path / f"prompts{suffix}"
+    prompts.write_text(content)
+    code = main(["score", "--pt", dirs[0], "--ft", dirs[1], "--prompts", str(prompts), "--no-progress"])
+    assert code == 2
+    assert message.replace("\\", "") in capsys.readouterr().err or pytest.fail(capsys.readouterr().err)
+
+
+def test_score_other_errors(dirs, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the cat\n")
+    assert main(["score", "--pt", dirs[0], "--ft", dirs[1], "--prompts", str(tmp_path / "missing.txt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["score", "--pt", dirs[0], "--prompts", str(prompts)]) == 2
+    assert "both --pt and --ft are required" in capsys.readouterr().err
+    assert main(["score", "--pt", dirs[0], "--ft", str(tmp_path / "nowhere"), "--prompts", str(prompts)]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    assert main(["score", "--pt", dirs[0], "--ft", dirs[1], "--prompts", str(prompts), "--out", str(tmp_path / "x.parquet")]) == 2
+    assert "--out must end in .csv or .jsonl" in capsys.readouterr().err
+    assert main(["score", "--pt", dirs[0], "--ft", dirs[1], "--prompts", str(prompts), "--batch-size", "0"]) == 2
+    assert "--batch-size must be a positive integer" in capsys.readouterr().err
+
+
+def test_steer_prints_one_generation_per_alpha(dirs, pair, capsys):
+    code = main(["steer", "--pt", dirs[0], "--ft", dirs[1], "--prompt", "the cat", "--alpha", "0", "1",
+                 "--max-new-tokens", "5"])
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "prompt: 'the cat'"
+    for line, alpha in zip(lines[1:], (0.0, 1.0)):
+        expected = " ".join(pair.generate("the cat", alpha=alpha, max_new_tokens=5).split())
+        assert line == f"alpha={alpha:g} | {expected}"
+    assert main(["steer", "--pt", dirs[0], "--ft", dirs[1], "--prompt", "x", "--alpha", "nan"]) == 2
+    assert "--alpha values must be finite" in capsys.readouterr().err
+
+
+def test_help_of_every_command_has_examples():
+    for command in ([], ["demo"], ["score"], ["steer"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "tuco_lens.cli", *command, "--help"], capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, result.stderr
+        assert "example" in result.stdout and "tuco-lens" in result.stdout
+    result = subprocess.run([sys.executable, "-m", "tuco_lens.cli"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "COMMAND" in result.stdout
+    script = shutil.which("tuco-lens", path=str(Path(sys.executable).parent))
+    assert script is not None, "the tuco-lens console script is not installed (pip install -e .)"
+    result = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == f"tuco_lens {tuco_lens.__version__}"
