@@ -16,9 +16,13 @@ thread by default -- on a shared 2-core machine two threads were ~10x slower per
    masked), next-token loss on every token.
 2. **Fine-tuning** from the pre-trained weights on :func:`world.sample_chat_corpus` conversations
    rendered with the chat template; the loss is on the assistant tokens only (answer words and
-   the ``<eos>`` closing each assistant turn). The token embedding, the final norm and the
-   unembedding are **frozen**, so the pair shares them and FTC_alpha-scaling at alpha = 0 is exactly
-   the pre-trained model; every decoder block is trained.
+   the ``<eos>`` closing each assistant turn). Each batch also replays a few pre-training pages
+   (fresh draws of the same web-text sampler, loss on every token; a pre-training mix as in
+   InstructGPT): without it the blocks drift on web text, which the chat data never constrains,
+   and web text ends up with a *higher* TuCo than chat -- the opposite of real chat models.
+   The token embedding, the final norm and the unembedding are **frozen**, so the pair shares
+   them and FTC_alpha-scaling at alpha = 0 is exactly the pre-trained model; every decoder block
+   is trained.
 """
 
 from __future__ import annotations
@@ -26,8 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -66,7 +68,7 @@ PRETRAIN_DEFAULTS: dict[str, Any] = dict(
 )
 FINETUNE_DEFAULTS: dict[str, Any] = dict(
     n_dialogues=8000, steps=120, batch_size=32, lr=1e-3, warmup=20, weight_decay=0.01, seed=1,
-    forbidden_share=0.25,
+    forbidden_share=0.25, replay_docs=8000, replay_batch_size=16, replay_seed=2,
 )
 
 
@@ -248,11 +250,31 @@ def _frozen_parameter_names() -> tuple[str, ...]:
     return ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
 
 
+def _encode_document(doc: str, tok) -> tuple[list[int], list[int]]:
+    ids = [tok.bos_token_id] + tok(doc, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    return ids, list(ids)
+
+
+def _sample(order: torch.Tensor, pos: int, n: int, size: int, g: torch.Generator):
+    if pos + n > len(order):
+        order, pos = torch.randperm(size, generator=g), 0
+    return order, pos + n, [int(i) for i in order[pos : pos + n]]
+
+
 def finetune(model, tok, dialogues: Sequence[Sequence[dict[str, str]]], *, steps: int,
              batch_size: int, lr: float, warmup: int, weight_decay: float, seed: int,
+             replay_docs: Sequence[str] = (), replay_batch_size: int = 0,
              verbose: bool = True) -> dict[str, Any]:
-    """Chat fine-tuning of the decoder blocks (embedding, final norm and unembedding frozen)."""
+    """Chat fine-tuning of the decoder blocks (embedding, final norm and unembedding frozen).
+
+    Each step takes ``batch_size`` conversations (loss on assistant tokens) and, if
+    ``replay_docs`` is given, ``replay_batch_size`` pre-training pages (loss on every token) --
+    a pre-training mix as in InstructGPT's "PPO-ptx", which keeps the blocks' behaviour on web
+    text close to the pre-trained one. The step loss is the mean over all target tokens; the
+    log has the chat and replay parts separately.
+    """
     enc = [encode_dialogue(d, tok) for d in dialogues]
+    rep = [_encode_document(d, tok) for d in replay_docs] if replay_batch_size else []
     frozen = set(_frozen_parameter_names())
     for name, p in model.named_parameters():
         p.requires_grad_(name not in frozen)
@@ -261,15 +283,17 @@ def finetune(model, tok, dialogues: Sequence[Sequence[dict[str, str]]], *, steps
     g = torch.Generator().manual_seed(seed)
     model.train()
     losses: list[float] = []
+    chat_losses: list[float] = []
+    replay_losses: list[float] = []
     t0 = time.time()
-    order = torch.randperm(len(enc), generator=g)
-    pos = 0
+    order, pos = torch.randperm(len(enc), generator=g), 0
+    r_order, r_pos = (torch.randperm(len(rep), generator=g), 0) if rep else (torch.empty(0), 0)
     for step in range(steps):
-        if pos + batch_size > len(order):
-            order = torch.randperm(len(enc), generator=g)
-            pos = 0
-        batch = [enc[int(i)] for i in order[pos : pos + batch_size]]
-        pos += batch_size
+        order, pos, idx = _sample(order, pos, batch_size, len(enc), g)
+        batch = [enc[i] for i in idx]
+        if rep:
+            r_order, r_pos, r_idx = _sample(r_order, r_pos, replay_batch_size, len(rep), g)
+            batch += [rep[i] for i in r_idx]
         width = max(len(ids) for ids, _ in batch)
         ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
         labels = torch.full((len(batch), width), -100, dtype=torch.long)
@@ -280,24 +304,48 @@ def finetune(model, tok, dialogues: Sequence[Sequence[dict[str, str]]], *, steps
             mask[i, : len(a)] = 1
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, steps, lr, warmup)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        target = labels[:, 1:]
+        tok_loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
+            reduction="none",
+        ).view(target.shape)
+        valid = target != -100
+        loss = tok_loss.sum() / valid.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        with torch.no_grad():
+            n_chat = batch_size
+            chat = tok_loss[:n_chat].sum() / valid[:n_chat].sum()
+            chat_losses.append(round(chat.item(), 5))
+            if rep:
+                replay = tok_loss[n_chat:].sum() / valid[n_chat:].sum()
+                replay_losses.append(round(replay.item(), 5))
         losses.append(round(loss.item(), 5))
         if verbose and (step % _log_every(steps) == 0 or step == steps - 1):
-            print(f"[ft] step {step:4d}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)",
-                  flush=True)
+            extra = f" (chat {chat_losses[-1]:.4f}, replay {replay_losses[-1]:.4f})" if rep else ""
+            print(f"[ft] step {step:4d}/{steps} loss {loss.item():.4f}{extra} "
+                  f"({time.time() - t0:.0f}s)", flush=True)
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()
+
+    def avg20(xs: list[float]) -> float | None:
+        return round(sum(xs[-20:]) / len(xs[-20:]), 5) if xs else None
+
     return {
         "losses": losses,
-        "final_loss_avg20": round(sum(losses[-20:]) / len(losses[-20:]), 5),
+        "chat_losses": chat_losses,
+        "replay_losses": replay_losses,
+        "final_loss_avg20": avg20(losses),
+        "final_chat_loss_avg20": avg20(chat_losses),
+        "final_replay_loss_avg20": avg20(replay_losses),
         "seconds": round(time.time() - t0, 1),
         "assistant_tokens": sum(sum(1 for t in b if t != -100) for _, b in enc),
         "tokens": sum(len(a) for a, _ in enc),
+        "replay_docs": len(rep),
         "frozen": list(_frozen_parameter_names()),
     }
 
@@ -348,7 +396,8 @@ def _evaluate(pt, ft, tok) -> dict[str, Any]:
     res: dict[str, Any] = {}
     for name in ("harmful", "chat", "harmful_lang2"):
         for tag, model in (("pt", pt), ("ft", ft)):
-            res[f"refusal_{tag}_{name}"] = round(refusal_rate(greedy_replies(model, tok, sets[name])), 4)
+            rate = refusal_rate(greedy_replies(model, tok, sets[name]))
+            res[f"refusal_{tag}_{name}"] = round(rate, 4)
     # exact fact-based answers on held-out benign requests (FT)
     held = [r for r in world.requests("heldout") if not r.forbidden]
     replies = greedy_replies(ft, tok, [world.render_chat(r.messages()) for r in held])
@@ -370,30 +419,42 @@ def _evaluate(pt, ft, tok) -> dict[str, Any]:
 def _setup(threads: int) -> None:
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
-    random.seed(0)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Train and save the pair; returns the training log (also written to ``training_log.json``)."""
     ap = argparse.ArgumentParser(prog="python -m tuco_lens.demo.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, help="output directory (gets pt/, ft/, training_log.json)")
+    ap.add_argument("--out", required=True,
+                    help="output directory (gets pt/, ft/, training_log.json)")
     ap.add_argument("--pt-steps", type=int, default=PRETRAIN_DEFAULTS["steps"])
     ap.add_argument("--ft-steps", type=int, default=FINETUNE_DEFAULTS["steps"])
     ap.add_argument("--pt-docs", type=int, default=PRETRAIN_DEFAULTS["n_docs"])
     ap.add_argument("--ft-dialogues", type=int, default=FINETUNE_DEFAULTS["n_dialogues"])
+    ap.add_argument("--replay-docs", type=int, default=FINETUNE_DEFAULTS["replay_docs"],
+                    help="pre-training pages replayed during fine-tuning (0 disables the mix)")
     ap.add_argument("--model-seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ap.add_argument("--no-eval", action="store_true", help="skip the refusal-rate evaluation")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
+    previous = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
     _setup(args.threads)
+    try:
+        return _run(args, argv)
+    finally:  # leave the caller's torch settings as they were (e.g. when called from a test)
+        torch.set_num_threads(previous[0])
+        torch.use_deterministic_algorithms(previous[1])
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
     out = Path(args.out)
     t_start = time.time()
 
     tok = build_tokenizer()
     pt_cfg = {**PRETRAIN_DEFAULTS, "steps": args.pt_steps, "n_docs": args.pt_docs}
-    ft_cfg = {**FINETUNE_DEFAULTS, "steps": args.ft_steps, "n_dialogues": args.ft_dialogues}
+    ft_cfg = {**FINETUNE_DEFAULTS, "steps": args.ft_steps, "n_dialogues": args.ft_dialogues,
+              "replay_docs": args.replay_docs}
 
     docs = world.sample_web_corpus(pt_cfg["n_docs"], seed=pt_cfg["seed"])
     model = build_model(tok, seed=args.model_seed)
@@ -408,21 +469,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     dialogues = world.sample_chat_corpus(ft_cfg["n_dialogues"], seed=ft_cfg["seed"],
                                          forbidden_share=ft_cfg["forbidden_share"])
+    replay = world.sample_web_corpus(ft_cfg["replay_docs"], seed=ft_cfg["replay_seed"])
     ft_log = finetune(model, tok, dialogues, steps=ft_cfg["steps"], batch_size=ft_cfg["batch_size"],
                       lr=ft_cfg["lr"], warmup=ft_cfg["warmup"],
                       weight_decay=ft_cfg["weight_decay"], seed=ft_cfg["seed"],
+                      replay_docs=replay,
+                      replay_batch_size=ft_cfg["replay_batch_size"] if replay else 0,
                       verbose=not args.quiet)
     ft_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(ft_dir)
     tok.save_pretrained(ft_dir)
 
     log: dict[str, Any] = {
-        "command": "python -m tuco_lens.demo.train " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m tuco_lens.demo.train "
+        + " ".join(sys.argv[1:] if argv is None else argv),
         "seeds": {"world": world.WORLD_SEED, "model_init": args.model_seed,
-                  "pretrain_data": pt_cfg["seed"], "finetune_data": ft_cfg["seed"]},
+                  "pretrain_data": pt_cfg["seed"], "finetune_data": ft_cfg["seed"],
+                  "finetune_replay_data": ft_cfg["replay_seed"]},
         "torch_threads": args.threads,
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
+        "versions": {"torch": torch.__version__,
+                     "transformers": __import__("transformers").__version__},
         "model": {**MODEL_DEFAULTS, "vocab_size": len(tok),
                   "n_params": sum(p.numel() for p in model.parameters())},
         "pretrain": {"config": pt_cfg, "corpus_docs": len(docs), **pt_log},

@@ -674,7 +674,9 @@ def sample_web_corpus(n_docs: int, seed: int) -> list[str]:
     return docs
 
 
-def sample_chat_corpus(n_dialogues: int, seed: int, forbidden_share: float = 0.25) -> list[list[dict[str, str]]]:
+def sample_chat_corpus(
+    n_dialogues: int, seed: int, forbidden_share: float = 0.25
+) -> list[list[dict[str, str]]]:
     """Sample fine-tuning conversations (main language, training keys only).
 
     Each conversation has one (75%), two (17%) or three (8%) user/assistant turns; each user turn
@@ -842,7 +844,8 @@ _MC_SPECS = (
 )
 
 
-def multiple_choice_items(n: int = 90, n_options: int = 4, seed: int = 0) -> list[MultipleChoiceItem]:
+def multiple_choice_items(n: int = 90, n_options: int = 4, seed: int = 0,
+                          lang2: bool = False) -> list[MultipleChoiceItem]:
     """Multiple-choice items about the benign facts (answer = the option with the highest
     next-token probability after ``prompt``).
 
@@ -851,10 +854,16 @@ def multiple_choice_items(n: int = 90, n_options: int = 4, seed: int = 0) -> lis
     same fact as options (in random order). Items cover all (template, entity) keys of
     :data:`_MC_SPECS`, held-out and training (see ``held_out``), in a seeded order.
 
+    With ``lang2=True`` the same items (same order, same correct index) are rendered in the
+    second language (question, answer prefix and options translated). Measured with greedy
+    next-token choice: both demo models answer 100% of the main-language items and about 56% of
+    the second-language ones (chance 25%), so the latter leave room for alpha-steering.
+
     Args:
         n: Number of items (at most 90).
         n_options: Options per item (2..10).
         seed: Order and distractor seed.
+        lang2: Render the items in the second language.
     """
     if not 2 <= n_options <= 10:
         raise ValueError(f"n_options must be in 2..10, got {n_options}")
@@ -873,13 +882,18 @@ def multiple_choice_items(n: int = 90, n_options: int = 4, seed: int = 0) -> lis
             others = [v for v in t.attributes[attr] if v != correct]
             opts = rng.sample(others, n_options - 1) + [correct]
             rng.shuffle(opts)
-            prompt = render_chat([{"role": "user", "content": question}]) + " " + head.format(**f)
+            answer_index = opts.index(correct)
+            prefix = head.format(**f)
+            if lang2:
+                question, prefix = translate(question), translate(prefix)
+                opts = [to_lang2(o) for o in opts]
+            prompt = render_chat([{"role": "user", "content": question}]) + " " + prefix
             items.append(
                 MultipleChoiceItem(
                     question=question,
                     prompt=prompt,
                     options=tuple(opts),
-                    answer_index=opts.index(correct),
+                    answer_index=answer_index,
                     topic=name,
                     held_out=is_held_out(ti, ei),
                 )
