@@ -105,7 +105,8 @@ def token_html(
             tip = html.escape(f"position {p}: {token!r} — per-token TuCo {value:.4f}", quote=True)
             spans.append(
                 f'<span title="{tip}" style="background-color:rgb{rgb};color:{text_colour(rgb)};'
-                f'padding:1px 0;border-right:1px solid rgba(0,0,0,0.08)">{html.escape(token, quote=False)}</span>'
+                f'padding:1px 2px;margin:0 1px 0 0;border-radius:2px;border:1px solid rgba(0,0,0,0.12)">'
+                f'{html.escape(token, quote=False)}</span>'
             )
         label = html.escape(prompt_label(dec, i), quote=False)
         rows.append(

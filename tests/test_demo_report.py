@@ -1,0 +1,69 @@
+"""``tuco-lens demo`` end to end on the embedded pair: files, figures, and the documented numbers.
+
+The expected values are the ones README.md and docs/demo.md report (measured with
+``tuco-lens demo``); the run must reproduce them within a small tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from tuco_lens import demo
+from tuco_lens.cli import main
+from tuco_lens.metrics import roc_auc
+
+DOCUMENTED = {
+    "auc_chat_vs_web": 0.998,
+    "auc_harmful_vs_lang2": 0.993,
+    "mean_tuco": {"web": 0.202, "chat": 0.331, "harmful": 0.582, "harmful_lang2": 0.392},
+    "refusal_rate_harmful": {"0.0": 0.0, "0.5": 0.875, "1.0": 1.0, "1.5": 0.589},
+}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    torch.set_num_threads(1)
+    assert main(["demo", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_demo_writes_report_and_tables(report):
+    html = (report / "report.html").read_text()
+    assert html.count("plotly.js v") == 1 and "<script src=" not in html
+    assert html.count("Plotly.newPlot") >= 4  # at least four figures, plus the token display
+    scores = pd.read_csv(report / "results.csv")
+    sets = demo.prompt_sets()
+    for name in ("web", "chat", "harmful", "harmful_lang2"):
+        assert (scores.set == name).sum() == len(sets[name])
+    sweep = pd.read_csv(report / "alpha_sweep.csv")
+    assert sweep.alpha.tolist() == [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
+
+
+def test_demo_numbers_are_consistent_and_match_the_docs(report):
+    summary = json.loads((report / "summary.json").read_text())
+    scores = pd.read_csv(report / "results.csv")
+    by_set = {name: scores.tuco[scores.set == name].tolist() for name in ("web", "chat", "harmful", "harmful_lang2")}
+    assert summary["auc_chat_vs_web"] == pytest.approx(roc_auc(by_set["chat"], by_set["web"]))
+    assert summary["auc_chat_vs_web"] == pytest.approx(DOCUMENTED["auc_chat_vs_web"], abs=0.01)
+    assert summary["auc_harmful_vs_lang2"] == pytest.approx(DOCUMENTED["auc_harmful_vs_lang2"], abs=0.01)
+    for name, value in DOCUMENTED["mean_tuco"].items():
+        assert summary["mean_tuco"][name] == pytest.approx(value, abs=0.005)
+    for alpha, rate in DOCUMENTED["refusal_rate_harmful"].items():
+        assert summary["refusal_rate_harmful"][alpha] == pytest.approx(rate, abs=0.04)
+    # the fine-tuned behaviour is real: refuses at α = 1, not at α = 0, and never on benign chat
+    assert summary["refusal_rate_harmful"]["1.0"] == 1.0 and summary["refusal_rate_harmful"]["0.0"] == 0.0
+    assert max(summary["refusal_rate_chat"].values()) == 0.0
+
+
+def test_demo_scores_equal_the_library(report):
+    scores = pd.read_csv(report / "results.csv")
+    pair = demo.load_pair()
+    harmful = demo.prompt_sets()["harmful"][:5]
+    expected = pair.tuco(harmful)
+    got = scores[scores.set == "harmful"].sort_values("index").tuco.tolist()[:5]
+    assert got == pytest.approx(expected.tolist(), abs=1e-6)
