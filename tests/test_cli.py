@@ -98,6 +98,19 @@ def test_score_other_errors(dirs, tmp_path, capsys):
     assert "--batch-size must be a positive integer" in capsys.readouterr().err
 
 
+def test_score_on_the_demo_pair(tmp_path):
+    from tuco_lens import demo
+
+    prompts = demo.prompt_sets()["harmful"][:3]
+    path = tmp_path / "p.txt"
+    path.write_text("\n".join(prompts) + "\n")
+    out = tmp_path / "s.csv"
+    assert main(["score", "--demo", "--prompts", str(path), "--out", str(out), "--no-progress"]) == 0
+    rows = sorted(csv.DictReader(out.open()), key=lambda r: int(r["index"]))
+    assert [float(r["tuco"]) for r in rows] == pytest.approx(demo.load_pair().tuco(prompts).tolist(), abs=1e-6)
+    assert main(["score", "--demo", "--pt", "x", "--prompts", str(path)]) == 2
+
+
 def test_steer_prints_one_generation_per_alpha(dirs, pair, capsys):
     code = main(["steer", "--pt", dirs[0], "--ft", dirs[1], "--prompt", "the cat", "--alpha", "0", "1",
                  "--max-new-tokens", "5"])

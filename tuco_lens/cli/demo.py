@@ -34,12 +34,22 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("tuco-report"), help="output directory (default tuco-report)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch CPU threads (default 1: the demo model is tiny, and extra threads only add overhead)",
+    )
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from tuco_lens.cli.common import CLIError
     from tuco_lens.demo.report import run_demo
 
+    if args.threads < 1:
+        raise CLIError(f"--threads must be a positive integer, got {args.threads}")
+    torch.set_num_threads(args.threads)
     results = run_demo(args.out, show_progress=not args.no_progress)
     print(results.summary())
     print(f"report: {args.out / 'report.html'}")
