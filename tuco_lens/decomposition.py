@@ -26,6 +26,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tuco_lens.errors import InputError, TuCoError
+from tuco_lens.inputs import last_real_index
 
 __all__ = ["Decomposition", "DecompositionAccumulator", "Norm", "vector_norm", "ratio"]
 
@@ -141,8 +142,7 @@ class Decomposition:
     @property
     def last_index(self) -> Int[Tensor, "batch"]:
         """Position of the last real token of each prompt (where TuCo is measured)."""
-        n_pos = self.attention_mask.shape[-1]
-        return n_pos - 1 - self.attention_mask.flip(-1).to(torch.long).argmax(-1)
+        return last_real_index(self.attention_mask)
 
     def at_last_token(self, per_position: Float[Tensor, "batch layer pos"]) -> Float[Tensor, "batch layer"]:
         """Select the last real token of each prompt from a ``[batch, layer, pos]`` tensor.
@@ -255,7 +255,7 @@ class DecompositionAccumulator:
         self.dtype = dtype
         self.mask = attention_mask
         n_pos = attention_mask.shape[-1]
-        self.last_index = n_pos - 1 - attention_mask.flip(-1).to(torch.long).argmax(-1)
+        self.last_index = last_real_index(attention_mask)
         self.next_layer = 0
         self.ptc_total: Tensor | None = None
         self.ftc_total: Tensor | None = None
