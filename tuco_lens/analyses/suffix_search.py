@@ -1,0 +1,637 @@
+"""A small GCG-style adversarial-suffix search, for running the attack analysis on small models.
+
+The paper (§5.3) scores harmful requests with published GCG attack strings appended (Zou et al.
+2023, "Universal and Transferable Adversarial Attacks on Aligned Language Models"). For models
+without published strings — such as the embedded demo pair — :func:`suffix_search` finds a
+suffix itself with greedy coordinate gradient search:
+
+* The **objective** is the log-probability of the refusal ``target`` (e.g. ``demo.REFUSAL``)
+  as the continuation of the attacked prompt, summed over the target's tokens and over all
+  requests (one *universal* suffix, GCG's multi-prompt variant). It is **minimised**: the search
+  makes the refusal unlikely. (Classic GCG instead maximises the probability of an affirmative
+  answer; with a fixed refusal string, pushing the refusal down is the natural objective.)
+* The suffix goes **inside the user turn**: the attacked prompt is
+  ``build_prompt(request, suffix_text)``; by default the fine-tuned chat template applied to
+  ``request + " " + suffix`` (``chat_template=True``) or the plain concatenation. The builder is
+  rendered once with a placeholder to find the text before and after the suffix; these are
+  tokenized once, and the search works on token ids ``before + suffix + after + target``.
+* Each step: the gradient of the objective with respect to one-hot indicators of the suffix
+  tokens (through the fine-tuned token embedding, via a hook on ``hook_embed``, so positional
+  embeddings, rotary or learned, are untouched); the ``top_k`` tokens with the most negative
+  gradient at every position; ``batch_candidates`` single-token swaps (positions spread evenly,
+  tokens drawn from the top-k with a seeded generator); their exact objective in batched,
+  gradient-free forward passes; the best swap is kept **only if it lowers the objective**
+  (keep-best, so the loss never increases).
+* Candidates are restricted to ``allowed_tokens`` (default: every non-special token of the
+  tokenizer below ``d_vocab`` whose text is not blank), and, with ``filter_retokenization``
+  (default), to suffixes whose text re-encodes to the same ids, so the reported suffix text
+  means the optimised tokens.
+* With ``alpha != 1`` every forward pass (gradient and candidates) runs on the α-scaled model.
+
+:func:`suffix_gradient` exposes the one-hot gradient itself and :func:`target_logprobs` scores
+any prompt text independently of the search. Deterministic for a given ``seed`` (and thread
+count). On the 4-layer demo pair, 30 steps for
+8 requests take seconds on one CPU thread.
+
+Example:
+    >>> from tuco_lens import demo
+    >>> from tuco_lens.analyses.suffix_search import suffix_search
+    >>> pair = demo.load_pair()
+    >>> requests = [r.text for r in demo.requests("heldout") if r.forbidden][:8]
+    >>> result = suffix_search(pair, requests, demo.REFUSAL, chat_template=True, n_steps=30)
+    >>> result.suffix_text, result.losses[0], result.losses[-1]
+    >>> pair.generate(result.prompts(), max_new_tokens=12)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from tuco_lens.errors import InputError, InputTypeError, TuCoError
+from tuco_lens.hooks import check_alpha
+from tuco_lens.pair import TuCoPair
+
+__all__ = [
+    "SuffixSearchResult",
+    "suffix_search",
+    "suffix_gradient",
+    "default_allowed_tokens",
+    "target_logprobs",
+]
+
+_PLACEHOLDER = "\u2063TUCO_SUFFIX\u2063"
+
+BuildPrompt = Callable[[str, str], str]
+
+
+@dataclass
+class SuffixSearchResult:
+    """Outcome of :func:`suffix_search`.
+
+    Attributes:
+        suffix_ids: The optimised suffix tokens.
+        suffix_text: Their decoded text (re-encodes to ``suffix_ids`` when the search filtered
+            for retokenization).
+        initial_suffix_ids: The starting suffix.
+        losses: The objective (Σ over requests of log p(target | attacked prompt)) of the
+            current suffix: ``losses[0]`` before the first step, ``losses[s]`` after step ``s``.
+            Never increases.
+        accepted: Per step, whether a swap lowered the objective.
+        initial_logprobs: log p(target) per request with the initial suffix. ``[n_requests]``
+        final_logprobs: log p(target) per request with the final suffix, recomputed after the
+            search. ``[n_requests]``
+        final_loss: ``final_logprobs.sum()``.
+        requests: The attacked requests.
+        target: The target string; ``target_ids`` its tokens.
+        input_ids: Per request, the exact prompt token ids that were optimised (``before +
+            suffix + after``; the target excluded).
+        alpha: The α the search ran at.
+        seconds: Wall-clock time of the search.
+    """
+
+    suffix_ids: list[int]
+    suffix_text: str
+    initial_suffix_ids: list[int]
+    losses: list[float]
+    accepted: list[bool]
+    initial_logprobs: np.ndarray
+    final_logprobs: np.ndarray
+    final_loss: float
+    requests: list[str]
+    target: str
+    target_ids: list[int]
+    input_ids: list[list[int]]
+    alpha: float | list[float]
+    seconds: float
+    build_prompt: BuildPrompt = field(repr=False)
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.losses) - 1
+
+    def prompts(self, requests: Sequence[str] | None = None, *, suffix: bool = True) -> list[str]:
+        """Attacked prompts (text) for ``requests`` (default: the searched ones, or held-out
+        requests to test transfer); ``suffix=False`` builds the same prompts without suffix.
+
+        Example:
+            >>> pair.generate(result.prompts(heldout_requests), max_new_tokens=12)
+        """
+        requests = self.requests if requests is None else _check_requests(requests)
+        text = self.suffix_text if suffix else ""
+        return [self.build_prompt(r, text) for r in requests]
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """One row per step (step 0 = initial suffix): ``step``, ``loss``, ``accepted``."""
+        return pd.DataFrame(
+            {
+                "step": range(len(self.losses)),
+                "loss": self.losses,
+                "accepted": [False] + list(self.accepted),
+            }
+        )
+
+    def figure(self, title: str | None = None) -> go.Figure:
+        """The objective (summed log-probability of the target) per step."""
+        fig = go.Figure(
+            go.Scatter(
+                x=list(range(len(self.losses))),
+                y=self.losses,
+                mode="lines+markers",
+                name="Σ log p(target)",
+                hovertemplate="step %{x}<br>Σ log p(target) = %{y:.4f}<extra></extra>",
+            )
+        )
+        fig.update_layout(
+            title=title
+            or f"Adversarial suffix search ({len(self.requests)} requests, {self.n_steps} steps)",
+            xaxis_title="step",
+            yaxis_title="Σ over requests of log p(target)",
+        )
+        return fig
+
+
+# ----------------------------------------------------------------------------------- helpers
+def _check_requests(requests: Any) -> list[str]:
+    if isinstance(requests, str):
+        requests = [requests]
+    if not isinstance(requests, Sequence):
+        raise InputTypeError(f"requests must be a list of strings, got {type(requests).__name__}.")
+    requests = list(requests)
+    if not requests:
+        raise InputError("No requests given: pass at least one request to attack.")
+    for i, r in enumerate(requests):
+        if not isinstance(r, str) or not r:
+            raise InputError(f"Request {i} must be a non-empty string, got {r!r}.")
+    return requests
+
+
+def _int(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InputTypeError(f"{name} must be an int, got {value!r}.")
+    if int(value) < minimum:
+        raise InputError(f"{name} must be >= {minimum}, got {int(value)}.")
+    return int(value)
+
+
+def default_allowed_tokens(pair: TuCoPair) -> list[int]:
+    """Token ids a suffix may use by default: below ``d_vocab`` and the tokenizer's size, not
+    special (``all_special_ids`` or added special tokens), and not blank when decoded."""
+    tok = pair.tokenizer
+    n = min(len(tok), pair.ft.cfg.d_vocab)
+    special = set(int(i) for i in tok.all_special_ids)
+    for i, added in getattr(tok, "added_tokens_decoder", {}).items():
+        if getattr(added, "special", False):
+            special.add(int(i))
+    out = []
+    for i in range(n):
+        if i in special:
+            continue
+        if not tok.decode([i]).strip():
+            continue
+        out.append(i)
+    return out
+
+
+def _chat_builder(pair: TuCoPair) -> BuildPrompt:
+    tok = pair.tokenizer
+    if not getattr(tok, "chat_template", None):
+        raise InputError(
+            "chat_template=True, but the fine-tuned tokenizer has no chat template. Pass "
+            "build_prompt=lambda request, suffix: ... instead."
+        )
+
+    def build(request: str, suffix_text: str) -> str:
+        content = f"{request} {suffix_text}" if suffix_text else request
+        return tok.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
+
+    return build
+
+
+def _concat_builder(request: str, suffix_text: str) -> str:
+    return f"{request} {suffix_text}" if suffix_text else request
+
+
+def _encode_prefix(pair: TuCoPair, text: str, prepend_bos: bool | None) -> list[int]:
+    """Tokens of the text before the suffix, with :meth:`TuCoPair.tokenize`'s BOS rule."""
+    if text:
+        return pair.tokenize(text, prepend_bos=prepend_bos).tokens[0].tolist()
+    bos = pair.ft.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
+    if bos and pair.tokenizer.bos_token_id is not None:
+        return [int(pair.tokenizer.bos_token_id)]
+    return []
+
+
+def _encode_plain(pair: TuCoPair, text: str) -> list[int]:
+    return [int(i) for i in pair.tokenizer.encode(text, add_special_tokens=False)] if text else []
+
+
+class _Layout:
+    """Left-padded rows ``before + suffix + after + target`` for every request."""
+
+    def __init__(self, befores: list[list[int]], afters: list[list[int]], n_suffix: int,
+                 target: list[int], pad_id: int, device: torch.device):
+        self.n_rows = len(befores)
+        self.n_suffix = n_suffix
+        self.n_target = len(target)
+        lengths = [len(b) + n_suffix + len(a) + len(target) for b, a in zip(befores, afters)]
+        width = max(lengths)
+        self.width = width
+        tokens = torch.full((self.n_rows, width), pad_id, dtype=torch.long)
+        mask = torch.zeros((self.n_rows, width), dtype=torch.long)
+        starts = []
+        for r, (b, a) in enumerate(zip(befores, afters)):
+            pad = width - lengths[r]
+            row = b + [0] * n_suffix + a + target
+            tokens[r, pad:] = torch.tensor(row, dtype=torch.long)
+            mask[r, pad:] = 1
+            starts.append(pad + len(b))
+        self.tokens = tokens.to(device)
+        self.mask = mask.to(device)
+        self.suffix_cols = (torch.tensor(starts)[:, None] + torch.arange(n_suffix)[None]).to(device)
+        self.target = torch.tensor(target, dtype=torch.long, device=device)
+        self.befores, self.afters = befores, afters
+
+    def with_suffixes(self, suffixes: Tensor) -> tuple[Tensor, Tensor]:
+        """Tokens and mask for every (suffix, request): ``[n_suffixes * n_rows, width]``,
+        suffix-major."""
+        c = suffixes.shape[0]
+        tokens = self.tokens.repeat(c, 1)
+        cols = self.suffix_cols.repeat(c, 1)
+        values = suffixes.repeat_interleave(self.n_rows, dim=0)
+        tokens.scatter_(1, cols, values)
+        return tokens, self.mask.repeat(c, 1)
+
+    def prompt_ids(self, suffix: list[int]) -> list[list[int]]:
+        return [b + list(suffix) + a for b, a in zip(self.befores, self.afters)]
+
+
+def _target_logprob(logits: Tensor, target: Tensor) -> Tensor:
+    """Σ_t log p(target_t) per row; the target fills the last ``len(target)`` columns."""
+    t = target.shape[0]
+    pred = logits[:, -t - 1 : -1].float().log_softmax(-1)  # [rows, t, vocab]
+    return pred.gather(-1, target[None, :, None].expand(pred.shape[0], t, 1))[..., 0].sum(-1)
+
+
+def target_logprobs(
+    pair: TuCoPair,
+    prompts: Sequence[str],
+    target: str | Sequence[int],
+    *,
+    alpha: float | Sequence[float] = 1.0,
+    prepend_bos: bool | None = None,
+) -> np.ndarray:
+    """log p(target | prompt) of the α-scaled model, per prompt, one prompt at a time.
+
+    Each prompt is tokenized with :meth:`TuCoPair.tokenize` (unpadded), the target with the
+    tokenizer without special tokens, and the two token sequences are concatenated.
+
+    Example:
+        >>> target_logprobs(pair, result.prompts(), demo.REFUSAL)
+    """
+    target_ids = _target_ids(pair, target)
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    out = []
+    for prompt in prompts:
+        row = pair.tokenize(prompt, prepend_bos=prepend_bos).tokens[0]
+        target_row = torch.tensor(target_ids, device=row.device)
+        with torch.no_grad():
+            logits = pair.run_with_alpha(torch.cat([row, target_row])[None], alpha)
+        out.append(float(_target_logprob(logits, target_row)[0]))
+    return np.asarray(out)
+
+
+def _target_ids(pair: TuCoPair, target: str | Sequence[int]) -> list[int]:
+    if isinstance(target, str):
+        ids = _encode_plain(pair, target)
+    elif isinstance(target, (Sequence, Tensor)):
+        ids = [int(i) for i in (target.tolist() if isinstance(target, Tensor) else target)]
+    else:
+        raise InputTypeError(f"target must be a string or token ids, got {type(target).__name__}.")
+    if not ids:
+        raise InputError("target is empty: it must be at least one token (e.g. demo.REFUSAL).")
+    bad = [i for i in ids if not 0 <= i < pair.ft.cfg.d_vocab]
+    if bad:
+        raise InputError(f"target token {bad[0]} is outside the vocabulary of {pair.ft.cfg.d_vocab}.")
+    return ids
+
+
+class _Objective:
+    """The search objective Σ_requests log p(target | before + suffix + after), its batched
+    evaluation and its gradient with respect to one-hot suffix indicators."""
+
+    def __init__(self, pair: TuCoPair, requests: list[str], target_ids: list[int], n_suffix: int,
+                 builder: BuildPrompt, prepend_bos: bool | None, alphas: list[float],
+                 eval_batch_rows: int = 1024):
+        self.pair, self.model = pair, pair.ft
+        self.alphas = alphas
+        self.eval_batch_rows = eval_batch_rows
+        self.n_suffix = n_suffix
+        befores, afters = [], []
+        for r in requests:
+            text = builder(r, _PLACEHOLDER)
+            if not isinstance(text, str) or text.count(_PLACEHOLDER) != 1:
+                raise InputError(
+                    "build_prompt(request, suffix_text) must return a string containing suffix_text "
+                    f"verbatim exactly once; for request {r[:40]!r} it did not."
+                )
+            before, after = text.split(_PLACEHOLDER)
+            befores.append(_encode_prefix(pair, before, prepend_bos))
+            afters.append(_encode_plain(pair, after))
+        tok = pair.tokenizer
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        self.device = self.model.embed.W_E.device
+        self.layout = _Layout(befores, afters, n_suffix, target_ids, int(pad_id), self.device)
+        if self.layout.width > self.model.cfg.n_ctx:
+            raise InputError(
+                f"Attacked prompt plus target is {self.layout.width} tokens, more than the "
+                f"context of {self.model.cfg.n_ctx}."
+            )
+
+    def scaled(self):
+        return nullcontext() if all(a == 1.0 for a in self.alphas) else self.pair.scaled(self.alphas)
+
+    @torch.no_grad()
+    def evaluate(self, suffixes: Tensor) -> Tensor:
+        """Objective per suffix: Σ over requests of log p(target). ``[n_suffixes]``"""
+        layout = self.layout
+        per_chunk = max(1, self.eval_batch_rows // layout.n_rows)
+        out = []
+        for start in range(0, suffixes.shape[0], per_chunk):
+            chunk = suffixes[start : start + per_chunk]
+            tokens, mask = layout.with_suffixes(chunk)
+            with self.scaled():
+                logits = self.model(tokens, attention_mask=mask, return_type="logits")
+            out.append(_target_logprob(logits, layout.target).view(chunk.shape[0], layout.n_rows).sum(-1))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def per_request(self, suffix: Tensor) -> np.ndarray:
+        """log p(target) per request for one suffix. ``[n_requests]``"""
+        tokens, mask = self.layout.with_suffixes(suffix[None])
+        with self.scaled():
+            logits = self.model(tokens, attention_mask=mask, return_type="logits")
+        return _target_logprob(logits, self.layout.target).double().cpu().numpy()
+
+    def gradient(self, suffix: Tensor) -> Tensor:
+        """d objective / d one-hot suffix indicators. ``[n_suffix, d_vocab]``"""
+        model, layout, n_suffix = self.model, self.layout, self.n_suffix
+        W_E = model.embed.W_E
+        one_hot = torch.zeros(n_suffix, model.cfg.d_vocab, dtype=W_E.dtype, device=self.device)
+        one_hot.scatter_(1, suffix[:, None], 1.0)
+        one_hot.requires_grad_(True)
+        rows = torch.arange(layout.n_rows, device=self.device).repeat_interleave(n_suffix)
+        cols = layout.suffix_cols.reshape(-1)
+
+        def replace(embed: Tensor, hook: Any) -> Tensor:
+            soft = one_hot @ W_E
+            if model.cfg.post_embedding_ln:
+                soft = model.embed.ln(soft)
+            values = soft.repeat(layout.n_rows, 1)
+            if not torch.allclose(embed[rows, cols].detach(), values.detach(), atol=1e-5, rtol=1e-4):
+                raise TuCoError(
+                    "suffix_search: the model's hook_embed is not W_E[tokens] (an unsupported "
+                    "embedding); the one-hot gradient cannot be taken."
+                )
+            embed = embed.clone()
+            embed[rows, cols] = values.to(embed.dtype)
+            return embed
+
+        tokens, mask = layout.with_suffixes(suffix[None])
+        with self.scaled(), torch.enable_grad():
+            logits = model.run_with_hooks(
+                tokens, attention_mask=mask, return_type="logits", fwd_hooks=[("hook_embed", replace)]
+            )
+            objective = _target_logprob(logits, layout.target).sum()
+            (grad,) = torch.autograd.grad(objective, one_hot)
+        return grad
+
+
+def suffix_gradient(
+    pair: TuCoPair,
+    prompts: Sequence[str],
+    target: str | Sequence[int],
+    suffix: str | Sequence[int],
+    *,
+    alpha: float | Sequence[float] = 1.0,
+    chat_template: bool = False,
+    build_prompt: BuildPrompt | None = None,
+    prepend_bos: bool | None = None,
+) -> Tensor:
+    """The gradient GCG ranks swaps by: d Σ_requests log p(target) / d one-hot suffix tokens.
+
+    Entry ``[j, v]`` is the first-order change of the objective when suffix position ``j``
+    moves towards token ``v`` (``(∂objective/∂e_j) · W_E[v]``); the most negative entries are
+    the most promising swaps for lowering the target's probability. Arguments as in
+    :func:`suffix_search`.
+
+    Returns:
+        ``[n_suffix, d_vocab]`` float tensor.
+    """
+    requests = _check_requests(prompts)
+    builder = build_prompt or (_chat_builder(pair) if chat_template else _concat_builder)
+    ids = _encode_plain(pair, suffix) if isinstance(suffix, str) else _check_ids(suffix, pair.ft.cfg.d_vocab, "suffix")
+    if not ids:
+        raise InputError("suffix is empty: it must be at least one token.")
+    objective = _Objective(pair, requests, _target_ids(pair, target), len(ids), builder, prepend_bos,
+                           check_alpha(alpha, pair.n_layers))
+    return objective.gradient(torch.tensor(ids, dtype=torch.long, device=objective.device))
+
+
+# ----------------------------------------------------------------------------------- search
+def suffix_search(
+    pair: TuCoPair,
+    prompts: Sequence[str],
+    target: str | Sequence[int],
+    *,
+    n_suffix_tokens: int = 8,
+    n_steps: int = 50,
+    top_k: int = 32,
+    batch_candidates: int = 64,
+    seed: int = 0,
+    allowed_tokens: Sequence[int] | None = None,
+    init_suffix: str | Sequence[int] | None = None,
+    alpha: float | Sequence[float] = 1.0,
+    chat_template: bool = False,
+    build_prompt: BuildPrompt | None = None,
+    prepend_bos: bool | None = None,
+    filter_retokenization: bool = True,
+    eval_batch_rows: int = 1024,
+    show_progress: bool = False,
+) -> SuffixSearchResult:
+    """Greedy coordinate gradient (GCG) search for a universal suffix that makes ``target``
+    unlikely after every request (see the module docstring for the algorithm).
+
+    Args:
+        pair: The model pair; the fine-tuned model (α-scaled if ``alpha != 1``) is attacked.
+        prompts: The user requests to attack (the suffix is appended inside the user turn).
+        target: The continuation to make unlikely, e.g. ``demo.REFUSAL`` (string, tokenized
+            without special tokens, or token ids). For BPE tokenizers mind the leading space.
+        n_suffix_tokens: Suffix length in tokens (ignored when ``init_suffix`` is given).
+        n_steps: Search steps (each: one gradient, ``batch_candidates`` evaluated swaps).
+        top_k: Candidate tokens per position (most negative gradient).
+        batch_candidates: Single-token swaps evaluated per step.
+        seed: Seeds the initial suffix (when ``init_suffix`` is None) and the sampling of swaps.
+        allowed_tokens: Token ids the suffix may use (default :func:`default_allowed_tokens`).
+        init_suffix: Starting suffix (text, encoded without special tokens, or ids); default a
+            seeded random draw from the allowed tokens.
+        alpha: FTC α of the attacked model (a number or one per layer).
+        chat_template: With the default builder: wrap ``request + " " + suffix`` as a user turn
+            of the fine-tuned chat template (with the generation prompt); else the attacked
+            prompt is ``request + " " + suffix``.
+        build_prompt: ``build_prompt(request, suffix_text) -> prompt text`` replacing the
+            default; it must contain ``suffix_text`` verbatim, once.
+        prepend_bos: BOS rule for the text before the suffix, as in :meth:`TuCoPair.tokenize`.
+        filter_retokenization: Only accept suffixes whose decoded text re-encodes to the same
+            ids.
+        eval_batch_rows: Maximum rows (candidates × requests) per gradient-free forward pass.
+        show_progress: Progress bar over steps.
+
+    Returns:
+        A :class:`SuffixSearchResult` (suffix ids and text, loss per step, per-request
+        log-probabilities of the target before and after).
+
+    Raises:
+        InputError: empty requests or target, a builder that does not place the suffix
+            verbatim, invalid allowed tokens or sizes, a sequence longer than the context.
+
+    Example:
+        >>> result = suffix_search(pair, requests, demo.REFUSAL, chat_template=True, n_steps=30)
+        >>> result.losses[0], result.losses[-1], result.suffix_text
+    """
+    started = time.perf_counter()
+    if not isinstance(pair, TuCoPair):
+        raise InputTypeError(f"The first argument must be a tuco_lens.TuCoPair, got {type(pair).__name__}.")
+    if pair.tokenizer is None:
+        raise InputError("suffix_search needs the fine-tuned model's tokenizer.")
+    requests = _check_requests(prompts)
+    n_steps = _int(n_steps, "n_steps", 0)
+    top_k = _int(top_k, "top_k", 1)
+    batch_candidates = _int(batch_candidates, "batch_candidates", 1)
+    eval_batch_rows = _int(eval_batch_rows, "eval_batch_rows", 1)
+    seed = _int(seed, "seed", 0)
+    alphas = check_alpha(alpha, pair.n_layers)
+    if build_prompt is not None and not callable(build_prompt):
+        raise InputTypeError(f"build_prompt must be a function (request, suffix_text) -> str, got {type(build_prompt).__name__}.")
+    builder = build_prompt or (_chat_builder(pair) if chat_template else _concat_builder)
+    tok = pair.tokenizer
+    model = pair.ft
+    device = model.embed.W_E.device
+    d_vocab = model.cfg.d_vocab
+
+    # Allowed tokens.
+    allowed = default_allowed_tokens(pair) if allowed_tokens is None else _check_ids(allowed_tokens, d_vocab, "allowed_tokens")
+    if not allowed:
+        raise InputError("No allowed tokens: the suffix needs at least one token to choose from.")
+    allowed_mask = torch.zeros(d_vocab, dtype=torch.bool, device=device)
+    allowed_mask[torch.tensor(allowed, device=device)] = True
+
+    def round_trips(ids: list[int]) -> bool:
+        return not filter_retokenization or _encode_plain(pair, tok.decode(ids)) == list(ids)
+
+    # Initial suffix.
+    generator = torch.Generator().manual_seed(seed)
+    if init_suffix is None:
+        n_suffix = _int(n_suffix_tokens, "n_suffix_tokens", 1)
+        pool = torch.tensor(allowed)
+        for _ in range(100):
+            suffix = pool[torch.randint(len(pool), (n_suffix,), generator=generator)].tolist()
+            if round_trips(suffix):
+                break
+        else:
+            raise InputError("Could not draw a random initial suffix whose text re-encodes to the "
+                             "same tokens; pass init_suffix= or filter_retokenization=False.")
+    else:
+        suffix = _encode_plain(pair, init_suffix) if isinstance(init_suffix, str) else _check_ids(init_suffix, d_vocab, "init_suffix")
+        if not suffix:
+            raise InputError("init_suffix is empty: it must be at least one token.")
+        n_suffix = len(suffix)
+    initial_suffix = list(suffix)
+
+    target_ids = _target_ids(pair, target)
+    objective = _Objective(pair, requests, target_ids, n_suffix, builder, prepend_bos, alphas, eval_batch_rows)
+    evaluate, gradient = objective.evaluate, objective.gradient
+
+    current = torch.tensor(suffix, dtype=torch.long, device=device)
+    current_loss = float(evaluate(current[None])[0])
+    initial_logprobs = objective.per_request(current)
+    losses, accepted = [current_loss], []
+    positions = (torch.arange(batch_candidates) * n_suffix // batch_candidates).to(device)
+    progress = tqdm(range(n_steps), disable=not show_progress, desc="suffix search", unit="step")
+    for _ in progress:
+        grad = gradient(current).float()
+        grad[:, ~allowed_mask] = math.inf
+        k = min(top_k, int(allowed_mask.sum()))
+        top = (-grad).topk(k, dim=1).indices  # [n_suffix, k]
+        picks = torch.randint(k, (batch_candidates,), generator=generator).to(device)
+        new_tokens = top[positions, picks]
+        candidates = current[None].repeat(batch_candidates, 1)
+        candidates[torch.arange(batch_candidates, device=device), positions] = new_tokens
+        keep = (new_tokens != current[positions]).tolist()
+        seen: set[tuple[int, ...]] = set()
+        chosen_rows = []
+        for i, ok in enumerate(keep):
+            ids = tuple(candidates[i].tolist())
+            if ok and ids not in seen and round_trips(list(ids)):
+                seen.add(ids)
+                chosen_rows.append(i)
+        improved = False
+        if chosen_rows:
+            cands = candidates[chosen_rows]
+            values = evaluate(cands)
+            best = int(torch.argmin(values))
+            if float(values[best]) < current_loss:
+                current, current_loss, improved = cands[best].clone(), float(values[best]), True
+        losses.append(current_loss)
+        accepted.append(improved)
+        progress.set_postfix(loss=f"{current_loss:.3f}")
+    progress.close()
+
+    final_logprobs = objective.per_request(current)
+    suffix_ids = current.tolist()
+    return SuffixSearchResult(
+        suffix_ids=suffix_ids,
+        suffix_text=tok.decode(suffix_ids),
+        initial_suffix_ids=initial_suffix,
+        losses=losses,
+        accepted=accepted,
+        initial_logprobs=initial_logprobs,
+        final_logprobs=final_logprobs,
+        final_loss=float(final_logprobs.sum()),
+        requests=requests,
+        target=target if isinstance(target, str) else tok.decode(target_ids),
+        target_ids=target_ids,
+        input_ids=objective.layout.prompt_ids(suffix_ids),
+        alpha=alpha if isinstance(alpha, (int, float)) else list(alphas),
+        seconds=time.perf_counter() - started,
+        build_prompt=builder,
+    )
+
+
+def _check_ids(ids: Any, d_vocab: int, name: str) -> list[int]:
+    if isinstance(ids, Tensor):
+        ids = ids.tolist()
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, (Sequence, np.ndarray)):
+        raise InputTypeError(f"{name} must be a list of token ids, got {type(ids).__name__}.")
+    out = []
+    for i in list(ids):
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise InputTypeError(f"{name} must hold ints, got {i!r}.")
+        if not 0 <= int(i) < d_vocab:
+            raise InputError(f"{name} holds token {int(i)}, outside the vocabulary [0, {d_vocab}).")
+        out.append(int(i))
+    return sorted(set(out)) if name == "allowed_tokens" else out
