@@ -1,0 +1,363 @@
+"""Helpers shared by the analyses: reading prompts, scoring, validation and small statistics.
+
+Not public API: the analyses modules re-export what users need.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from tuco_lens.decomposition import check_norm
+from tuco_lens.errors import InputError, InputTypeError
+from tuco_lens.metrics import roc_auc, tpr_at_fpr
+from tuco_lens.pair import TuCoPair
+
+#: Name of the set when prompts are given as a plain list (no set labels).
+DEFAULT_SET = "prompts"
+
+PromptSource = Sequence[str] | pd.DataFrame | pd.Series | str | os.PathLike
+"""A list of prompts, a DataFrame (``prompt`` column), a Series, or a ``.jsonl`` / ``.txt`` path."""
+
+SetSource = Mapping[str, Sequence[str]] | pd.DataFrame | str | os.PathLike
+"""``{set name: prompts}``, a DataFrame with ``set`` and ``prompt`` columns, or a JSONL path."""
+
+
+# ---------------------------------------------------------------------------------- validation
+def check_pair(pair: object) -> TuCoPair:
+    if not isinstance(pair, TuCoPair):
+        raise InputTypeError(
+            f"The first argument must be a tuco_lens.TuCoPair, got {type(pair).__name__}. "
+            "Load one with tuco_lens.load_pair(pt, ft) or tuco_lens.demo.load_pair()."
+        )
+    return pair
+
+
+def check_int(value: object, name: str, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InputTypeError(f"{name} must be an int, got {type(value).__name__} ({value!r}).")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise InputError(f"{name} must be >= {minimum}, got {value}.")
+    return value
+
+
+def check_float(value: object, name: str, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise InputTypeError(f"{name} must be a number, got {type(value).__name__} ({value!r}).")
+    value = float(value)
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise InputError(f"{name} must be a finite{' positive' if positive else ''} number, got {value}.")
+    return value
+
+
+def check_callable(value: object, name: str) -> None:
+    if value is not None and not callable(value):
+        raise InputTypeError(f"{name} must be a function (or None), got {type(value).__name__}.")
+
+
+def check_common(batch_size: object, norm: str) -> None:
+    if batch_size is not None:
+        check_int(batch_size, "batch_size", 1)
+    check_norm(norm)
+
+
+# ---------------------------------------------------------------------------------- reading
+def _check_prompt(prompt: object, where: str) -> str:
+    if not isinstance(prompt, str):
+        raise InputTypeError(f"{where} is a {type(prompt).__name__}, not a str.")
+    if not prompt:
+        raise InputError(f"{where} is an empty string; every prompt needs at least one token.")
+    return prompt
+
+
+def _read_jsonl(path: Path, fields: Sequence[str]) -> list[dict[str, Any]]:
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}:{number} is not valid JSON ({exc.msg}).") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{path}:{number} must be a JSON object, got {type(row).__name__}.")
+            missing = [f for f in fields if f not in row]
+            if missing:
+                raise InputError(f"{path}:{number} has no {missing} field(s); every line needs {list(fields)}.")
+            rows.append(row)
+    if not rows:
+        raise InputError(f"{path} holds no records.")
+    return rows
+
+
+def _as_path(source: object) -> Path | None:
+    """A path for ``os.PathLike`` or a string naming an existing file / ending in .jsonl/.txt."""
+    if isinstance(source, os.PathLike):
+        path = Path(source)
+    elif isinstance(source, str) and (source.endswith((".jsonl", ".txt")) or os.path.isfile(source)):
+        path = Path(source)
+    else:
+        return None
+    if not path.is_file():
+        raise InputError(f"Prompt file {str(path)!r} does not exist.")
+    return path
+
+
+def read_prompts(source: PromptSource, *, column: str = "prompt", name: str = "prompts") -> list[str]:
+    """Prompts from a list, a DataFrame column, a Series, or a ``.jsonl`` / ``.txt`` file.
+
+    A JSONL file needs a ``column`` field on every line; a ``.txt`` file has one prompt per
+    line (blank lines skipped). A bare string that is not a file is refused (wrap a single
+    prompt in a list).
+    """
+    path = _as_path(source)
+    if path is not None:
+        if path.suffix == ".txt":
+            prompts = [line.rstrip("\n") for line in path.open(encoding="utf-8") if line.strip()]
+        else:
+            prompts = [row[column] for row in _read_jsonl(path, [column])]
+    elif isinstance(source, str):
+        raise InputTypeError(
+            f"{name} is a single string that is not a file: pass a list of prompts (e.g. "
+            f"[{source[:30]!r}]) or the path of a .jsonl / .txt file."
+        )
+    elif isinstance(source, pd.DataFrame):
+        if column not in source.columns:
+            raise InputError(f"The DataFrame for {name} has no {column!r} column; its columns are {list(source.columns)}.")
+        prompts = source[column].tolist()
+    elif isinstance(source, pd.Series):
+        prompts = source.tolist()
+    elif isinstance(source, Iterable) and not isinstance(source, (bytes, bytearray, Mapping)):
+        prompts = list(source)
+    else:
+        raise InputTypeError(
+            f"{name} must be a list of prompts, a DataFrame with a {column!r} column, or a .jsonl / "
+            f".txt path; got {type(source).__name__}."
+        )
+    if not prompts:
+        raise InputError(f"{name} is empty: need at least one prompt.")
+    return [_check_prompt(p, f"{name}[{i}]") for i, p in enumerate(prompts)]
+
+
+def read_prompt_sets(
+    source: SetSource, *, set_column: str = "set", prompt_column: str = "prompt"
+) -> dict[str, list[str]]:
+    """Named prompt sets from a dict, a DataFrame (``set``, ``prompt``) or a JSONL file.
+
+    Sets keep their first-appearance order. Every set must be non-empty.
+    """
+    path = _as_path(source)
+    if path is not None:
+        if path.suffix == ".txt":
+            raise InputError(f"{path} is a .txt file; prompt sets need a .jsonl file with {set_column!r} and {prompt_column!r} fields.")
+        rows = _read_jsonl(path, [set_column, prompt_column])
+        source = pd.DataFrame({set_column: [r[set_column] for r in rows], prompt_column: [r[prompt_column] for r in rows]})
+    if isinstance(source, pd.DataFrame):
+        missing = [c for c in (set_column, prompt_column) if c not in source.columns]
+        if missing:
+            raise InputError(
+                f"The prompt-set DataFrame lacks column(s) {missing}; it needs {set_column!r} and "
+                f"{prompt_column!r}, and has {list(source.columns)}."
+            )
+        sets: dict[str, list[str]] = {}
+        for label, prompt in zip(source[set_column].tolist(), source[prompt_column].tolist()):
+            sets.setdefault(str(label), []).append(prompt)
+    elif isinstance(source, Mapping):
+        sets = {}
+        for label, prompts in source.items():
+            if not isinstance(label, str):
+                raise InputTypeError(f"Prompt-set names must be strings, got {type(label).__name__} ({label!r}).")
+            sets[label] = read_prompts(prompts, name=f"prompt set {label!r}")
+    elif isinstance(source, str):
+        raise InputTypeError(
+            f"Prompt sets given as a string that is not a file ({source[:40]!r}); pass a dict "
+            "{name: prompts}, a DataFrame with 'set' and 'prompt' columns, or a .jsonl path."
+        )
+    else:
+        raise InputTypeError(
+            "Prompt sets must be a dict {name: list of prompts}, a DataFrame with 'set' and "
+            f"'prompt' columns, or a .jsonl path; got {type(source).__name__}."
+        )
+    if not sets:
+        raise InputError("No prompt sets given: pass at least one named, non-empty set.")
+    out = {}
+    for label, prompts in sets.items():
+        if not prompts:
+            raise InputError(f"Prompt set {label!r} is empty: every set needs at least one prompt.")
+        out[label] = [_check_prompt(p, f"prompt set {label!r}[{i}]") for i, p in enumerate(prompts)]
+    return out
+
+
+def read_labelled_prompts(source: PromptSource | SetSource) -> pd.DataFrame:
+    """Either prompt sets or a plain list of prompts, as a DataFrame ``set``, ``index``, ``prompt``.
+
+    A plain list (or a DataFrame without a ``set`` column, or a JSONL file whose first record
+    has no ``set`` field) becomes one set named :data:`DEFAULT_SET`.
+    """
+    labelled = isinstance(source, Mapping) or (isinstance(source, pd.DataFrame) and "set" in source.columns)
+    path = _as_path(source)
+    if path is not None and path.suffix == ".jsonl":
+        first = _read_jsonl(path, [])[0]
+        labelled = "set" in first
+    if labelled:
+        sets = read_prompt_sets(source)
+    else:
+        sets = {DEFAULT_SET: read_prompts(source)}
+    return sets_frame(sets)
+
+
+def sets_frame(sets: Mapping[str, list[str]]) -> pd.DataFrame:
+    frames = [pd.DataFrame({"set": name, "index": range(len(p)), "prompt": p}) for name, p in sets.items()]
+    return pd.concat(frames, ignore_index=True)
+
+
+# ---------------------------------------------------------------------------------- scoring
+def score(
+    pair: TuCoPair,
+    prompts: list[str],
+    *,
+    chat_template: bool = False,
+    prepend_bos: bool | None = None,
+    batch_size: int | None = None,
+    show_progress: bool = False,
+    norm: str = "l1",
+) -> np.ndarray:
+    """``pair.tuco`` of a list of prompts as a float64 array (input order)."""
+    values = pair.tuco(
+        prompts,
+        chat_template=chat_template,
+        prepend_bos=prepend_bos,
+        batch_size=batch_size,
+        show_progress=show_progress,
+        norm=norm,
+    )
+    return values.detach().to("cpu", torch.float64).numpy()
+
+
+def n_prompt_tokens(pair: TuCoPair, prompt: str, prepend_bos: bool | None = None) -> int:
+    """Number of tokens ``pair.tokenize(prompt, prepend_bos=...)`` gives, without its length check."""
+    model = pair.ft
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        raise InputError("The fine-tuned model has no tokenizer, so prompt strings cannot be tokenized.")
+    bos = model.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
+    if prepend_bos is None and tokenizer.bos_token and prompt.startswith(tokenizer.bos_token):
+        bos = False
+    return int(model.to_tokens(prompt, prepend_bos=bos, truncate=False, move_to_device=False).shape[1])
+
+
+# ---------------------------------------------------------------------------------- statistics
+def sem(values: np.ndarray) -> float:
+    """Standard error of the mean (sample std / sqrt(n)); NaN for fewer than two values."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size < 2:
+        return float("nan")
+    return float(values.std(ddof=1) / math.sqrt(values.size))
+
+
+def auc_or_nan(positive: np.ndarray, negative: np.ndarray) -> float:
+    """ROC AUC, or NaN when either side is empty."""
+    if len(positive) == 0 or len(negative) == 0:
+        return float("nan")
+    return roc_auc(positive, negative)
+
+
+def tpr_or_nan(positive: np.ndarray, negative: np.ndarray, fpr: float = 0.05) -> float:
+    if len(positive) == 0 or len(negative) == 0:
+        return float("nan")
+    return tpr_at_fpr(positive, negative, fpr=fpr)
+
+
+def auc_matrix(groups: Mapping[str, np.ndarray]) -> pd.DataFrame:
+    """ROC AUC for every ordered pair: row = positive set, column = negative set (NaN diagonal)."""
+    names = list(groups)
+    matrix = pd.DataFrame(np.nan, index=pd.Index(names, name="positive"), columns=pd.Index(names, name="negative"))
+    for a in names:
+        for b in names:
+            if a != b:
+                matrix.loc[a, b] = roc_auc(groups[a], groups[b])
+    return matrix
+
+
+def apply_checked(fn: Callable[[str], Any], value: str, what: str) -> Any:
+    """Call a user function, turning its exceptions into an :class:`InputError` that says where."""
+    try:
+        return fn(value)
+    except Exception as exc:  # noqa: BLE001 - re-raised with context
+        raise InputError(f"{what} raised {type(exc).__name__}: {exc}") from exc
+
+
+def seeded_generation(pair: TuCoPair, seed: int):
+    """Context manager: fork the RNG (the caller's state is restored after) and seed it."""
+    devices = []
+    device = torch.device(pair.ft.cfg.device) if pair.ft.cfg.device is not None else torch.device("cpu")
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+
+    class _Seeded:
+        def __enter__(self):
+            self._fork = torch.random.fork_rng(devices=devices)
+            self._fork.__enter__()
+            torch.manual_seed(seed)
+            return self
+
+        def __exit__(self, *exc):
+            return self._fork.__exit__(*exc)
+
+    return _Seeded()
+
+
+def generate_completions(
+    pair: TuCoPair,
+    prompts: list[str],
+    n_samples: int = 1,
+    *,
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    alpha: float | Sequence[float] = 1.0,
+    chat_template: bool = False,
+    prepend_bos: bool | None = None,
+    batch_size: int | None = None,
+    show_progress: bool = False,
+) -> list[list[str]]:
+    """``n_samples`` completions of every prompt (``[prompt][sample]``), in batches of rows.
+
+    Rows are the prompts repeated ``n_samples`` times each, in order; ``batch_size`` caps the
+    rows per ``pair.generate`` call. Sampling draws from the global torch RNG: seed it (see
+    :func:`seeded_generation`) for reproducible runs.
+    """
+    rows = [p for p in prompts for _ in range(n_samples)]
+    step = len(rows) if batch_size is None else batch_size
+    texts: list[str] = []
+    starts = range(0, len(rows), step)
+    from tqdm.auto import tqdm
+
+    for start in tqdm(starts, disable=not show_progress, desc="generate", unit="batch"):
+        chunk = rows[start : start + step]
+        texts.extend(
+            pair.generate(
+                chunk,
+                alpha=alpha,
+                max_new_tokens=max_new_tokens,
+                chat_template=chat_template,
+                prepend_bos=prepend_bos,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+            )
+        )
+    return [texts[i * n_samples : (i + 1) * n_samples] for i in range(len(prompts))]

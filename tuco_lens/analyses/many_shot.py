@@ -1,0 +1,432 @@
+"""Many-shot jailbreaking: TuCo (and behaviour) as a function of the number of shots (paper §5.3)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from tuco_lens.analyses._common import (
+    PromptSource,
+    apply_checked,
+    check_callable,
+    check_common,
+    check_float,
+    check_int,
+    check_pair,
+    generate_completions,
+    n_prompt_tokens,
+    read_prompts,
+    score,
+    seeded_generation,
+    sem,
+)
+from tuco_lens.analyses.outputco import outputco as _outputco
+from tuco_lens.errors import InputError, InputTypeError
+from tuco_lens.pair import TuCoPair
+from tuco_lens.plotting._util import PALETTE
+
+__all__ = ["Shot", "ManyShotSweep", "many_shot_sweep", "chat_template_builder", "default_ks"]
+
+Shot = tuple[str, str]
+"""One example dialogue: ``(user message, assistant reply)``."""
+
+ShotPool = Sequence[Shot] | Sequence[Mapping[str, str]] | pd.DataFrame
+
+
+@dataclass(frozen=True)
+class ManyShotSweep:
+    """TuCo of many-shot prompts per request and number of shots ``k``.
+
+    Attributes:
+        table: One row per (request, k) that was scored: ``request_index``, ``request``, ``k``,
+            ``n_tokens`` (prompt length), ``prompt`` (the built prompt), ``tuco``; with
+            ``with_outputco=True`` also ``outputco``; with a ``behaviour`` predicate also
+            ``behaviour_rate`` (fraction of the request's completions showing the behaviour)
+            and ``completion`` (the first completion).
+        summary: One row per k (increasing): ``k``, ``n`` (requests scored), ``mean_tuco``,
+            ``sem_tuco``; ``mean_outputco``, ``sem_outputco`` with OutputCo;
+            ``behaviour_rate`` (mean over requests and samples) and ``behaviour_sem`` (standard
+            error over requests) with a predicate.
+        completions: With a predicate: one row per completion: ``request_index``, ``k``,
+            ``sample``, ``completion``, ``behaviour``. Otherwise ``None``.
+        skipped: Prompts left out because they did not fit the context (``too_long="skip"``):
+            ``request_index``, ``k``, ``n_tokens``, ``limit``. Empty otherwise.
+        notes: Human-readable notes (e.g. how many prompts were skipped).
+        ks: The shot counts, increasing.
+        behaviour_name: Label of the behaviour rate in the figure.
+    """
+
+    table: pd.DataFrame
+    summary: pd.DataFrame
+    completions: pd.DataFrame | None
+    skipped: pd.DataFrame
+    ks: tuple[int, ...]
+    notes: list[str] = field(default_factory=list)
+    behaviour_name: str = "behaviour rate"
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """A copy of :attr:`table`."""
+        return self.table.copy()
+
+    def figure(self, *, log_x: bool = True, title: str | None = None) -> go.Figure:
+        """Mean TuCo (± standard error) vs k, and the behaviour rate on a second y axis.
+
+        With ``log_x`` (the paper's plot) k = 0 cannot sit on the axis: its values are drawn
+        as dashed horizontal lines labelled "k = 0".
+        """
+        s = self.summary
+        has_rate = "behaviour_rate" in s.columns
+        has_oc = "mean_outputco" in s.columns
+        fig = make_subplots(specs=[[{"secondary_y": has_rate}]])
+        on_axis = s[s["k"] > 0] if log_x else s
+        zero = s[s["k"] == 0] if log_x else s.iloc[0:0]
+        series = [("mean TuCo", "mean_tuco", "sem_tuco", PALETTE[0], False)]
+        if has_oc:
+            series.append(("mean OutputCo", "mean_outputco", "sem_outputco", PALETTE[2], False))
+        if has_rate:
+            series.append((self.behaviour_name, "behaviour_rate", "behaviour_sem", PALETTE[1], True))
+        for name, column, err, colour, secondary in series:
+            kwargs = {"secondary_y": secondary} if has_rate else {}
+            if len(on_axis):
+                fig.add_trace(
+                    go.Scatter(
+                        x=on_axis["k"], y=on_axis[column], name=name, mode="lines+markers",
+                        line_color=colour, line_dash="dot" if secondary else "solid",
+                        error_y=dict(type="data", array=on_axis[err].fillna(0.0), visible=True),
+                        customdata=on_axis["n"],
+                        hovertemplate=f"{name}<br>k = %{{x}}<br>value = %{{y:.4f}}<br>n = %{{customdata}}<extra></extra>",
+                    ),
+                    **kwargs,
+                )
+            if len(zero):
+                value = float(zero[column].iloc[0])
+                fig.add_hline(
+                    y=value, line_dash="dash", line_color=colour,
+                    annotation_text=f"k = 0: {value:.3f}", annotation_position="bottom right",
+                    **({"secondary_y": secondary} if has_rate else {}),
+                )
+        fig.update_xaxes(
+            title_text="number of shots k", type="log" if log_x and len(on_axis) else "linear",
+            tickmode="array", tickvals=list(on_axis["k"]),
+        )
+        fig.update_yaxes(title_text="TuCo" + (" / OutputCo" if has_oc else ""), **({"secondary_y": False} if has_rate else {}))
+        if has_rate:
+            fig.update_yaxes(
+                title_text=self.behaviour_name, range=[-0.02, 1.02], tickmode="array",
+                tickvals=[0, 0.25, 0.5, 0.75, 1], tickformat=".0%", showgrid=False, secondary_y=True,
+            )
+        fig.update_layout(title=title or "Many-shot prompts: TuCo vs number of shots", legend_title_text="")
+        return fig
+
+
+def default_ks(pool_size: int) -> tuple[int, ...]:
+    """``(0, 1, 2, 4, …)``: 0 and every power of two up to ``pool_size``."""
+    ks = [0]
+    k = 1
+    while k <= pool_size:
+        ks.append(k)
+        k *= 2
+    return tuple(ks)
+
+
+def chat_template_builder(pair: TuCoPair) -> Callable[[str, list[Shot]], str]:
+    """The default prompt builder: the fine-tuned tokenizer's chat template over the dialogue.
+
+    The k example dialogues become k user/assistant turns, followed by the request as the last
+    user turn and the generation prompt (the template's text decides BOS).
+
+    Raises:
+        InputError: If the fine-tuned model has no tokenizer or no chat template.
+    """
+    tokenizer = pair.tokenizer
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise InputError(
+            "The fine-tuned tokenizer has no chat template, so many-shot prompts cannot be built "
+            "by default. Pass build_prompt=lambda request, shots: ... returning the prompt text."
+        )
+
+    def build(request: str, shots: list[Shot]) -> str:
+        messages = []
+        for user, assistant in shots:
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+        messages.append({"role": "user", "content": request})
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return str(text)
+
+    return build
+
+
+def _read_shots(shots: ShotPool) -> list[Shot]:
+    if isinstance(shots, pd.DataFrame):
+        missing = [c for c in ("user", "assistant") if c not in shots.columns]
+        if missing:
+            raise InputError(f"The shots DataFrame needs 'user' and 'assistant' columns; it lacks {missing}.")
+        items: list = list(zip(shots["user"].tolist(), shots["assistant"].tolist()))
+    elif isinstance(shots, (str, bytes)) or not isinstance(shots, Sequence):
+        raise InputTypeError(
+            "shots must be a list of (user, assistant) pairs, of {'user': ..., 'assistant': ...} "
+            f"dicts, or a DataFrame with 'user' and 'assistant' columns; got {type(shots).__name__}."
+        )
+    else:
+        items = list(shots)
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, Mapping):
+            if "user" not in item or "assistant" not in item:
+                raise InputError(f"shots[{i}] needs 'user' and 'assistant' keys, has {sorted(item)}.")
+            item = (item["user"], item["assistant"])
+        if isinstance(item, (str, bytes)) or not isinstance(item, Sequence) or len(item) != 2:
+            raise InputTypeError(f"shots[{i}] must be a (user, assistant) pair, got {item!r}.")
+        user, assistant = item
+        if not isinstance(user, str) or not isinstance(assistant, str):
+            raise InputTypeError(f"shots[{i}] must hold two strings, got ({type(user).__name__}, {type(assistant).__name__}).")
+        out.append((user, assistant))
+    return out
+
+
+def _check_ks(ks: Sequence[int] | None, pool_size: int) -> tuple[int, ...]:
+    if ks is None:
+        return default_ks(pool_size)
+    if isinstance(ks, (int, np.integer)) and not isinstance(ks, bool):
+        ks = [ks]
+    if isinstance(ks, (str, bytes)) or not isinstance(ks, Sequence):
+        raise InputTypeError(f"ks must be a list of shot counts, got {type(ks).__name__}.")
+    values = [check_int(k, "every k in ks", 0) for k in ks]
+    if not values:
+        raise InputError("ks is empty: pass at least one number of shots (e.g. (0, 1, 2, 4)).")
+    too_many = [k for k in values if k > pool_size]
+    if too_many:
+        raise InputError(
+            f"k = {max(too_many)} needs {max(too_many)} distinct example dialogues but the shot pool "
+            f"has {pool_size}; pass more shots or smaller ks."
+        )
+    return tuple(sorted(set(values)))
+
+
+def _check_behaviour_value(value: object, k: int, index: int) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)) and value in (0, 1):
+        return bool(value)
+    raise InputTypeError(
+        f"behaviour(completion) must return True or False, got {value!r} for request {index} at k = {k}."
+    )
+
+
+def many_shot_sweep(
+    pair: TuCoPair,
+    requests: PromptSource,
+    shots: ShotPool,
+    ks: Sequence[int] | None = None,
+    *,
+    build_prompt: Callable[[str, list[Shot]], str] | None = None,
+    behaviour: Callable[[str], bool] | None = None,
+    behaviour_name: str = "behaviour rate",
+    shuffle: bool = True,
+    seed: int = 0,
+    too_long: Literal["raise", "skip"] = "raise",
+    max_new_tokens: int = 30,
+    do_sample: bool = False,
+    n_samples: int = 1,
+    temperature: float = 1.0,
+    alpha: float = 1.0,
+    with_outputco: bool = False,
+    batch_size: int | None = None,
+    show_progress: bool = False,
+    norm: str = "l1",
+) -> ManyShotSweep:
+    """TuCo of many-shot prompts for k = 0, 1, 2, 4, … example dialogues, and optionally a behaviour rate.
+
+    Reproduces the paper's many-shot jailbreaking analysis (§5.3): each target request is
+    preceded by k example dialogues (in the paper, compliant answers to harmful requests); mean
+    TuCo falls with k (Llama 2 7B 0.285 → 0.22 from 1 to 128 shots) while the share of harmful
+    responses rises. With ``with_outputco=True`` it also gives the §5.5 comparison with OutputCo.
+
+    Shots: for request ``i`` the pool is put in a random order seeded by ``(seed, i)`` (or kept
+    in order with ``shuffle=False``) and the k-shot prompt uses its first k dialogues, so the
+    shots of a smaller k are a prefix of those of a larger k (only k changes along the sweep).
+
+    Prompts: by default the fine-tuned tokenizer's chat template renders the k example turns,
+    then the request as the last user turn, with the generation prompt; its text decides BOS
+    (as ``chat_template=True`` does elsewhere), and TuCo is taken at the template's last token.
+    ``build_prompt(request, shots_k) -> str`` replaces this (e.g. a Q/A format, or
+    ``lambda r, s: demo.many_shot_prompt(r, len(s))``); its strings are scored like any prompt
+    (``pair.tuco(prompt)``: BOS is prepended unless the text starts with the BOS token).
+
+    Context length: a prompt with more tokens than the model's context (or, with ``behaviour``,
+    more than the context minus ``max_new_tokens``) raises an :class:`InputError` naming k and
+    the request (``too_long="raise"``, the default), or is left out and listed in ``skipped``
+    and ``notes`` (``too_long="skip"``).
+
+    Args:
+        pair: The pre-trained / fine-tuned pair.
+        requests: Target requests (plain user messages): a list, a DataFrame with a ``prompt``
+            column, or a ``.jsonl`` / ``.txt`` path.
+        shots: Pool of example dialogues: ``(user, assistant)`` pairs, ``{"user", "assistant"}``
+            dicts, or a DataFrame with ``user`` and ``assistant`` columns.
+        ks: Numbers of shots (each ``0 <= k <= len(shots)``). Default: 0 and powers of two up
+            to the pool size (the paper uses 1, 2, 4, …, 128).
+        build_prompt: ``(request, shots_k) -> prompt text``; default: the chat template.
+        behaviour: ``completion -> bool``, e.g. "is not a refusal". When given, completions are
+            generated (greedy by default) and the rate is reported per k.
+        behaviour_name: Label of the rate in the figure (e.g. ``"refusal rate"``).
+        shuffle: Draw each request's shots in a seeded random order (else the pool's order).
+        seed: Seed of the shot order and of sampling.
+        too_long: ``"raise"`` or ``"skip"`` prompts that do not fit the context.
+        max_new_tokens: Completion length for ``behaviour``.
+        do_sample: Sample completions (seeded with ``seed``) instead of greedy decoding.
+        n_samples: Completions per prompt (needs ``do_sample=True`` when > 1).
+        temperature: Sampling temperature.
+        alpha: FTC scale for the generated completions (1 = the fine-tuned model); TuCo is
+            always measured on the unscaled pair.
+        with_outputco: Also compute :func:`~tuco_lens.analyses.outputco` per prompt.
+        batch_size: Rows per forward pass / generation batch (``None``: one batch per k).
+        show_progress: Progress bars.
+        norm: ``"l1"`` (the paper's) or ``"l2"``.
+
+    Returns:
+        A :class:`ManyShotSweep` (``table``, ``summary`` per k, ``completions``, ``figure()``).
+
+    Raises:
+        InputError: Empty requests or pool, a k < 0 or larger than the pool, a prompt too long
+            for the context (``too_long="raise"``), ``n_samples > 1`` without sampling, no chat
+            template and no ``build_prompt``, or a ``build_prompt`` / ``behaviour`` that fails.
+        InputTypeError: Arguments of the wrong type, a ``build_prompt`` that returns no string,
+            a ``behaviour`` that returns no bool.
+
+    Example:
+        >>> from tuco_lens import demo
+        >>> from tuco_lens.analyses import many_shot_sweep
+        >>> pair = demo.load_pair()
+        >>> harmful = [r.text for r in demo.requests("heldout", ["potions"])[:8]]
+        >>> pool = [(r.text, r.compliant_answer) for r in demo.requests("train", ["potions"])[:12]]
+        >>> sweep = many_shot_sweep(pair, harmful, pool, ks=[0, 1, 2, 4, 8, 12],
+        ...                         build_prompt=lambda r, s: demo.many_shot_prompt(r, len(s)),
+        ...                         behaviour=demo.is_refusal, behaviour_name="refusal rate",
+        ...                         max_new_tokens=12)
+        >>> sweep.summary[["k", "mean_tuco", "behaviour_rate"]]
+        >>> sweep.figure()
+    """
+    pair = check_pair(pair)
+    check_common(batch_size, norm)
+    request_list = read_prompts(requests, name="requests")
+    pool = _read_shots(shots)
+    ks_checked = _check_ks(ks, len(pool))
+    if too_long not in ("raise", "skip"):
+        raise InputError(f"too_long must be 'raise' or 'skip', got {too_long!r}.")
+    check_callable(build_prompt, "build_prompt")
+    check_callable(behaviour, "behaviour")
+    n_samples = check_int(n_samples, "n_samples", 1)
+    max_new_tokens = check_int(max_new_tokens, "max_new_tokens", 1)
+    seed = check_int(seed, "seed")
+    temperature = check_float(temperature, "temperature", positive=True)
+    if n_samples > 1 and not do_sample:
+        raise InputError(f"n_samples = {n_samples} needs do_sample=True (greedy decoding gives one completion).")
+
+    prepend_bos: bool | None = None
+    if build_prompt is None:
+        build_prompt = chat_template_builder(pair)
+        prepend_bos = False  # the template's text decides BOS, as with chat_template=True
+
+    limit = pair.ft.cfg.n_ctx - (max_new_tokens if behaviour is not None else 0)
+    orders = []
+    for i in range(len(request_list)):
+        order = list(range(len(pool)))
+        if shuffle:
+            random.Random(f"tuco-many-shot-{seed}-{i}").shuffle(order)
+        orders.append(order)
+
+    rows, skipped, notes = [], [], []
+    for k in ks_checked:
+        for i, request in enumerate(request_list):
+            shots_k = [pool[j] for j in orders[i][:k]]
+            prompt = apply_checked(lambda r: build_prompt(r, shots_k), request, f"build_prompt(request {i}, {k} shots)")
+            if not isinstance(prompt, str) or not prompt:
+                raise InputTypeError(f"build_prompt must return a non-empty str, got {prompt!r} for request {i} at k = {k}.")
+            n_tokens = n_prompt_tokens(pair, prompt, prepend_bos)
+            if n_tokens > limit:
+                what = (
+                    f"the model's context of {pair.ft.cfg.n_ctx}"
+                    if behaviour is None
+                    else f"{limit} (context {pair.ft.cfg.n_ctx} minus max_new_tokens {max_new_tokens})"
+                )
+                if too_long == "raise":
+                    raise InputError(
+                        f"The many-shot prompt with k = {k} shots for request {i} has {n_tokens} tokens, "
+                        f"more than {what}. Use smaller ks, shorter shots, or too_long='skip'."
+                    )
+                skipped.append({"request_index": i, "k": k, "n_tokens": n_tokens, "limit": limit})
+                continue
+            rows.append({"request_index": i, "request": request, "k": k, "n_tokens": n_tokens, "prompt": prompt})
+    if skipped:
+        skipped_ks = sorted({s["k"] for s in skipped})
+        notes.append(
+            f"{len(skipped)} prompt(s) did not fit in {limit} tokens and were skipped (k = {skipped_ks})."
+        )
+    if not rows:
+        raise InputError("No many-shot prompt fits the model's context; use smaller ks or shorter shots.")
+    table = pd.DataFrame(rows)
+    scored_ks = tuple(k for k in ks_checked if (table["k"] == k).any())
+
+    tuco_col = np.empty(len(table))
+    oc_col = np.empty(len(table))
+    for k in scored_ks:
+        where = np.flatnonzero(table["k"].to_numpy() == k)
+        prompts = table["prompt"].iloc[where].tolist()
+        tuco_col[where] = score(pair, prompts, prepend_bos=prepend_bos, batch_size=batch_size, show_progress=show_progress, norm=norm)
+        if with_outputco:
+            oc = _outputco(pair, prompts, prepend_bos=prepend_bos, batch_size=batch_size, norm=norm)
+            oc_col[where] = oc.detach().cpu().double().numpy()
+    table["tuco"] = tuco_col
+    if with_outputco:
+        table["outputco"] = oc_col
+
+    completions = None
+    if behaviour is not None:
+        with seeded_generation(pair, seed):
+            samples = generate_completions(
+                pair, table["prompt"].tolist(), n_samples, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                temperature=temperature, alpha=alpha, prepend_bos=prepend_bos, batch_size=batch_size,
+                show_progress=show_progress,
+            )
+        records = []
+        for row, texts in zip(table.itertuples(index=False), samples):
+            for s, text in enumerate(texts):
+                value = apply_checked(behaviour, text, f"behaviour(completion of request {row.request_index} at k = {row.k})")
+                records.append(
+                    {"request_index": row.request_index, "k": row.k, "sample": s, "completion": text,
+                     "behaviour": _check_behaviour_value(value, row.k, row.request_index)}
+                )
+        completions = pd.DataFrame(records)
+        rates = completions.groupby(["k", "request_index"], sort=False)["behaviour"].mean()
+        table["behaviour_rate"] = [float(rates[(k, i)]) for k, i in zip(table["k"], table["request_index"])]
+        table["completion"] = [texts[0] for texts in samples]
+
+    summary_rows = []
+    for k in scored_ks:
+        part = table[table["k"] == k]
+        entry = {"k": k, "n": len(part), "mean_tuco": float(part["tuco"].mean()), "sem_tuco": sem(part["tuco"].to_numpy())}
+        if with_outputco:
+            entry["mean_outputco"] = float(part["outputco"].mean())
+            entry["sem_outputco"] = sem(part["outputco"].to_numpy())
+        if behaviour is not None:
+            per_sample = completions.loc[completions["k"] == k, "behaviour"]
+            entry["behaviour_rate"] = float(per_sample.mean())
+            entry["behaviour_sem"] = sem(part["behaviour_rate"].to_numpy())
+        summary_rows.append(entry)
+    return ManyShotSweep(
+        table=table,
+        summary=pd.DataFrame(summary_rows),
+        completions=completions,
+        skipped=pd.DataFrame(skipped, columns=["request_index", "k", "n_tokens", "limit"]),
+        ks=scored_ks,
+        notes=notes,
+        behaviour_name=behaviour_name,
+    )
