@@ -69,8 +69,9 @@ def test_score_jsonl_keeps_fields_uses_chat_template_and_resumes(dirs, pair, tmp
     "content, suffix, message",
     [
         ("", ".txt", "contains no prompt"),
-        ('{"prompt": "a"}\n{oops\n', ".jsonl", ":2: not valid JSON"),
-        ('{"text": "a"}\n', ".jsonl", ':1: expected an object with a string "prompt" field'),
+        ('{"prompt": "a"}\n{oops\n', ".jsonl", ":2 is not valid JSON"),
+        ('{"text": "a"}\n', ".jsonl", ":1 has no ['prompt'] field"),
+        ('{"prompt": 3}\n', ".jsonl", 'record 1: the "prompt" field must be a string'),
         ("a\n", ".csv", "unknown extension '.csv'"),
         ('{"prompt": "a", "tuco": 1}\n', ".jsonl", r"clash with output columns"),
     ],

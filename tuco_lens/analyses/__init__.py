@@ -13,6 +13,10 @@ tidy pandas tables and a ``figure()`` method returning a ``plotly.graph_objects.
 - :func:`jailbreak_success` — sampled completions, refusal labels, jailbreak success and the
   AUC of TuCo for "not jailbroken" (§5.4, Table 2).
 - :func:`outputco`, :func:`compare_tuco_outputco` — the OutputCo baseline next to TuCo (§5.5).
+- :func:`steer_with_cv`, :func:`alpha_accuracy` — multiple-choice accuracy under α-scaling, α
+  chosen by cross-validation (§5.1, Table 3).
+- :func:`suffix_search` — a small GCG-style adversarial-suffix search lowering the refusal
+  log-probability, for models without published attack strings.
 
 Example:
     >>> from tuco_lens import demo
@@ -31,6 +35,20 @@ from tuco_lens.analyses.jailbreaks import (
 from tuco_lens.analyses.many_shot import ManyShotSweep, chat_template_builder, many_shot_sweep
 from tuco_lens.analyses.outputco import TuCoOutputCoComparison, compare_tuco_outputco, outputco
 from tuco_lens.analyses.prompt_sets import PromptSetComparison, compare_prompt_sets
+from tuco_lens.analyses.steering import (
+    DEFAULT_ALPHAS,
+    SteeringResult,
+    alpha_accuracy,
+    choose_alpha,
+    cv_folds,
+    steer_with_cv,
+)
+from tuco_lens.analyses.suffix_search import (
+    SuffixSearchResult,
+    suffix_gradient,
+    suffix_search,
+    target_logprobs,
+)
 from tuco_lens.analyses.transformations import (
     TransformationComparison,
     compare_transformations,
@@ -53,4 +71,14 @@ __all__ = [
     "outputco",
     "compare_tuco_outputco",
     "TuCoOutputCoComparison",
+    "alpha_accuracy",
+    "steer_with_cv",
+    "SteeringResult",
+    "cv_folds",
+    "choose_alpha",
+    "DEFAULT_ALPHAS",
+    "suffix_search",
+    "SuffixSearchResult",
+    "suffix_gradient",
+    "target_logprobs",
 ]

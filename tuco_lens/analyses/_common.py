@@ -79,7 +79,8 @@ def _check_prompt(prompt: object, where: str) -> str:
     return prompt
 
 
-def _read_jsonl(path: Path, fields: Sequence[str]) -> list[dict[str, Any]]:
+def read_jsonl(path: Path, fields: Sequence[str]) -> list[dict[str, Any]]:
+    """JSON objects, one per non-blank line, each with ``fields``; errors name ``path:line``."""
     rows = []
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
@@ -125,7 +126,7 @@ def read_prompts(source: PromptSource, *, column: str = "prompt", name: str = "p
         if path.suffix == ".txt":
             prompts = [line.rstrip("\n") for line in path.open(encoding="utf-8") if line.strip()]
         else:
-            prompts = [row[column] for row in _read_jsonl(path, [column])]
+            prompts = [row[column] for row in read_jsonl(path, [column])]
     elif isinstance(source, str):
         raise InputTypeError(
             f"{name} is a single string that is not a file: pass a list of prompts (e.g. "
@@ -160,7 +161,7 @@ def read_prompt_sets(
     if path is not None:
         if path.suffix == ".txt":
             raise InputError(f"{path} is a .txt file; prompt sets need a .jsonl file with {set_column!r} and {prompt_column!r} fields.")
-        rows = _read_jsonl(path, [set_column, prompt_column])
+        rows = read_jsonl(path, [set_column, prompt_column])
         source = pd.DataFrame({set_column: [r[set_column] for r in rows], prompt_column: [r[prompt_column] for r in rows]})
     if isinstance(source, pd.DataFrame):
         missing = [c for c in (set_column, prompt_column) if c not in source.columns]
@@ -207,7 +208,7 @@ def read_labelled_prompts(source: PromptSource | SetSource) -> pd.DataFrame:
     labelled = isinstance(source, Mapping) or (isinstance(source, pd.DataFrame) and "set" in source.columns)
     path = _as_path(source)
     if path is not None and path.suffix == ".jsonl":
-        first = _read_jsonl(path, [])[0]
+        first = read_jsonl(path, [])[0]
         labelled = "set" in first
     if labelled:
         sets = read_prompt_sets(source)

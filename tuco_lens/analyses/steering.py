@@ -44,6 +44,7 @@ import plotly.graph_objects as go
 import torch
 from tqdm.auto import tqdm
 
+from tuco_lens.analyses._common import check_int, check_pair
 from tuco_lens.errors import InputError, InputTypeError
 from tuco_lens.hooks import check_alpha
 from tuco_lens.pair import TuCoPair
@@ -239,14 +240,6 @@ def _check_alphas(alphas: Any) -> tuple[float, ...]:
     return tuple(values)
 
 
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise InputTypeError(f"{name} must be an int, got {value!r}.")
-    if int(value) < minimum:
-        raise InputError(f"{name} must be >= {minimum}, got {int(value)}.")
-    return int(value)
-
-
 # ----------------------------------------------------------------------------------- scoring
 def alpha_accuracy(
     pair: TuCoPair,
@@ -290,13 +283,13 @@ def alpha_accuracy(
         >>> table = alpha_accuracy(pair, demo.multiple_choice_items(20), alphas=[0.9, 1.0, 1.1])
         >>> table.groupby("alpha").correct.mean()
     """
-    _check_pair(pair)
+    check_pair(pair)
     grid = _check_alphas(alphas)
     for a in grid:
         check_alpha(a, pair.n_layers)
     parsed = read_items(items)
     option_ids = option_token_ids(pair, parsed)
-    step = len(parsed) if batch_size is None else _check_int(batch_size, "batch_size", 1)
+    step = len(parsed) if batch_size is None else check_int(batch_size, "batch_size", 1)
     batch = pair.tokenize(
         [it.prompt for it in parsed], chat_template=chat_template, prepend_bos=prepend_bos
     )
@@ -359,14 +352,14 @@ def cv_folds(n_items: int, n_folds: int = 5, seed: int = 0) -> list[np.ndarray]:
     Example:
         >>> [f.tolist() for f in cv_folds(5, 2, seed=0)]
     """
-    n_items = _check_int(n_items, "n_items", 1)
-    n_folds = _check_int(n_folds, "n_folds", 2)
+    n_items = check_int(n_items, "n_items", 1)
+    n_folds = check_int(n_folds, "n_folds", 2)
     if n_folds > n_items:
         raise InputError(
             f"n_folds = {n_folds} is more than the number of items ({n_items}); every fold needs "
             "at least one item. Use fewer folds or more items."
         )
-    order = np.random.default_rng(_check_int(seed, "seed", 0)).permutation(n_items)
+    order = np.random.default_rng(check_int(seed, "seed", 0)).permutation(n_items)
     return [np.sort(part) for part in np.array_split(order, n_folds)]
 
 
@@ -590,10 +583,3 @@ def steer_with_cv(
         n_items=n,
         seed=seed,
     )
-
-
-def _check_pair(pair: Any) -> None:
-    if not isinstance(pair, TuCoPair):
-        raise InputTypeError(
-            f"The first argument must be a tuco_lens.TuCoPair, got {type(pair).__name__}."
-        )

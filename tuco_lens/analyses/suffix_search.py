@@ -59,6 +59,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tuco_lens.analyses._common import check_int
 from tuco_lens.errors import InputError, InputTypeError, TuCoError
 from tuco_lens.hooks import check_alpha
 from tuco_lens.pair import TuCoPair
@@ -175,14 +176,6 @@ def _check_requests(requests: Any) -> list[str]:
         if not isinstance(r, str) or not r:
             raise InputError(f"Request {i} must be a non-empty string, got {r!r}.")
     return requests
-
-
-def _int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise InputTypeError(f"{name} must be an int, got {value!r}.")
-    if int(value) < minimum:
-        raise InputError(f"{name} must be >= {minimum}, got {int(value)}.")
-    return int(value)
 
 
 def default_allowed_tokens(pair: TuCoPair) -> list[int]:
@@ -519,11 +512,11 @@ def suffix_search(
     if pair.tokenizer is None:
         raise InputError("suffix_search needs the fine-tuned model's tokenizer.")
     requests = _check_requests(prompts)
-    n_steps = _int(n_steps, "n_steps", 0)
-    top_k = _int(top_k, "top_k", 1)
-    batch_candidates = _int(batch_candidates, "batch_candidates", 1)
-    eval_batch_rows = _int(eval_batch_rows, "eval_batch_rows", 1)
-    seed = _int(seed, "seed", 0)
+    n_steps = check_int(n_steps, "n_steps", 0)
+    top_k = check_int(top_k, "top_k", 1)
+    batch_candidates = check_int(batch_candidates, "batch_candidates", 1)
+    eval_batch_rows = check_int(eval_batch_rows, "eval_batch_rows", 1)
+    seed = check_int(seed, "seed", 0)
     alphas = check_alpha(alpha, pair.n_layers)
     if build_prompt is not None and not callable(build_prompt):
         raise InputTypeError(f"build_prompt must be a function (request, suffix_text) -> str, got {type(build_prompt).__name__}.")
@@ -546,7 +539,7 @@ def suffix_search(
     # Initial suffix.
     generator = torch.Generator().manual_seed(seed)
     if init_suffix is None:
-        n_suffix = _int(n_suffix_tokens, "n_suffix_tokens", 1)
+        n_suffix = check_int(n_suffix_tokens, "n_suffix_tokens", 1)
         pool = torch.tensor(allowed)
         for _ in range(100):
             suffix = pool[torch.randint(len(pool), (n_suffix,), generator=generator)].tolist()

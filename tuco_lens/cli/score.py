@@ -12,6 +12,7 @@ from typing import Any, TextIO
 
 from tqdm.auto import tqdm
 
+from tuco_lens.analyses._common import read_jsonl
 from tuco_lens.cli.common import HELP_FORMATTER, CLIError, add_model_arguments, load_pair_from_args
 from tuco_lens.inputs import length_sorted_batches
 
@@ -70,16 +71,10 @@ def read_prompts(path: Path) -> list[dict[str, Any]]:
             if line.strip():
                 records.append({"prompt": line, "line": number})
     elif path.suffix == ".jsonl":
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise CLIError(f"{path}:{number}: not valid JSON ({error.msg})") from error
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise CLIError(f'{path}:{number}: expected an object with a string "prompt" field')
-            records.append(record)
+        records = read_jsonl(path, ["prompt"])
+        for number, record in enumerate(records):
+            if not isinstance(record["prompt"], str):
+                raise CLIError(f'{path}: record {number + 1}: the "prompt" field must be a string')
     else:
         raise CLIError(f"{str(path)!r}: unknown extension {path.suffix!r}; use .txt or .jsonl")
     if not records:
