@@ -21,6 +21,23 @@ DOCUMENTED = {
     "auc_harmful_vs_lang2": 0.993,
     "mean_tuco": {"web": 0.202, "chat": 0.331, "harmful": 0.582, "harmful_lang2": 0.392},
     "refusal_rate_harmful": {"0.0": 0.0, "0.5": 0.875, "1.0": 1.0, "1.5": 0.589},
+    # docs/analyses.md
+    "paper_analyses": {
+        "many_shot_tuco_k0": 0.588,
+        "many_shot_tuco_kmax": 0.558,
+        "transformation_tuco[original]": 0.582,
+        "transformation_tuco[language 2]": 0.392,
+        "transformation_tuco[suffix 'sure , here is how :']": 0.492,
+        "transformation_tuco[suffix found by suffix_search]": 0.288,
+        "transformation_refusal_rate[original]": 1.0,
+        "transformation_refusal_rate[language 2]": 0.214,
+        "transformation_refusal_rate[suffix 'sure , here is how :']": 0.643,
+        "transformation_refusal_rate[suffix found by suffix_search]": 0.0,
+        "jailbreak_auc_not_jailbroken": 0.885,
+        "jailbreak_tpr_at_5_fpr": 0.167,
+        "steering_delta_maximize": 0.022,
+        "steering_delta_minimize": -0.022,
+    },
 }
 
 
@@ -35,7 +52,8 @@ def report(tmp_path_factory):
 def test_demo_writes_report_and_tables(report):
     html = (report / "report.html").read_text()
     assert html.count("plotly.js v") == 1 and "<script src=" not in html
-    assert html.count("Plotly.newPlot") >= 4  # at least four figures, plus the token display
+    assert html.count("Plotly.newPlot") >= 4 + 6  # four figures, plus six of the paper's analyses
+    assert "The paper&#x27;s analyses on the demo pair" in html
     scores = pd.read_csv(report / "results.csv")
     sets = demo.prompt_sets()
     for name in ("web", "chat", "harmful", "harmful_lang2"):
@@ -58,6 +76,14 @@ def test_demo_numbers_are_consistent_and_match_the_docs(report):
     # the fine-tuned behaviour is real: refuses at α = 1, not at α = 0, and never on benign chat
     assert summary["refusal_rate_harmful"]["1.0"] == 1.0 and summary["refusal_rate_harmful"]["0.0"] == 0.0
     assert max(summary["refusal_rate_chat"].values()) == 0.0
+    for name, value in DOCUMENTED["paper_analyses"].items():
+        assert summary["paper_analyses"][name] == pytest.approx(value, abs=0.01), name
+    paper = summary["paper_analyses"]
+    # the qualitative findings the docs claim for the demo pair
+    assert paper["many_shot_tuco_kmax"] < paper["many_shot_tuco_k0"]
+    assert all(paper[f"transformation_tuco[{k}]"] < paper["transformation_tuco[original]"]
+               for k in ("language 2", "suffix 'sure , here is how :'", "suffix found by suffix_search"))
+    assert paper["suffix_loss_end"] < paper["suffix_loss_start"]
 
 
 def test_demo_scores_equal_the_library(report):

@@ -6,6 +6,7 @@ is computed here, on the embedded pair, at run time.
 
 from __future__ import annotations
 
+import html
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from tqdm.auto import tqdm
 
+from tuco_lens.demo.paper import MANY_SHOT_KS, PaperAnalyses, run_paper_analyses
 from tuco_lens.metrics import roc_auc
 from tuco_lens.pair import TuCoPair
 from tuco_lens.plotting import (
@@ -46,14 +48,16 @@ class DemoResults:
         auc_chat_vs_web: ROC AUC of TuCo separating chat (positive) from web prompts.
         auc_harmful_vs_lang2: ROC AUC of TuCo separating harmful requests in the main language
             (positive) from the same requests in the rarer second language.
-        figures: The report's figures, in order.
+        paper: The paper's analyses run on the demo world (``None`` if skipped).
+        figures: The report's figures and section texts, in order.
     """
 
     scores: pd.DataFrame
     sweep: pd.DataFrame
     auc_chat_vs_web: float
     auc_harmful_vs_lang2: float
-    figures: list[go.Figure | TokenHTML] = field(default_factory=list)
+    paper: PaperAnalyses | None = None
+    figures: list[go.Figure | TokenHTML | str] = field(default_factory=list)
 
     def summary(self) -> str:
         """A few lines for the terminal."""
@@ -65,6 +69,14 @@ class DemoResults:
             f"α={a:g}: {r:.0%}" for a, r in zip(self.sweep.alpha, self.sweep.refusal_rate_harmful)
         )
         lines.append(f"refusal rate on harmful requests: {rates}")
+        if self.paper is not None:
+            p = self.paper.summary()
+            lines.append(
+                f"paper analyses: many-shot TuCo k=0 {p['many_shot_tuco_k0']:.3f} -> k={max(MANY_SHOT_KS)} "
+                f"{p['many_shot_tuco_kmax']:.3f}; jailbreak AUC (TuCo, not jailbroken) "
+                f"{p['jailbreak_auc_not_jailbroken']:.3f}; α-steering Δ accuracy "
+                f"{p['steering_delta_maximize']:+.1%} / {p['steering_delta_minimize']:+.1%}"
+            )
         return "\n".join(lines)
 
 
@@ -108,9 +120,13 @@ def run_demo(
     *,
     pair: TuCoPair | None = None,
     alphas: Sequence[float] = ALPHAS,
+    paper_analyses: bool = True,
     show_progress: bool = False,
 ) -> DemoResults:
     """Score the demo sets, sweep α, build the figures and (with ``out_dir``) write the report.
+
+    With ``paper_analyses`` (default) the report also runs every analysis of
+    :mod:`tuco_lens.analyses` on the demo world (:func:`tuco_lens.demo.paper.run_paper_analyses`).
 
     Writes ``report.html`` (self-contained, plotly.js embedded), ``results.csv`` (TuCo per
     prompt), ``alpha_sweep.csv`` and ``summary.json`` into ``out_dir``.
@@ -135,6 +151,7 @@ def run_demo(
     examples = [sets["web"][0], sets["chat"][0], sets["harmful"][0], sets["harmful_lang2"][0]]
     dec = pair.decompose(examples)
     results.figures = [
+        _section("TuCo on the demo pair", "What fine-tuning contributes, per prompt set, per layer and per token."),
         plot_prompt_sets(
             {name: by_set[name] for name in ("web", "chat", "harmful", "harmful_lang2")},
             positive="chat",
@@ -151,9 +168,24 @@ def run_demo(
             title="Refusal rate as the fine-tuning component is scaled by α",
         ),
     ]
+    if paper_analyses:
+        results.paper = run_paper_analyses(pair, show_progress=show_progress)
+        results.figures.append(
+            _section(
+                "The paper's analyses on the demo pair",
+                "Prompt sets (§5.2), prompt transformations and many-shot prompts (§5.3), jailbreak success "
+                "(§5.4), α-steering with cross-validation (§5.1), OutputCo (§5.5) and the adversarial-suffix "
+                "search; see docs/analyses.md.",
+            )
+        )
+        results.figures.extend(results.paper.figures(include_prompt_sets=False))  # shown above
     if out_dir is not None:
         _write(results, Path(out_dir))
     return results
+
+
+def _section(title: str, text: str) -> str:
+    return f"<h2>{html.escape(title)}</h2><p>{html.escape(text)}</p>"
 
 
 def _write(results: DemoResults, out_dir: Path) -> None:
@@ -167,5 +199,7 @@ def _write(results: DemoResults, out_dir: Path) -> None:
         "refusal_rate_harmful": dict(zip(map(str, results.sweep.alpha), results.sweep.refusal_rate_harmful)),
         "refusal_rate_chat": dict(zip(map(str, results.sweep.alpha), results.sweep.refusal_rate_chat)),
     }
+    if results.paper is not None:
+        summary["paper_analyses"] = results.paper.summary()
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     save_report(results.figures, out_dir / "report.html", title="tuco_lens demo report")
