@@ -175,15 +175,37 @@ def _parameter_set(model: HookedTransformer, attribute: str) -> set[Any]:
     return {getattr(p, attribute) for p in model.parameters()}
 
 
-def _placement_differences(pt: HookedTransformer, ft: HookedTransformer) -> list[str]:
+def _block_devices(model: HookedTransformer) -> list[set[Any]]:
+    return [{p.device for p in block.parameters()} for block in model.blocks]
+
+
+def _placement_differences(
+    pt: HookedTransformer, ft: HookedTransformer, offload_pt: bool = False
+) -> list[str]:
     messages = []
     devices_pt, devices_ft = _parameter_set(pt, "device"), _parameter_set(ft, "device")
-    if devices_pt != devices_ft:
+    if offload_pt:
+        pass  # the pre-trained blocks are moved next to their twins one at a time
+    elif devices_pt != devices_ft:
         messages.append(
             f"device differs: pre-trained parameters are on {sorted(map(str, devices_pt))}, "
             f"fine-tuned ones on {sorted(map(str, devices_ft))}; move both to one device "
-            "(load_pair(..., device='cuda') or model.to('cuda'))."
+            "(load_pair(..., device='cuda') or model.to('cuda')), or keep the pre-trained model "
+            "on the CPU with TuCoPair(pt, ft, offload_pt=True)."
         )
+    else:
+        split = [
+            (layer, a, b)
+            for layer, (a, b) in enumerate(zip(_block_devices(pt), _block_devices(ft)))
+            if a != b
+        ]
+        if split:
+            layer, a, b = split[0]
+            messages.append(
+                f"device placement differs: pre-trained block {layer} is on {sorted(map(str, a))}, "
+                f"its fine-tuned twin on {sorted(map(str, b))} ({len(split)} block(s) differ); "
+                "split both models the same way (the same n_devices for both)."
+            )
     dtypes_pt, dtypes_ft = _parameter_set(pt, "dtype"), _parameter_set(ft, "dtype")
     if dtypes_pt != dtypes_ft:
         messages.append(
@@ -209,7 +231,9 @@ def _processing_differences(pt: HookedTransformer, ft: HookedTransformer) -> lis
     return messages
 
 
-def describe_differences(pt: HookedTransformer, ft: HookedTransformer) -> list[str]:
+def describe_differences(
+    pt: HookedTransformer, ft: HookedTransformer, *, offload_pt: bool = False
+) -> list[str]:
     """Every reason why ``pt`` and ``ft`` cannot form a TuCo pair.
 
     Compares the architecture (layers, widths, heads, vocabulary size, positional embedding,
@@ -231,12 +255,12 @@ def describe_differences(pt: HookedTransformer, ft: HookedTransformer) -> list[s
     return (
         _architecture_differences(pt, ft)
         + _vocabulary_difference(pt, ft)
-        + _placement_differences(pt, ft)
+        + _placement_differences(pt, ft, offload_pt)
         + _processing_differences(pt, ft)
     )
 
 
-def check_compatible(pt: HookedTransformer, ft: HookedTransformer) -> None:
+def check_compatible(pt: HookedTransformer, ft: HookedTransformer, *, offload_pt: bool = False) -> None:
     """Raise if ``pt`` and ``ft`` cannot form a TuCo pair.
 
     Identical models (even the same object) are compatible; their TuCo is 0. If only one model
@@ -245,6 +269,8 @@ def check_compatible(pt: HookedTransformer, ft: HookedTransformer) -> None:
     Args:
         pt: The pre-trained model.
         ft: The fine-tuned model.
+        offload_pt: The pre-trained model stays off the accelerator and its blocks are moved
+            next to their fine-tuned twins one at a time, so its device is not compared.
 
     Raises:
         IncompatiblePairError: Listing every difference found by :func:`describe_differences`.
@@ -259,7 +285,7 @@ def check_compatible(pt: HookedTransformer, ft: HookedTransformer) -> None:
                 f"expected two HookedTransformer models, got {type(model).__name__}; load "
                 "checkpoints with tuco_lens.load_model"
             )
-    differences = describe_differences(pt, ft)
+    differences = describe_differences(pt, ft, offload_pt=offload_pt)
     if differences:
         listing = "\n".join(f"  - {message}" for message in differences)
         raise IncompatiblePairError(

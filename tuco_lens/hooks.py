@@ -25,7 +25,8 @@ removed on exit, even after an exception.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -45,6 +46,7 @@ __all__ = [
     "alpha_hooks",
     "supports_last_token_path",
     "pt_block_at_last_token",
+    "placed",
 ]
 
 LayerFn = Callable[[int, Tensor, Tensor, Tensor], Tensor | None]
@@ -126,6 +128,24 @@ def supports_last_token_path(model: HookedTransformer) -> bool:
     )
 
 
+@contextmanager
+def placed(block: torch.nn.Module, device: torch.device, move: bool) -> Iterator[tuple[torch.nn.Module, torch.device]]:
+    """``(block, device to run it on)``: the block's own device, or ``device`` with ``move``.
+
+    With ``move`` the block is moved to ``device`` for the duration and back afterwards (the
+    offloading of ``TuCoPair(..., offload_pt=True)``).
+    """
+    home = next(block.parameters()).device
+    if not move or home == device:
+        yield block, home
+        return
+    block.to(device)
+    try:
+        yield block, device
+    finally:
+        block.to(home)
+
+
 def pt_block_at_last_token(
     block: torch.nn.Module,
     resid_pre: Float[Tensor, "batch pos d_model"],
@@ -157,6 +177,9 @@ class PairedBlocks:
         pt_last_only: Run the pre-trained blocks at the last position only (read mode, left-padded
             batches, no KV cache); ``on_layer`` then receives ``pt_resid_post`` of shape
             ``[batch, 1, d_model]``. See :func:`pt_block_at_last_token`.
+        offload_pt: Move each pre-trained block to the device of the stream for its call and back
+            afterwards, so the pre-trained weights can live off the accelerator (one block at a
+            time on it).
 
     Example:
         >>> with PairedBlocks(pair.pt, pair.ft, alpha_mixer([0.5] * n_layers), writes=True):
@@ -171,11 +194,13 @@ class PairedBlocks:
         *,
         writes: bool,
         pt_last_only: bool = False,
+        offload_pt: bool = False,
     ):
         if pt_last_only and (writes or not supports_last_token_path(pt)):
             raise TuCoError("pt_last_only needs read mode and a model supported by the last-token path.")
         self.pt, self.ft, self.on_layer, self.writes = pt, ft, on_layer, writes
         self.pt_last_only = pt_last_only
+        self.offload_pt = offload_pt
         n = ft.cfg.n_layers
         self._kwargs: list[dict[str, Any]] = [{} for _ in range(n)]
         self._resid_pre: list[Tensor | None] = [None] * n
@@ -269,23 +294,22 @@ class PairedBlocks:
         kwargs = self._kwargs[layer]
         entry = kwargs.get("past_kv_cache_entry")
         pt_entry = None if entry is None else getattr(entry, _PT_ENTRIES)[id(self)]
-        block = self.pt.blocks[layer]
-        device = next(block.parameters()).device
         spe = kwargs.get("shortformer_pos_embed")
         mask = kwargs.get("attention_mask")
         self._in_pt_block = True
         try:
-            if self.pt_last_only:
-                if entry is not None:
-                    raise TuCoError("The last-token path cannot run with a KV cache.")
+            with placed(self.pt.blocks[layer], x.device, self.offload_pt) as (block, device):
                 mask = None if mask is None else mask.to(device)
-                return pt_block_at_last_token(block, x.to(device), mask)
-            return block(
-                x.to(device),
-                shortformer_pos_embed=None if spe is None else spe.to(device),
-                past_kv_cache_entry=pt_entry,
-                attention_mask=None if mask is None else mask.to(device),
-            )
+                if self.pt_last_only:
+                    if entry is not None:
+                        raise TuCoError("The last-token path cannot run with a KV cache.")
+                    return pt_block_at_last_token(block, x.to(device), mask)
+                return block(
+                    x.to(device),
+                    shortformer_pos_embed=None if spe is None else spe.to(device),
+                    past_kv_cache_entry=pt_entry,
+                    attention_mask=mask,
+                )
         finally:
             self._in_pt_block = False
 
@@ -337,6 +361,7 @@ def alpha_hooks(
     ft: HookedTransformer,
     alpha: float | Sequence[float],
     attention_mask: Tensor | None = None,
+    offload_pt: bool = False,
 ) -> list[tuple[str, Callable]]:
     """α-scaling as plain TransformerLens hook functions, for ``run_with_hooks(fwd_hooks=...)``.
 
@@ -366,9 +391,9 @@ def alpha_hooks(
     def writer(layer: int) -> Callable:
         def write(ft_post: Tensor, hook: HookPoint) -> Tensor:
             x = seen.pop(layer)
-            block = pt.blocks[layer]
-            mask = None if attention_mask is None else attention_mask.to(x.device)
-            pt_post = block(x, attention_mask=mask)
+            with placed(pt.blocks[layer], x.device, offload_pt) as (block, device):
+                mask = None if attention_mask is None else attention_mask.to(device)
+                pt_post = block(x.to(device), attention_mask=mask).to(ft_post.device)
             return torch.lerp(pt_post, ft_post, alphas[layer])
 
         return write

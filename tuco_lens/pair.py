@@ -15,7 +15,7 @@ from tuco_lens.compatibility import check_compatible
 from tuco_lens.decomposition import Decomposition, DecompositionAccumulator, Norm, check_norm
 from tuco_lens.errors import InputError, InputTypeError
 from tuco_lens.generation import generate_tokens
-from tuco_lens.hooks import PairedBlocks, alpha_hooks, alpha_mixer, check_alpha, supports_last_token_path
+from tuco_lens.hooks import PairedBlocks, alpha_hooks, alpha_mixer, check_alpha, placed, supports_last_token_path
 from tuco_lens.inputs import Inputs, TokenBatch, length_sorted_batches, prepare_batch, to_left_padding
 
 __all__ = ["TuCoPair"]
@@ -33,6 +33,10 @@ class TuCoPair:
     Args:
         pt: The pre-trained model.
         ft: The fine-tuned model (same architecture).
+        offload_pt: Keep the pre-trained model where it is (e.g. on the CPU) and move each of
+            its blocks to the fine-tuned twin's device only while it runs: a pair then needs
+            about one model's accelerator memory plus one block, at the cost of a weight
+            transfer per block and forward pass (see ``docs/performance.md``).
 
     Raises:
         IncompatiblePairError: naming every difference that prevents the comparison.
@@ -43,16 +47,17 @@ class TuCoPair:
         tensor([0.2718])
     """
 
-    def __init__(self, pt: HookedTransformer, ft: HookedTransformer) -> None:
+    def __init__(self, pt: HookedTransformer, ft: HookedTransformer, *, offload_pt: bool = False) -> None:
         for name, model in (("pt", pt), ("ft", ft)):
             if not isinstance(model, HookedTransformer):
                 raise InputTypeError(
                     f"TuCoPair({name}=...) needs a HookedTransformer, got {type(model).__name__}. "
                     "Use tuco_lens.load_pair(...) to load names, directories or transformers models."
                 )
-        check_compatible(pt, ft)
+        check_compatible(pt, ft, offload_pt=offload_pt)
         self.pt = pt
         self.ft = ft
+        self.offload_pt = offload_pt
 
     def __repr__(self) -> str:
         return (
@@ -247,7 +252,9 @@ class TuCoPair:
             if positions == "last":
                 sub = to_left_padding(sub)  # the scored token at -1 in every row
             acc = DecompositionAccumulator(self.n_layers, sub.attention_mask, norm, positions, dtype)
-            paired = PairedBlocks(self.pt, self.ft, acc.add, writes=False, pt_last_only=last_only)
+            paired = PairedBlocks(
+                self.pt, self.ft, acc.add, writes=False, pt_last_only=last_only, offload_pt=self.offload_pt
+            )
             with torch.no_grad(), paired:
                 self.ft(
                     sub.tokens,
@@ -282,8 +289,13 @@ class TuCoPair:
         if self.pt.cfg.positional_embedding_type == "shortformer":
             spe = self.pt.pos_embed(batch.tokens, 0, mask)
         for layer in range(self.n_layers):
-            x = streams[layer].to(batch.tokens.device)
-            pt_post = self.pt.blocks[layer](x, attention_mask=mask, shortformer_pos_embed=spe)
+            x = streams[layer]
+            with placed(self.pt.blocks[layer], x.device, self.offload_pt) as (block, device):
+                pt_post = block(
+                    x.to(device),
+                    attention_mask=mask.to(device),
+                    shortformer_pos_embed=None if spe is None else spe.to(device),
+                )
             acc.add(layer, x, pt_post, streams[layer + 1])
         out = {"tuco": acc.tuco()}
         out["ptc_sum"], out["ftc_sum"] = acc.last_token_sums()
@@ -339,7 +351,7 @@ class TuCoPair:
             ...     logits, cache = pair.ft.run_with_cache(tokens)
         """
         mixer = alpha_mixer(check_alpha(alpha, self.n_layers))
-        return PairedBlocks(self.pt, self.ft, mixer, writes=True)
+        return PairedBlocks(self.pt, self.ft, mixer, writes=True, offload_pt=self.offload_pt)
 
     def alpha_hooks(self, alpha: float | Sequence[float], attention_mask: Tensor | None = None):
         """α-scaling as TransformerLens ``(name, hook_fn)`` pairs for ``run_with_hooks``.
@@ -350,7 +362,7 @@ class TuCoPair:
         Example:
             >>> logits = pair.ft.run_with_hooks(tokens, fwd_hooks=pair.alpha_hooks(0.5))
         """
-        return alpha_hooks(self.pt, self.ft, alpha, attention_mask)
+        return alpha_hooks(self.pt, self.ft, alpha, attention_mask, offload_pt=self.offload_pt)
 
     def run_with_alpha(
         self,
