@@ -323,3 +323,11 @@ def test_load_pair_refuses_different_architectures(checkpoint_pair):
         load_pair(checkpoint_pair("gpt2")[0], checkpoint_pair("llama")[0])
     with pytest.raises(InputTypeError):
         load_pair(checkpoint_pair("gpt2")[0], 7)
+
+
+def test_conversion_options_reach_the_config(checkpoint_pair):
+    pt_dir, _ = checkpoint_pair("llama")
+    model = load_model(str(pt_dir), n_ctx=64, n_devices=1, default_prepend_bos=False)
+    assert (model.cfg.n_ctx, model.cfg.n_devices, model.cfg.default_prepend_bos) == (64, 1, False)
+    with pytest.raises(InputTypeError, match=r"unexpected keyword argument\(s\) \['fold_everything'\]"):
+        load_model(str(pt_dir), fold_everything=True)

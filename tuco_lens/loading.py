@@ -51,7 +51,7 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 # TransformerLens picks Llama/Gemma configs by these substrings of the *path*; keep them out.
 _NAME_TRAPS = ("llama", "gemma")
 # Keyword arguments honoured when tuco_lens converts a Hugging Face model itself.
-_CONVERSION_KWARGS = ("default_prepend_bos", "default_padding_side", "n_ctx")
+_CONVERSION_KWARGS = ("default_prepend_bos", "default_padding_side", "n_ctx", "n_devices")
 # Hugging Face loading options that also apply to the tokenizer of a hub id.
 _TOKENIZER_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "trust_remote_code")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -248,6 +248,7 @@ def _convert(
     default_prepend_bos: bool | None = None,
     default_padding_side: str | None = None,
     n_ctx: int | None = None,
+    n_devices: int | None = None,
 ) -> HookedTransformer:
     """Build a HookedTransformer from a Hugging Face causal LM, using the model's own config."""
     hf_config = hf_model.config
@@ -280,6 +281,8 @@ def _convert(
             cfg_dict["default_prepend_bos"] = default_prepend_bos
         if n_ctx is not None:
             cfg_dict["n_ctx"] = n_ctx
+        if n_devices is not None:
+            cfg_dict["n_devices"] = n_devices  # blocks split evenly over cuda:0..n-1
         cfg_dict.update(
             model_name=name,
             tokenizer_name=None,
@@ -377,7 +380,9 @@ def load_model(
             through ``HookedTransformer.from_pretrained``.
         **from_pretrained_kwargs: For official names, passed to
             ``HookedTransformer.from_pretrained_no_processing``; otherwise only
-            ``default_prepend_bos``, ``default_padding_side`` and ``n_ctx`` are accepted.
+            ``default_prepend_bos``, ``default_padding_side``, ``n_ctx`` and ``n_devices``
+            (TransformerLens's even split of the blocks over ``n_devices`` GPUs; load both
+            models of a pair with the same value) are accepted.
 
     Returns:
         A HookedTransformer in eval mode.
