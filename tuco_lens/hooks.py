@@ -250,6 +250,7 @@ class PairedBlocks:
         self._handles, self._lens_hooks = [], []
         self._readers = [None] * len(self._readers)
         self._resid_pre = [None] * len(self._resid_pre)
+        self._kwargs = [{} for _ in self._kwargs]  # drop references to masks and KV caches
         if getattr(self.ft, _ACTIVE, None) is self:
             delattr(self.ft, _ACTIVE)
 
