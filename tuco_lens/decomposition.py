@@ -35,7 +35,13 @@ _ORDERS = {"l1": 1, "l2": 2}
 
 
 def vector_norm(x: Float[Tensor, "... d_model"], norm: Norm) -> Float[Tensor, "..."]:
-    """The L1 or L2 norm over the last (``d_model``) axis."""
+    """The L1 or L2 norm over the last (``d_model``) axis.
+
+    L1 is ``x.abs().sum(-1)``: on CPU several times faster than ``torch.linalg.vector_norm(x, 1)``
+    (same value up to summation order).
+    """
+    if norm == "l1":
+        return x.abs().sum(-1)
     return torch.linalg.vector_norm(x, ord=_ORDERS[norm], dim=-1)
 
 
@@ -297,10 +303,10 @@ class DecompositionAccumulator:
         ptc = (pt - x).to(device)
         ftc = (ft - pt).to(device)
         if self.ptc_total is None:
-            self.ptc_total, self.ftc_total = ptc, ftc
+            self.ptc_total, self.ftc_total = ptc, ftc  # fresh tensors, made above
         else:
-            self.ptc_total = self.ptc_total + ptc
-            self.ftc_total = self.ftc_total + ftc
+            self.ptc_total += ptc
+            self.ftc_total += ftc
         if self.positions == "all":
             self.tables["ptc_norm"][:, layer] = vector_norm(ptc, self.norm)
             self.tables["ftc_norm"][:, layer] = vector_norm(ftc, self.norm)
