@@ -40,6 +40,17 @@ def _seed_torch() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _no_figure_show(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No library function may call ``Figure.show()`` (figures are returned, never shown)."""
+    import plotly.graph_objects as go
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Figure.show() was called by the library")
+
+    monkeypatch.setattr(go.Figure, "show", refuse)
+
+
 @pytest.fixture(scope="session")
 def checkpoint_pair(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., tuple[Path, Path]]:
     """Factory: ``checkpoint_pair(arch, noise=0.2, perturb="blocks") -> (pt_dir, ft_dir)``.

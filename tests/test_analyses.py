@@ -55,14 +55,6 @@ def mann_whitney(pos, neg) -> float:
     return sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in pairs) / len(pairs)
 
 
-@pytest.fixture(autouse=True)
-def _no_show(monkeypatch):
-    def boom(*args, **kwargs):
-        raise AssertionError("Figure.show() was called by the library")
-
-    monkeypatch.setattr(go.Figure, "show", boom)
-
-
 @pytest.fixture(scope="module")
 def pair(checkpoint_pair):
     pt_dir, ft_dir = checkpoint_pair("llama")

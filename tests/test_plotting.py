@@ -36,16 +36,6 @@ STR_TOKENS = [
 PROMPTS = ["<i>first</i> prompt", "second prompt", "third"]
 
 
-@pytest.fixture(autouse=True)
-def _no_show(monkeypatch):
-    """No library function may call Figure.show()."""
-
-    def boom(*args, **kwargs):
-        raise AssertionError("Figure.show() was called by the library")
-
-    monkeypatch.setattr(go.Figure, "show", boom)
-
-
 @pytest.fixture(scope="module")
 def dec() -> Decomposition:
     tokens = random_tokens(3, 7)

@@ -29,7 +29,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -44,7 +43,7 @@ import plotly.graph_objects as go
 import torch
 from tqdm.auto import tqdm
 
-from tuco_lens.analyses._common import check_int, check_pair
+from tuco_lens.analyses._common import check_int, check_pair, read_jsonl
 from tuco_lens.errors import InputError, InputTypeError
 from tuco_lens.hooks import check_alpha
 from tuco_lens.pair import TuCoPair
@@ -141,15 +140,7 @@ def read_items(items: Any) -> list[ChoiceItem]:
                 f"Items given as a string must be the path of a JSONL file; {str(path)!r} does not "
                 "exist. Pass a list of items or a DataFrame otherwise."
             )
-        rows = []
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise InputError(f"{path}:{number} is not valid JSON ({exc.msg}).") from None
+        rows = read_jsonl(path, [])
         return [_check_item(row, f"{path}:{k + 1} (item {k})") for k, row in enumerate(rows)] or _empty()
     if isinstance(items, pd.DataFrame):
         missing = [c for c in ("prompt", "options", "answer_index") if c not in items.columns]
