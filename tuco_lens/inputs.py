@@ -34,6 +34,7 @@ __all__ = [
     "last_real_index",
     "length_sorted_batches",
     "to_left_padding",
+    "encode_prompt",
 ]
 
 Inputs = str | Sequence[str] | Tensor
@@ -168,7 +169,7 @@ def prepare_batch(
                 "builds their mask itself. Drop attention_mask, or pass tokens."
             )
         prompts = _as_prompt_list(inputs)
-        ids = [_encode(model, p, chat_template, prepend_bos) for p in prompts]
+        ids = [_encode_checked(model, p, chat_template, prepend_bos) for p in prompts]
         batch = _pad(model, ids, padding_side, prompts)
     device = _input_device(model)
     return TokenBatch(batch.tokens.to(device), batch.attention_mask.to(device), batch.prompts)
@@ -235,9 +236,14 @@ def _as_prompt_list(inputs: object) -> list[str]:
     return prompts
 
 
-def _encode(
-    model: HookedTransformer, prompt: str, chat_template: bool, prepend_bos: bool | None
+def encode_prompt(
+    model: HookedTransformer, prompt: str, chat_template: bool = False, prepend_bos: bool | None = None
 ) -> list[int]:
+    """Token ids of one prompt, with the rules of :func:`prepare_batch` (no length check).
+
+    Example:
+        >>> encode_prompt(pair.ft, "the cat")      # [bos, the, cat] for a BOS-prepending model
+    """
     tokenizer = model.tokenizer
     if tokenizer is None:
         raise InputError(
@@ -264,6 +270,13 @@ def _encode(
         ids = ids.tolist()
     if not ids:
         raise InputError(f"Prompt {prompt!r} tokenizes to no tokens.")
+    return ids
+
+
+def _encode_checked(
+    model: HookedTransformer, prompt: str, chat_template: bool, prepend_bos: bool | None
+) -> list[int]:
+    ids = encode_prompt(model, prompt, chat_template, prepend_bos)
     if len(ids) > model.cfg.n_ctx:
         raise InputError(
             f"A prompt has {len(ids)} tokens, more than the model's context of {model.cfg.n_ctx}:"

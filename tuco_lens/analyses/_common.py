@@ -18,6 +18,7 @@ import torch
 
 from tuco_lens.decomposition import check_norm
 from tuco_lens.errors import InputError, InputTypeError
+from tuco_lens.inputs import encode_prompt
 from tuco_lens.metrics import roc_auc, tpr_at_fpr
 from tuco_lens.pair import TuCoPair
 
@@ -247,14 +248,7 @@ def score(
 
 def n_prompt_tokens(pair: TuCoPair, prompt: str, prepend_bos: bool | None = None) -> int:
     """Number of tokens ``pair.tokenize(prompt, prepend_bos=...)`` gives, without its length check."""
-    model = pair.ft
-    tokenizer = model.tokenizer
-    if tokenizer is None:
-        raise InputError("The fine-tuned model has no tokenizer, so prompt strings cannot be tokenized.")
-    bos = model.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
-    if prepend_bos is None and tokenizer.bos_token and prompt.startswith(tokenizer.bos_token):
-        bos = False
-    return int(model.to_tokens(prompt, prepend_bos=bos, truncate=False, move_to_device=False).shape[1])
+    return len(encode_prompt(pair.ft, prompt, prepend_bos=prepend_bos))
 
 
 # ---------------------------------------------------------------------------------- statistics
