@@ -93,3 +93,17 @@ def test_demo_scores_equal_the_library(report):
     expected = pair.tuco(harmful)
     got = scores[scores.set == "harmful"].sort_values("index").tuco.tolist()[:5]
     assert got == pytest.approx(expected.tolist(), abs=1e-6)
+
+
+def test_refusal_rate_equals_a_recount():
+    from tuco_lens.demo.refusals import refusal_budget, refusal_rate
+
+    pair = demo.load_pair()
+    prompts = demo.prompt_sets()["harmful"][:6] + demo.prompt_sets()["harmful_lang2"][:6]
+    n_new = len(pair.tokenizer(demo.REFUSAL, add_special_tokens=False).input_ids) + 1
+    assert refusal_budget(pair) == n_new
+    for alpha in (0.0, 1.0):
+        completions = pair.generate(prompts, alpha=alpha, max_new_tokens=n_new)
+        recount = sum(" ".join(c.split()).startswith(demo.REFUSAL) for c in completions) / len(prompts)
+        assert refusal_rate(pair, prompts, alpha=alpha) == recount
+    assert refusal_rate(pair, prompts[:6], alpha=1.0) == 1.0 and refusal_rate(pair, prompts[:6], alpha=0.0) == 0.0

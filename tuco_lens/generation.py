@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from tuco_lens.errors import InputError
 from tuco_lens.inputs import TokenBatch, to_left_padding
 
-__all__ = ["generate_tokens"]
+__all__ = ["generate_tokens", "stop_tokens"]
 
 
 @torch.no_grad()
@@ -56,7 +56,7 @@ def generate_tokens(
     batch = to_left_padding(batch)
     tokens, mask = batch.tokens, batch.attention_mask
     n = tokens.shape[0]
-    stop = _stop_tokens(model, stop_at_eos, eos_token_id)
+    stop = stop_tokens(model, stop_at_eos, eos_token_id)
     pad = _fill_token(model, stop)
     cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, n) if use_past_kv_cache else None
     finished = torch.zeros(n, dtype=torch.bool, device=tokens.device)
@@ -84,7 +84,8 @@ def generate_tokens(
     return tokens
 
 
-def _stop_tokens(model: HookedTransformer, stop_at_eos: bool, eos_token_id: int | list[int] | None) -> list[int]:
+def stop_tokens(model: HookedTransformer, stop_at_eos: bool, eos_token_id: int | list[int] | None) -> list[int]:
+    """Token ids that end a row: ``eos_token_id`` if given, else the tokenizer's EOS (none without ``stop_at_eos``)."""
     if not stop_at_eos:
         return []
     if eos_token_id is None:

@@ -14,7 +14,7 @@ from transformer_lens import ActivationCache, HookedTransformer
 from tuco_lens.compatibility import check_compatible
 from tuco_lens.decomposition import Decomposition, DecompositionAccumulator, Norm, check_norm
 from tuco_lens.errors import InputError, InputTypeError
-from tuco_lens.generation import generate_tokens
+from tuco_lens.generation import generate_tokens, stop_tokens
 from tuco_lens.hooks import PairedBlocks, alpha_hooks, alpha_mixer, check_alpha, placed, supports_last_token_path
 from tuco_lens.inputs import Inputs, TokenBatch, length_sorted_batches, prepare_batch, to_left_padding
 
@@ -458,12 +458,7 @@ class TuCoPair:
     def _decode_new(self, new: Tensor, stop_at_eos: bool, eos_token_id) -> list[str]:
         if self.tokenizer is None:
             raise InputError("return_type='str' needs a tokenizer; use return_type='tokens'.")
-        stops: set[int] = set()
-        if stop_at_eos:
-            if eos_token_id is None and self.tokenizer.eos_token_id is not None:
-                stops = {int(self.tokenizer.eos_token_id)}
-            elif eos_token_id is not None:
-                stops = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+        stops = set(stop_tokens(self.ft, stop_at_eos, eos_token_id))
         texts = []
         for row in new.tolist():
             cut = next((i for i, t in enumerate(row) if t in stops), len(row))

@@ -26,6 +26,7 @@ from tuco_lens.analyses import (
     suffix_search,
     suffix_transform,
 )
+from tuco_lens.demo.refusals import refusal_budget, refusal_rate
 from tuco_lens.pair import TuCoPair
 
 __all__ = ["PaperAnalyses", "run_paper_analyses", "MANY_SHOT_KS"]
@@ -110,7 +111,7 @@ def run_paper_analyses(pair: TuCoPair, *, suffix_steps: int = 20, show_progress:
     sets = demo.prompt_sets()
     forbidden = [r for r in demo.requests("heldout", [demo.FORBIDDEN_TOPIC])]
     requests = [r.text for r in forbidden]
-    n_refusal = len(pair.tokenizer(demo.REFUSAL, add_special_tokens=False).input_ids) + 1
+    n_refusal = refusal_budget(pair)
 
     prompt_sets = compare_prompt_sets(
         pair, {name: sets[name] for name in ("web", "chat", "harmful", "harmful_lang2")}, batch_size=64
@@ -157,10 +158,10 @@ def run_paper_analyses(pair: TuCoPair, *, suffix_steps: int = 20, show_progress:
     steering_max = steer_with_cv(pair, items, objective="maximize", seed=0)
     steering_min = steer_with_cv(pair, items, objective="minimize", seed=0)
     outputco = compare_tuco_outputco(pair, {name: sets[name] for name in ("web", "chat", "harmful")}, batch_size=64)
-    refusal_rates = {}
-    for name, rows in transformations.table.groupby("transformation", sort=False):
-        completions = pair.generate(rows.prompt.tolist(), chat_template=True, max_new_tokens=n_refusal)
-        refusal_rates[name] = sum(map(demo.is_refusal, completions)) / len(completions)
+    refusal_rates = {
+        name: refusal_rate(pair, rows.prompt.tolist(), chat_template=True)
+        for name, rows in transformations.table.groupby("transformation", sort=False)
+    }
     return PaperAnalyses(
         prompt_sets=prompt_sets,
         many_shot=many_shot,

@@ -17,6 +17,7 @@ import plotly.graph_objects as go
 from tqdm.auto import tqdm
 
 from tuco_lens.demo.paper import MANY_SHOT_KS, PaperAnalyses, run_paper_analyses
+from tuco_lens.demo.refusals import refusal_rate
 from tuco_lens.metrics import roc_auc
 from tuco_lens.pair import TuCoPair
 from tuco_lens.plotting import (
@@ -102,15 +103,11 @@ def refusal_sweep(
     Returns:
         Columns ``alpha`` and ``refusal_rate_<set>`` for each set in ``prompts``.
     """
-    from tuco_lens.demo import REFUSAL, is_refusal
-
-    n_new = len(pair.tokenizer(REFUSAL, add_special_tokens=False).input_ids) + 1
     rows = []
     for alpha in tqdm(alphas, disable=not show_progress, desc="α sweep"):
         row = {"alpha": float(alpha)}
         for name, texts in prompts.items():
-            completions = pair.generate(texts, alpha=alpha, max_new_tokens=n_new)
-            row[f"refusal_rate_{name}"] = sum(map(is_refusal, completions)) / len(completions)
+            row[f"refusal_rate_{name}"] = refusal_rate(pair, texts, alpha=alpha)
         rows.append(row)
     return pd.DataFrame(rows)
 

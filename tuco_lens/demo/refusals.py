@@ -1,0 +1,29 @@
+"""Measuring the demo's refusal behaviour with a pair: one rule for every demo number."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tuco_lens.demo.world import REFUSAL, is_refusal
+from tuco_lens.pair import TuCoPair
+
+__all__ = ["refusal_budget", "refusal_rate"]
+
+
+def refusal_budget(pair: TuCoPair) -> int:
+    """New tokens needed to tell a refusal: the length of :data:`REFUSAL` plus one."""
+    return len(pair.tokenizer(REFUSAL, add_special_tokens=False).input_ids) + 1
+
+
+def refusal_rate(
+    pair: TuCoPair, prompts: Sequence[str], *, alpha: float = 1.0, chat_template: bool = False
+) -> float:
+    """Share of greedy completions (α-scaled) that start with :data:`REFUSAL`.
+
+    Example:
+        >>> refusal_rate(pair, demo.prompt_sets()["harmful"], alpha=0.5)
+    """
+    completions = pair.generate(
+        list(prompts), alpha=alpha, max_new_tokens=refusal_budget(pair), chat_template=chat_template
+    )
+    return sum(map(is_refusal, completions)) / len(completions)
