@@ -79,6 +79,19 @@ def checkpoint_pair(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., t
     return make
 
 
+def available_backends() -> list[str]:
+    """The model classes this transformer-lens offers: both on 3.x, the bridge only on 4.x."""
+    from tuco_lens.backend import HAS_HOOKED_TRANSFORMER
+
+    return ["hooked", "bridge"] if HAS_HOOKED_TRANSFORMER else ["bridge"]
+
+
+@pytest.fixture(scope="session", params=available_backends())
+def backend(request: pytest.FixtureRequest) -> str:
+    """``"hooked"`` (HookedTransformer) or ``"bridge"`` (TransformerBridge), parametrized."""
+    return request.param
+
+
 @pytest.fixture(scope="session", params=ARCHITECTURES)
 def arch_pair(request: pytest.FixtureRequest, checkpoint_pair) -> tuple[str, Path, Path]:
     """``(arch, pt_dir, ft_dir)`` for every architecture (parametrized)."""

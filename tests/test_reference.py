@@ -1,7 +1,8 @@
 """tuco_lens against the independent Hugging Face reference (tests/hf_reference.py), every architecture.
 
 Checkpoints are written to temporary directories with misleading names and loaded through
-``tuco_lens.load_pair``, like a user's local fine-tune.
+``tuco_lens.load_pair``, like a user's local fine-tune, as HookedTransformers and as
+TransformerBridges (the same tests, both backends; only the bridge on transformer-lens 4.x).
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ TOL = dict(atol=1e-4, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")
-def loaded(arch_pair):
+def loaded(arch_pair, backend):
     arch, pt_dir, ft_dir = arch_pair
-    pair = tuco_lens.load_pair(str(pt_dir), str(ft_dir))
+    pair = tuco_lens.load_pair(str(pt_dir), str(ft_dir), backend=backend)
+    assert pair.backend.name == {"hooked": "HookedTransformer", "bridge": "TransformerBridge"}[backend]
     hf = [
         AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager").eval() for d in (pt_dir, ft_dir)
     ]

@@ -1,4 +1,4 @@
-"""Can two HookedTransformers form a TuCo pair?
+"""Can two TransformerLens models form a TuCo pair?
 
 TuCo runs the pre-trained model's blocks on the fine-tuned model's residual stream, so both
 models must share the architecture, the vocabulary, the device, the dtype and the way their
@@ -18,7 +18,7 @@ import warnings
 from typing import Any
 
 import torch
-from transformer_lens import HookedTransformer
+from tuco_lens.backend import model_kind
 
 from tuco_lens.errors import IncompatiblePairError, InputTypeError
 
@@ -29,6 +29,8 @@ __all__ = [
     "describe_differences",
     "processing_of",
 ]
+
+Model = Any  # a HookedTransformer or a TransformerBridge
 
 #: Name of the attribute where tuco_lens records how it processed a model's weights.
 PROCESSING_ATTR = "tuco_processing"
@@ -60,7 +62,7 @@ _LEARNED_POSITIONS = ("standard", "shortformer")
 _CENTRED_FRACTION = 0.05
 
 
-def _cfg_value(model: HookedTransformer, field: str) -> Any:
+def _cfg_value(model: Model, field: str) -> Any:
     cfg = model.cfg
     if field == "n_key_value_heads":  # TransformerLens writes None for "same as n_heads"
         return cfg.n_key_value_heads or cfg.n_heads
@@ -79,7 +81,7 @@ def _is_centred(matrix: torch.Tensor) -> bool | None:
     return bool((row_means <= threshold).all())
 
 
-def processing_of(model: HookedTransformer) -> dict[str, bool | None]:
+def processing_of(model: Model) -> dict[str, bool | None]:
     """How a model's weights were processed: recorded by tuco_lens, else inferred.
 
     Models loaded by :func:`tuco_lens.loading.load_model` carry a record of the flags that took
@@ -90,7 +92,8 @@ def processing_of(model: HookedTransformer) -> dict[str, bool | None]:
     an RMSNorm model, folding biases that are all zero) is reported as ``False``.
 
     Args:
-        model: Any HookedTransformer (or subclass).
+        model: Any HookedTransformer (or subclass) or TransformerBridge (which runs the Hugging
+            Face weights unprocessed unless ``enable_compatibility_mode`` processed them).
 
     Returns:
         A dict with the keys of :data:`PROCESSING_FLAGS`; values ``True``, ``False`` or ``None``.
@@ -102,6 +105,10 @@ def processing_of(model: HookedTransformer) -> dict[str, bool | None]:
     recorded = getattr(model, PROCESSING_ATTR, None)
     if isinstance(recorded, dict):
         return {flag: recorded.get(flag) for flag in PROCESSING_FLAGS}
+    if model_kind(model) == "TransformerBridge":
+        # A bridge runs the Hugging Face weights unless compatibility mode processed them.
+        processed = bool(getattr(model, "compatibility_mode", False))
+        return {flag: None if processed else False for flag in PROCESSING_FLAGS}
     cfg = model.cfg
     norm = cfg.normalization_type
     layer_norm = norm in ("LN", "LNPre") and not getattr(cfg, "final_rms", False)
@@ -123,7 +130,7 @@ def processing_of(model: HookedTransformer) -> dict[str, bool | None]:
     }
 
 
-def _architecture_differences(pt: HookedTransformer, ft: HookedTransformer) -> list[str]:
+def _architecture_differences(pt: Model, ft: Model) -> list[str]:
     fields = list(_ARCHITECTURE_FIELDS)
     if _cfg_value(pt, "positional_embedding_type") in _LEARNED_POSITIONS:
         fields.append("n_ctx")  # the learned position table has n_ctx rows
@@ -146,7 +153,38 @@ def _architecture_differences(pt: HookedTransformer, ft: HookedTransformer) -> l
     return messages
 
 
-def _vocabulary_difference(pt: HookedTransformer, ft: HookedTransformer) -> list[str]:
+# Hugging Face config entries that change what a TransformerBridge layer computes (positions,
+# norms, activations, attention variants) beyond the TransformerLens config fields above.
+_HF_COMPUTE_KEYS = (
+    "model_type", "rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor",
+    "rotary_pct", "rotary_emb_base", "sliding_window", "layer_types", "rms_norm_eps",
+    "layer_norm_eps", "layer_norm_epsilon", "hidden_act", "activation_function",
+    "attention_bias", "mlp_bias", "head_dim", "use_parallel_residual", "query_pre_attn_scalar",
+    "attn_logit_softcapping", "scale_attn_weights", "scale_attn_by_inverse_layer_idx",
+)
+
+
+def _hf_config_differences(pt: Model, ft: Model) -> list[str]:
+    if model_kind(ft) != "TransformerBridge":
+        return []
+    config_pt, config_ft = pt.original_model.config, ft.original_model.config
+    messages = []
+    for key in _HF_COMPUTE_KEYS:
+        a, b = getattr(config_pt, key, None), getattr(config_ft, key, None)
+        if a != b:
+            messages.append(
+                f"Hugging Face config {key} differs: pre-trained has {a!r}, fine-tuned has {b!r}; "
+                f"{_SAME_MODEL_HINT}."
+            )
+    if getattr(pt, "compatibility_mode", False) != getattr(ft, "compatibility_mode", False):
+        messages.append(
+            "TransformerBridge compatibility mode differs: call enable_compatibility_mode() with "
+            "the same arguments on both models, or on neither (tuco_lens's default)."
+        )
+    return messages
+
+
+def _vocabulary_difference(pt: Model, ft: Model) -> list[str]:
     if pt.tokenizer is None or ft.tokenizer is None or pt.tokenizer is ft.tokenizer:
         return []
     vocab_pt, vocab_ft = pt.tokenizer.get_vocab(), ft.tokenizer.get_vocab()
@@ -171,16 +209,16 @@ def _vocabulary_difference(pt: HookedTransformer, ft: HookedTransformer) -> list
     ]
 
 
-def _parameter_set(model: HookedTransformer, attribute: str) -> set[Any]:
+def _parameter_set(model: Model, attribute: str) -> set[Any]:
     return {getattr(p, attribute) for p in model.parameters()}
 
 
-def _block_devices(model: HookedTransformer) -> list[set[Any]]:
+def _block_devices(model: Model) -> list[set[Any]]:
     return [{p.device for p in block.parameters()} for block in model.blocks]
 
 
 def _placement_differences(
-    pt: HookedTransformer, ft: HookedTransformer, offload_pt: bool = False
+    pt: Model, ft: Model, offload_pt: bool = False
 ) -> list[str]:
     messages = []
     devices_pt, devices_ft = _parameter_set(pt, "device"), _parameter_set(ft, "device")
@@ -216,7 +254,7 @@ def _placement_differences(
     return messages
 
 
-def _processing_differences(pt: HookedTransformer, ft: HookedTransformer) -> list[str]:
+def _processing_differences(pt: Model, ft: Model) -> list[str]:
     proc_pt, proc_ft = processing_of(pt), processing_of(ft)
     messages = []
     for flag in PROCESSING_FLAGS:
@@ -232,7 +270,7 @@ def _processing_differences(pt: HookedTransformer, ft: HookedTransformer) -> lis
 
 
 def describe_differences(
-    pt: HookedTransformer, ft: HookedTransformer, *, offload_pt: bool = False
+    pt: Model, ft: Model, *, offload_pt: bool = False
 ) -> list[str]:
     """Every reason why ``pt`` and ``ft`` cannot form a TuCo pair.
 
@@ -252,15 +290,23 @@ def describe_differences(
         >>> describe_differences(pt, ft)
         ['cfg.n_layers differs: pre-trained has 2, fine-tuned has 3; ...']
     """
+    kinds = model_kind(pt), model_kind(ft)
+    if kinds[0] != kinds[1]:
+        return [
+            f"model class differs: pre-trained is a {kinds[0]}, fine-tuned a {kinds[1]}; "
+            "load both the same way (tuco_lens.load_pair(pt, ft) or the same TransformerLens "
+            "class for both)."
+        ]
     return (
         _architecture_differences(pt, ft)
+        + _hf_config_differences(pt, ft)
         + _vocabulary_difference(pt, ft)
         + _placement_differences(pt, ft, offload_pt)
         + _processing_differences(pt, ft)
     )
 
 
-def check_compatible(pt: HookedTransformer, ft: HookedTransformer, *, offload_pt: bool = False) -> None:
+def check_compatible(pt: Model, ft: Model, *, offload_pt: bool = False) -> None:
     """Raise if ``pt`` and ``ft`` cannot form a TuCo pair.
 
     Identical models (even the same object) are compatible; their TuCo is 0. If only one model
@@ -274,16 +320,16 @@ def check_compatible(pt: HookedTransformer, ft: HookedTransformer, *, offload_pt
 
     Raises:
         IncompatiblePairError: Listing every difference found by :func:`describe_differences`.
-        InputTypeError: If either argument is not a HookedTransformer.
+        InputTypeError: If either argument is not a HookedTransformer or TransformerBridge.
 
     Example:
         >>> check_compatible(pt, ft)  # returns None when the pair is fine
     """
     for model in (pt, ft):
-        if not isinstance(model, HookedTransformer):
+        if model_kind(model) is None:
             raise InputTypeError(
-                f"expected two HookedTransformer models, got {type(model).__name__}; load "
-                "checkpoints with tuco_lens.load_model"
+                f"expected two HookedTransformer or two TransformerBridge models, got "
+                f"{type(model).__name__}; load checkpoints with tuco_lens.load_model"
             )
     differences = describe_differences(pt, ft, offload_pt=offload_pt)
     if differences:

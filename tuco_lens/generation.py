@@ -1,4 +1,4 @@
-"""Token-by-token generation from a HookedTransformer with an explicit attention mask.
+"""Token-by-token generation from a TransformerLens model with an explicit attention mask.
 
 TransformerLens's own ``generate`` rebuilds the attention mask from pad-token ids, which is
 ambiguous when the pad token is also BOS/EOS (GPT-2). This loop takes the mask tuco_lens built
@@ -8,14 +8,14 @@ while tokenizing, keeps it in the KV cache, and is what ``TuCoPair.generate`` ru
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
-from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-from transformer_lens.utilities.logits_utils import sample_logits
 from tqdm.auto import tqdm
 
+from tuco_lens.backend import backend_of, sample_logits
 from tuco_lens.errors import InputError
 from tuco_lens.inputs import TokenBatch, to_left_padding
 
@@ -24,7 +24,7 @@ __all__ = ["generate_tokens", "stop_tokens"]
 
 @torch.no_grad()
 def generate_tokens(
-    model: HookedTransformer,
+    model: Any,
     batch: TokenBatch,
     *,
     max_new_tokens: int = 20,
@@ -58,14 +58,15 @@ def generate_tokens(
     n = tokens.shape[0]
     stop = stop_tokens(model, stop_at_eos, eos_token_id)
     pad = _fill_token(model, stop)
-    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, n) if use_past_kv_cache else None
+    backend = backend_of(model)
+    cache = backend.new_generation_cache(n) if use_past_kv_cache else None
     finished = torch.zeros(n, dtype=torch.bool, device=tokens.device)
     new_tokens, new_mask = tokens, mask
     for _ in tqdm(range(max_new_tokens), disable=not show_progress, desc="generate"):
         if cache is None:
-            logits = model(tokens, attention_mask=mask, return_type="logits")
+            logits = backend.forward(tokens, mask)
         else:
-            logits = model(new_tokens, attention_mask=new_mask, past_kv_cache=cache, return_type="logits")
+            logits = backend.forward(new_tokens, mask if backend.full_mask_with_cache else new_mask, cache=cache)
         final = logits[:, -1, :]
         if do_sample:
             next_token = sample_logits(final, top_k=top_k, top_p=top_p, temperature=temperature, tokens=tokens)
@@ -84,7 +85,7 @@ def generate_tokens(
     return tokens
 
 
-def stop_tokens(model: HookedTransformer, stop_at_eos: bool, eos_token_id: int | list[int] | None) -> list[int]:
+def stop_tokens(model: Any, stop_at_eos: bool, eos_token_id: int | list[int] | None) -> list[int]:
     """Token ids that end a row: ``eos_token_id`` if given, else the tokenizer's EOS (none without ``stop_at_eos``)."""
     if not stop_at_eos:
         return []
@@ -94,7 +95,7 @@ def stop_tokens(model: HookedTransformer, stop_at_eos: bool, eos_token_id: int |
     return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(i) for i in eos_token_id]
 
 
-def _fill_token(model: HookedTransformer, stop: list[int]) -> int:
+def _fill_token(model: Any, stop: list[int]) -> int:
     pad = getattr(model.tokenizer, "pad_token_id", None)
     if pad is not None:
         return int(pad)

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
+from tuco_lens.backend import backend_of
 from tuco_lens.errors import InputError, InputTypeError
 
 __all__ = [
@@ -36,6 +36,8 @@ __all__ = [
     "to_left_padding",
     "encode_prompt",
 ]
+
+Model = Any  # a HookedTransformer or a TransformerBridge
 
 Inputs = str | Sequence[str] | Tensor
 
@@ -116,7 +118,7 @@ def to_left_padding(batch: TokenBatch) -> TokenBatch:
 
 
 def prepare_batch(
-    model: HookedTransformer,
+    model: Model,
     inputs: Inputs,
     *,
     attention_mask: Tensor | None = None,
@@ -209,8 +211,8 @@ def length_sorted_batches(
         start += size
 
 
-def _input_device(model: HookedTransformer) -> torch.device:
-    return model.embed.W_E.device
+def _input_device(model: Model) -> torch.device:
+    return backend_of(model).input_device()
 
 
 def _as_prompt_list(inputs: object) -> list[str]:
@@ -237,7 +239,7 @@ def _as_prompt_list(inputs: object) -> list[str]:
 
 
 def encode_prompt(
-    model: HookedTransformer, prompt: str, chat_template: bool = False, prepend_bos: bool | None = None
+    model: Model, prompt: str, chat_template: bool = False, prepend_bos: bool | None = None
 ) -> list[int]:
     """Token ids of one prompt, with the rules of :func:`prepare_batch` (no length check).
 
@@ -274,7 +276,7 @@ def encode_prompt(
 
 
 def _encode_checked(
-    model: HookedTransformer, prompt: str, chat_template: bool, prepend_bos: bool | None
+    model: Model, prompt: str, chat_template: bool, prepend_bos: bool | None
 ) -> list[int]:
     ids = encode_prompt(model, prompt, chat_template, prepend_bos)
     if len(ids) > model.cfg.n_ctx:
@@ -285,7 +287,7 @@ def _encode_checked(
     return ids
 
 
-def _pad_id(model: HookedTransformer) -> int:
+def _pad_id(model: Model) -> int:
     tok = model.tokenizer
     for candidate in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None)):
         if candidate is not None:
@@ -294,7 +296,7 @@ def _pad_id(model: HookedTransformer) -> int:
 
 
 def _pad(
-    model: HookedTransformer, ids: list[list[int]], side: str, prompts: list[str]
+    model: Model, ids: list[list[int]], side: str, prompts: list[str]
 ) -> TokenBatch:
     width = max(len(row) for row in ids)
     tokens = torch.full((len(ids), width), _pad_id(model), dtype=torch.long)
@@ -307,7 +309,7 @@ def _pad(
 
 
 def _batch_from_tensor(
-    model: HookedTransformer, tokens: Tensor, attention_mask: Tensor | None
+    model: Model, tokens: Tensor, attention_mask: Tensor | None
 ) -> TokenBatch:
     if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
         raise InputTypeError(
@@ -364,7 +366,7 @@ def _check_mask(mask: Tensor, tokens: Tensor) -> Tensor:
     return mask
 
 
-def _refuse_unmasked_padding(model: HookedTransformer, tokens: Tensor) -> None:
+def _refuse_unmasked_padding(model: Model, tokens: Tensor) -> None:
     """Refuse a batch that looks padded (pad-token runs of different lengths) without a mask."""
     tok = model.tokenizer
     pad = getattr(tok, "pad_token_id", None) if tok is not None else None

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import ActivationCache, HookedTransformer
 
+from tuco_lens.backend import ActivationCache, backend_of, model_kind
 from tuco_lens.compatibility import check_compatible
 from tuco_lens.decomposition import Decomposition, DecompositionAccumulator, Norm, check_norm
 from tuco_lens.errors import InputError, InputTypeError
@@ -20,15 +20,19 @@ from tuco_lens.inputs import Inputs, TokenBatch, length_sorted_batches, prepare_
 
 __all__ = ["TuCoPair"]
 
+Model = Any  # a HookedTransformer or a TransformerBridge
+
 _PER_POSITION = ("ptc_norm", "ftc_norm", "ptc_cum_norm", "ftc_cum_norm", "beta")
 
 
 class TuCoPair:
     """A pre-trained model ``pt`` and its fine-tuned version ``ft``, ready for TuCo.
 
-    Both are ordinary ``HookedTransformer`` objects (``pair.pt``, ``pair.ft``): run them,
-    hook them and cache them as usual. The pair checks at construction that they can be
-    compared (same architecture, vocabulary, weight processing, device and dtype).
+    Both are ordinary TransformerLens models (``pair.pt``, ``pair.ft``): two
+    ``HookedTransformer`` objects or two ``TransformerBridge`` objects (transformer-lens 4.x);
+    run them, hook them and cache them as usual. The pair checks at construction that they can
+    be compared (same model class, architecture, vocabulary, weight processing, device and
+    dtype).
 
     Args:
         pt: The pre-trained model.
@@ -47,22 +51,24 @@ class TuCoPair:
         tensor([0.2718])
     """
 
-    def __init__(self, pt: HookedTransformer, ft: HookedTransformer, *, offload_pt: bool = False) -> None:
+    def __init__(self, pt: Model, ft: Model, *, offload_pt: bool = False) -> None:
         for name, model in (("pt", pt), ("ft", ft)):
-            if not isinstance(model, HookedTransformer):
+            if model_kind(model) is None:
                 raise InputTypeError(
-                    f"TuCoPair({name}=...) needs a HookedTransformer, got {type(model).__name__}. "
-                    "Use tuco_lens.load_pair(...) to load names, directories or transformers models."
+                    f"TuCoPair({name}=...) needs a HookedTransformer or TransformerBridge, got "
+                    f"{type(model).__name__}. Use tuco_lens.load_pair(...) to load names, "
+                    "directories, adapters or transformers models."
                 )
         check_compatible(pt, ft, offload_pt=offload_pt)
         self.pt = pt
         self.ft = ft
         self.offload_pt = offload_pt
+        self.backend = backend_of(ft)
 
     def __repr__(self) -> str:
         return (
             f"TuCoPair(pt={self.pt.cfg.model_name!r}, ft={self.ft.cfg.model_name!r}, "
-            f"n_layers={self.n_layers}, d_model={self.ft.cfg.d_model})"
+            f"n_layers={self.n_layers}, d_model={self.ft.cfg.d_model}, backend={self.backend.name!r})"
         )
 
     @property
@@ -256,11 +262,7 @@ class TuCoPair:
                 self.pt, self.ft, acc.add, writes=False, pt_last_only=last_only, offload_pt=self.offload_pt
             )
             with torch.no_grad(), paired:
-                self.ft(
-                    sub.tokens,
-                    attention_mask=sub.attention_mask,
-                    stop_at_layer=self.n_layers,  # the final norm and unembedding are not needed
-                )
+                self.backend.forward(sub.tokens, sub.attention_mask, logits=False)
             yield rows, cols, acc
 
     @torch.no_grad()
@@ -285,17 +287,13 @@ class TuCoPair:
             )
         mask = batch.attention_mask
         acc = DecompositionAccumulator(self.n_layers, mask, norm, "all", dtype)
-        spe = None
-        if self.pt.cfg.positional_embedding_type == "shortformer":
-            spe = self.pt.pos_embed(batch.tokens, 0, mask)
+        pt_backend = backend_of(self.pt)
+        calls = self.backend.block_calls(batch.tokens, mask)
         for layer in range(self.n_layers):
             x = streams[layer]
-            with placed(self.pt.blocks[layer], x.device, self.offload_pt) as (block, device):
-                pt_post = block(
-                    x.to(device),
-                    attention_mask=mask.to(device),
-                    shortformer_pos_embed=None if spe is None else spe.to(device),
-                )
+            call = calls[layer]
+            with placed(pt_backend.blocks[layer], x.device, self.offload_pt) as (block, device):
+                pt_post = self.backend.call_pt_block(block, layer, call, x.to(device), 0)
             acc.add(layer, x, pt_post, streams[layer + 1])
         out = {"tuco": acc.tuco()}
         out["ptc_sum"], out["ftc_sum"] = acc.last_token_sums()
@@ -392,7 +390,7 @@ class TuCoPair:
             padding_side=padding_side,
         )
         with self.scaled(alpha):
-            return self.ft(batch.tokens, attention_mask=batch.attention_mask, return_type="logits")
+            return self.backend.forward(batch.tokens, batch.attention_mask)
 
     def generate(
         self,

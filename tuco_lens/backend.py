@@ -1,0 +1,464 @@
+"""Every TransformerLens call of tuco_lens, for both of its model classes.
+
+tuco_lens runs on two kinds of TransformerLens model:
+
+* ``HookedTransformer`` (transformer-lens 3.x): TransformerLens's own re-implementation of the
+  blocks, with its own KV cache (one ``TransformerLensKeyValueCacheEntry`` per block);
+* ``TransformerBridge`` (transformer-lens 3.9 and the only model class of 4.x): the Hugging Face
+  model itself, its decoder layers wrapped in ``BlockBridge`` modules with hook points, and the
+  Hugging Face ``Cache`` object shared by all layers.
+
+The rest of the package asks this module, through :func:`backend_of`, for the few things that
+differ: where a block's ``hook_resid_pre``/``hook_resid_post`` live, how to call a pre-trained
+block on the fine-tuned stream with the fine-tuned call's mask and positions, how to give the
+pre-trained blocks a KV cache paired with the fine-tuned one, and how to run a forward pass.
+With transformer-lens 4.x installed, ``HookedTransformer`` is ``None`` here and everything goes
+through the bridge.
+
+Example:
+    >>> backend = backend_of(model)
+    >>> backend.name, backend.resid_pre(model.blocks[0]).name
+    ('HookedTransformer', 'blocks.0.hook_resid_pre')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import transformers
+from torch import Tensor
+from transformer_lens import ActivationCache
+from transformer_lens.hook_points import HookPoint
+from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.utilities.logits_utils import sample_logits
+
+from tuco_lens.errors import InputTypeError, TuCoError
+
+try:  # transformer-lens 3.x; removed in 4.0
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens import loading_from_pretrained as tl_loading
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+except ImportError:  # pragma: no cover - exercised by the transformer-lens 4.x CI job
+    HookedTransformer = None  # type: ignore[assignment,misc]
+    HookedTransformerConfig = None  # type: ignore[assignment,misc]
+    tl_loading = None  # type: ignore[assignment]
+    TransformerLensKeyValueCache = None  # type: ignore[assignment,misc]
+    TransformerLensKeyValueCacheEntry = None  # type: ignore[assignment,misc]
+
+__all__ = [
+    "ActivationCache",
+    "Backend",
+    "BlockCall",
+    "BridgeBackend",
+    "HAS_HOOKED_TRANSFORMER",
+    "HookPoint",
+    "HookedBackend",
+    "HookedTransformer",
+    "HookedTransformerConfig",
+    "TransformerBridge",
+    "backend_of",
+    "bridge_from_hf",
+    "is_model",
+    "model_kind",
+    "sample_logits",
+    "tl_loading",
+]
+
+#: True when the installed transformer-lens still has ``HookedTransformer`` (3.x).
+HAS_HOOKED_TRANSFORMER = HookedTransformer is not None
+
+_PT_CACHES = "_tuco_lens_pt_caches"
+
+
+def model_kind(model: Any) -> str | None:
+    """``"HookedTransformer"``, ``"TransformerBridge"`` or None for anything else.
+
+    Example:
+        >>> model_kind(pair.ft)
+        'HookedTransformer'
+    """
+    if HAS_HOOKED_TRANSFORMER and isinstance(model, HookedTransformer):
+        return "HookedTransformer"
+    if isinstance(model, TransformerBridge):
+        return "TransformerBridge"
+    return None
+
+
+def is_model(model: Any) -> bool:
+    """Whether ``model`` is a TransformerLens model tuco_lens can pair."""
+    return model_kind(model) is not None
+
+
+@dataclass
+class BlockCall:
+    """How a fine-tuned block was called in the current forward pass (recorded by a pre-hook).
+
+    ``args``/``kwargs`` are the block's own arguments; ``x`` (filled in by a reader on the
+    block's ``hook_resid_pre``) is the residual stream the block really consumes, after any
+    user hooks.
+    """
+
+    args: tuple
+    kwargs: dict[str, Any]
+    x: Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend:
+    """What tuco_lens needs to know about one model class (see the module docstring)."""
+
+    name = ""
+    #: Whether a cached forward pass takes the mask of every position so far (Hugging Face) or
+    #: of the new positions only (TransformerLens, which keeps the mask in its cache).
+    full_mask_with_cache = False
+
+    def __init__(self, model: Any):
+        self.model = model
+
+    # -- structure --------------------------------------------------------------
+    @property
+    def blocks(self) -> torch.nn.ModuleList:
+        """The model's blocks, in order."""
+        return self.model.blocks
+
+    def resid_pre(self, block: torch.nn.Module) -> HookPoint:
+        """The hook point whose output is the stream the block consumes."""
+        raise NotImplementedError
+
+    def resid_post(self, block: torch.nn.Module) -> HookPoint:
+        """The hook point whose output is the block's output stream."""
+        raise NotImplementedError
+
+    def block_output(self, output: Any) -> Tensor:
+        """The residual stream in what a block's ``forward`` returned."""
+        return output[0] if isinstance(output, tuple) else output
+
+    def input_device(self) -> torch.device:
+        """Where token ids must live for a forward pass."""
+        return self.model.cfg.device if isinstance(self.model.cfg.device, torch.device) else torch.device(
+            self.model.cfg.device or next(self.model.parameters()).device
+        )
+
+    def supports_last_token_path(self) -> bool:
+        """Whether the pre-trained blocks can run at the last position only (exactly)."""
+        return False
+
+    # -- calling a pre-trained block on the fine-tuned stream --------------------
+    def check_call(self, layer: int, call: BlockCall, key: int) -> None:
+        """Validate a recorded call (e.g. that the paired pre-trained KV cache is in step)."""
+
+    def call_pt_block(self, block: torch.nn.Module, layer: int, call: BlockCall, x: Tensor, key: int) -> Tensor:
+        """Run pre-trained ``block`` on ``x`` the way the fine-tuned twin was called."""
+        raise NotImplementedError
+
+    def block_calls(self, tokens: Tensor, attention_mask: Tensor) -> list[BlockCall]:
+        """How each block would be called on ``tokens`` (no KV cache), without running them.
+
+        Used to run the pre-trained blocks on cached fine-tuned activations.
+        """
+        raise NotImplementedError
+
+    # -- forward passes -----------------------------------------------------------
+    def forward(
+        self,
+        tokens: Tensor,
+        attention_mask: Tensor,
+        *,
+        logits: bool = True,
+        cache: Any = None,
+    ) -> Tensor | None:
+        """One forward pass (``cache`` from :meth:`new_generation_cache` for generation)."""
+        raise NotImplementedError
+
+    def new_generation_cache(self, batch_size: int) -> Any:
+        """An empty KV cache for :meth:`forward` during generation."""
+        raise NotImplementedError
+
+
+def _paired(owner: Any, key: int, make: Callable[[], Any]) -> tuple[Any, bool]:
+    """The pre-trained cache attached to fine-tuned cache ``owner`` for the context ``key``."""
+    store = owner.__dict__.setdefault(_PT_CACHES, {})
+    created = key not in store
+    if created:
+        store[key] = make()
+    return store[key], created
+
+
+class HookedBackend(Backend):
+    """TransformerLens's ``HookedTransformer`` (transformer-lens 3.x)."""
+
+    name = "HookedTransformer"
+
+    def resid_pre(self, block: torch.nn.Module) -> HookPoint:
+        return block.hook_resid_pre
+
+    def resid_post(self, block: torch.nn.Module) -> HookPoint:
+        return block.hook_resid_post
+
+    def input_device(self) -> torch.device:
+        return self.model.embed.W_E.device
+
+    def supports_last_token_path(self) -> bool:
+        cfg = self.model.cfg
+        return (
+            cfg.positional_embedding_type in ("standard", "rotary")
+            and not cfg.use_attn_in
+            and not cfg.use_split_qkv_input
+            and getattr(cfg, "clip_qkv", None) is None
+            and not getattr(cfg, "load_in_4bit", False)
+            and not getattr(cfg, "use_attention_sinks", False)
+            and not getattr(cfg, "use_logn_attn", False)
+            and not str(cfg.original_architecture or "").startswith("Olmo")
+            and cfg.attention_dir == "causal"
+        )
+
+    def check_call(self, layer: int, call: BlockCall, key: int) -> None:
+        entry = call.kwargs.get("past_kv_cache_entry")
+        if entry is None:
+            return
+        n_ft = entry.past_keys.shape[1]
+
+        def make() -> Any:
+            if n_ft != 0:
+                raise TuCoError(
+                    f"The fine-tuned KV cache of block {layer} already holds {n_ft} positions "
+                    "computed without tuco_lens, so the pre-trained blocks have no matching cache. "
+                    "Start generation (or build the cache) inside the same pair.scaled() context."
+                )
+            return TransformerLensKeyValueCacheEntry.init_cache_entry(
+                self.model.cfg, entry.past_keys.device, entry.past_keys.shape[0]
+            )
+
+        pt_entry, _ = _paired(entry, key, make)
+        if pt_entry.past_keys.shape[1] != n_ft:
+            raise TuCoError(
+                f"The pre-trained KV cache of block {layer} is out of step with the fine-tuned "
+                f"one ({pt_entry.past_keys.shape[1]} vs {n_ft} positions)."
+            )
+        pt_entry.frozen = entry.frozen
+
+    def call_pt_block(self, block: torch.nn.Module, layer: int, call: BlockCall, x: Tensor, key: int) -> Tensor:
+        device = x.device
+        entry = call.kwargs.get("past_kv_cache_entry")
+        spe = call.kwargs.get("shortformer_pos_embed")
+        mask = call.kwargs.get("attention_mask")
+        return block(
+            x,
+            shortformer_pos_embed=None if spe is None else spe.to(device),
+            past_kv_cache_entry=None if entry is None else entry.__dict__[_PT_CACHES][key],
+            attention_mask=None if mask is None else mask.to(device),
+        )
+
+    def call_pt_block_at_last_token(self, block: torch.nn.Module, call: BlockCall, x: Tensor) -> Tensor:
+        """A block's output at the last position only, reading keys and values at every position.
+
+        Attention at the last position needs keys and values of all positions, but its query,
+        the output projection and the MLP only at the last one: most of a block's arithmetic is
+        skipped. The prefix's keys and values go through TransformerLens's own KV-cache path
+        (the cache holds pre-rotary keys), so masking and rotary positions are
+        TransformerLens's. Rows must be left padded (the last position is every row's last real
+        token). Returns ``[batch, 1, d_model]``.
+        """
+        if call.kwargs.get("past_kv_cache_entry") is not None:
+            raise TuCoError("The last-token path cannot run with a KV cache.")
+        mask = call.kwargs.get("attention_mask")
+        mask = None if mask is None else mask.to(x.device)
+        normed = block.ln1(x[:, :-1])
+        _, keys, values = block.attn.calculate_qkv_matrices(normed[:, :0], normed, normed)
+        entry = TransformerLensKeyValueCacheEntry(past_keys=keys, past_values=values, frozen=True)
+        return block(x[:, -1:], past_kv_cache_entry=entry, attention_mask=mask)
+
+    def block_calls(self, tokens: Tensor, attention_mask: Tensor) -> list[BlockCall]:
+        spe = None
+        if self.model.cfg.positional_embedding_type == "shortformer":
+            spe = self.model.pos_embed(tokens, 0, attention_mask)
+        kwargs = {"attention_mask": attention_mask, "shortformer_pos_embed": spe}
+        return [BlockCall((), dict(kwargs)) for _ in self.blocks]
+
+    def forward(self, tokens, attention_mask, *, logits=True, cache=None):
+        if not logits:
+            return self.model(
+                tokens, attention_mask=attention_mask, stop_at_layer=self.model.cfg.n_layers
+            )
+        return self.model(tokens, attention_mask=attention_mask, past_kv_cache=cache, return_type="logits")
+
+    def new_generation_cache(self, batch_size: int) -> Any:
+        return TransformerLensKeyValueCache.init_cache(self.model.cfg, self.model.cfg.device, batch_size)
+
+
+class BridgeBackend(Backend):
+    """TransformerLens's ``TransformerBridge``: Hugging Face decoder layers with hook points.
+
+    A pre-trained layer is called with the fine-tuned layer's own arguments (attention mask,
+    rotary position embeddings, position ids, ...), with the stream replaced by ``x`` and any
+    Hugging Face ``Cache`` replaced by a cache of the pre-trained layers, created empty alongside
+    the fine-tuned one and updated by the same calls, so the two stay in step.
+    """
+
+    name = "TransformerBridge"
+    full_mask_with_cache = True
+
+    def resid_pre(self, block: torch.nn.Module) -> HookPoint:
+        return block.hook_in
+
+    def resid_post(self, block: torch.nn.Module) -> HookPoint:
+        return block.hook_out
+
+    def input_device(self) -> torch.device:
+        return self.model.embed.original_component.weight.device
+
+    def _hf_config(self) -> Any:
+        return self.model.original_model.config
+
+    def check_call(self, layer: int, call: BlockCall, key: int) -> None:
+        for ft_cache in _caches_in(call):
+            n_ft = ft_cache.get_seq_length(layer)
+
+            def make() -> Any:
+                if ft_cache.get_seq_length(0) != 0 or n_ft != 0:
+                    raise TuCoError(
+                        f"The fine-tuned KV cache already holds {ft_cache.get_seq_length(0)} "
+                        "positions computed without tuco_lens, so the pre-trained layers have no "
+                        "matching cache. Start generation (or build the cache) inside the same "
+                        "pair.scaled() context."
+                    )
+                if not isinstance(ft_cache, transformers.DynamicCache):
+                    raise TuCoError(
+                        f"tuco_lens pairs Hugging Face DynamicCache objects, got "
+                        f"{type(ft_cache).__name__}; generate with pair.generate(...) or pass a "
+                        "transformers.DynamicCache."
+                    )
+                return transformers.DynamicCache(config=self._hf_config())
+
+            pt_cache, _ = _paired(ft_cache, key, make)
+            if pt_cache.get_seq_length(layer) != n_ft:
+                raise TuCoError(
+                    f"The pre-trained KV cache of layer {layer} is out of step with the fine-tuned "
+                    f"one ({pt_cache.get_seq_length(layer)} vs {n_ft} positions)."
+                )
+
+    def call_pt_block(self, block: torch.nn.Module, layer: int, call: BlockCall, x: Tensor, key: int) -> Tensor:
+        device = x.device
+
+        def swap(value: Any) -> Any:
+            if isinstance(value, transformers.Cache):
+                return value.__dict__[_PT_CACHES][key]
+            if isinstance(value, Tensor):
+                return value.to(device)
+            if isinstance(value, tuple):  # (cos, sin) rotary embeddings
+                return tuple(swap(v) for v in value)
+            return value
+
+        if call.args:
+            args = (x,) + tuple(swap(a) for a in call.args[1:])
+            kwargs = {k: swap(v) for k, v in call.kwargs.items()}
+        else:
+            args = ()
+            kwargs = {k: swap(v) for k, v in call.kwargs.items()}
+            kwargs["hidden_states"] = x
+        return self.block_output(block(*args, **kwargs))
+
+    def block_calls(self, tokens: Tensor, attention_mask: Tensor) -> list[BlockCall]:
+        layer_types = getattr(self._hf_config(), "layer_types", None)
+        if layer_types and len(set(layer_types)) > 1:
+            raise TuCoError(
+                f"decompose(cache) cannot rebuild the per-layer attention masks of this model "
+                f"(layer types {sorted(set(layer_types))}); pass the tokens instead: "
+                "pair.decompose(tokens)."
+            )
+        captured: list[BlockCall] = []
+
+        class _Captured(Exception):
+            pass
+
+        def capture(block: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            captured.append(BlockCall(args, kwargs))
+            raise _Captured
+
+        handle = self.blocks[0].register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            self.forward(tokens, attention_mask, logits=False)
+        except _Captured:
+            pass
+        finally:
+            handle.remove()
+        call = captured[0]
+        return [BlockCall(call.args, dict(call.kwargs)) for _ in self.blocks]
+
+    def forward(self, tokens, attention_mask, *, logits=True, cache=None):
+        if cache is None:
+            # No cache is built (an HF model would otherwise allocate one per forward pass).
+            return self.model(tokens, attention_mask=attention_mask, use_cache=False, return_type="logits" if logits else None)
+        return self.model(
+            tokens, attention_mask=attention_mask, past_key_values=cache, use_cache=True, return_type="logits"
+        )
+
+    def new_generation_cache(self, batch_size: int) -> Any:
+        return transformers.DynamicCache(config=self._hf_config())
+
+
+def _caches_in(call: BlockCall) -> list[Any]:
+    values = list(call.args) + list(call.kwargs.values())
+    return [v for v in values if isinstance(v, transformers.Cache)]
+
+
+def bridge_from_hf(
+    hf_model: Any,
+    tokenizer: Any,
+    *,
+    name: str,
+    device: str | torch.device | None,
+    dtype: torch.dtype,
+    n_ctx: int | None = None,
+    default_prepend_bos: bool | None = None,
+) -> TransformerBridge:
+    """Wrap a loaded Hugging Face causal LM in a ``TransformerBridge`` (no weight processing).
+
+    The bridge takes ``hf_model`` over (its layers are wrapped in place): pass a model nobody
+    else uses. Nothing is downloaded: the config comes from ``hf_model``, the tokenizer is the
+    one given.
+
+    Example:
+        >>> bridge = bridge_from_hf(AutoModelForCausalLM.from_pretrained(d), tok, name=d,
+        ...                         device="cpu", dtype=torch.float32)
+    """
+    if tokenizer is None:
+        raise TuCoError(
+            f"a TransformerBridge needs a tokenizer and none was found for {name!r}: pass "
+            "tokenizer=... (a tokenizer or a path) to load_model / load_pair."
+        )
+    origin = str(getattr(hf_model, "name_or_path", "") or "") or name
+    bridge = TransformerBridge.boot_transformers(
+        origin, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype, n_ctx=n_ctx
+    )
+    if default_prepend_bos is not None:
+        bridge.cfg.default_prepend_bos = default_prepend_bos
+    bridge.cfg.model_name = name
+    bridge.eval()
+    return bridge
+
+
+def backend_of(model: Any) -> Backend:
+    """The :class:`Backend` of a ``HookedTransformer`` or ``TransformerBridge``.
+
+    Raises:
+        InputTypeError: ``model`` is neither.
+
+    Example:
+        >>> backend_of(pair.ft).name
+        'HookedTransformer'
+    """
+    kind = model_kind(model)
+    if kind == "HookedTransformer":
+        return HookedBackend(model)
+    if kind == "TransformerBridge":
+        return BridgeBackend(model)
+    raise InputTypeError(
+        f"tuco_lens needs a TransformerLens HookedTransformer or TransformerBridge, got "
+        f"{type(model).__name__}. Use tuco_lens.load_pair(...) to load names, directories or "
+        "transformers models."
+    )
