@@ -206,13 +206,6 @@ def test_directory_without_config_raises(tmp_path):
         load_model(tmp_path / "empty-llama")
 
 
-def test_adapter_directory_explains_merging(tmp_path):
-    (tmp_path / "lora-sft").mkdir()
-    (tmp_path / "lora-sft" / "adapter_config.json").write_text("{}")
-    with pytest.raises(ModelLoadError, match="PEFT adapter.*merge_and_unload"):
-        load_model(tmp_path / "lora-sft")
-
-
 def test_hub_like_missing_path_names_both_readings():
     expected = r"'checkpoints/my-run' from the Hugging Face hub.*no local"
     with pytest.raises(ModelLoadError, match=expected):
