@@ -323,9 +323,10 @@ def test_other_base_than_recorded_is_used_with_a_note(adapter_dirs, tmp_path):
     _assert_matches(pair.decompose(PROMPTS), _reference(other, adapter_dir, batch))
 
 
-def test_ready_hooked_pt_falls_back_to_the_recorded_base(adapter_dirs):
+def test_ready_pt_model_falls_back_to_the_recorded_base(adapter_dirs):
+    """A ready HookedTransformer / TransformerBridge as pt has no checkpoint to merge into."""
     _, base_dir, adapter_dir = adapter_dirs["lora-llama"]
-    with pytest.warns(UserWarning, match="ready HookedTransformer.*recorded base"):
+    with pytest.warns(UserWarning, match=r"ready (HookedTransformer|TransformerBridge), not a checkpoint.*recorded"):
         pair = tuco_lens.load_pair(load_model(base_dir), adapter_dir)
     _assert_matches(pair.decompose(PROMPTS), _reference(base_dir, adapter_dir, pair.tokenize(PROMPTS)))
 
