@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import json
 import os
@@ -28,10 +29,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import transformers
-from transformer_lens import HookedTransformer, HookedTransformerConfig
-from transformer_lens import loading_from_pretrained as tl_loading
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from tuco_lens import adapters
+from tuco_lens.backend import (
+    HAS_HOOKED_TRANSFORMER,
+    HookedTransformer,
+    HookedTransformerConfig,
+    bridge_from_hf,
+    model_kind,
+    tl_loading,
+)
 from tuco_lens.compatibility import PROCESSING_ATTR
 from tuco_lens.errors import InputError, InputTypeError, ModelLoadError
 
@@ -48,6 +56,9 @@ _DTYPES = {
 }
 # owner/name, as the Hugging Face hub spells repository ids.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w-]{0,95}")  # a hub id without owner ("gpt2")
+#: The model classes :func:`load_model` can build.
+BACKENDS = ("auto", "hooked", "bridge")
 # TransformerLens picks Llama/Gemma configs by these substrings of the *path*; keep them out.
 _NAME_TRAPS = ("llama", "gemma")
 # Keyword arguments honoured when tuco_lens converts a Hugging Face model itself.
@@ -93,26 +104,37 @@ def _check_device(device: Any) -> None:
 
 
 def _route(source: Any) -> str:
-    """Which loader handles ``source``: 'hooked', 'hf_model', 'local', 'official' or 'hub'."""
-    if isinstance(source, HookedTransformer):
+    """Which loader handles ``source``: 'hooked', 'hf_model', 'peft_model', 'adapter', 'local',
+    'official' or 'hub'."""
+    kind = model_kind(source)
+    if kind == "HookedTransformer":
         return "hooked"
+    if kind == "TransformerBridge":
+        return "bridge"
     if isinstance(source, transformers.PreTrainedModel):
         return "hf_model"
+    if adapters.is_peft_model(source):
+        return "peft_model"
     if not isinstance(source, (str, os.PathLike)):
         raise InputTypeError(
             f"cannot load a model from {type(source).__name__}; expected a HookedTransformer, a "
-            "transformers PreTrainedModel, a local checkpoint directory, a TransformerLens model "
-            "name or a Hugging Face hub id"
+            "transformers PreTrainedModel, a peft PeftModel, a local checkpoint or PEFT adapter "
+            "directory, a TransformerLens model name or a Hugging Face hub id"
         )
+    if adapters.is_adapter_dir(source):
+        return "adapter"
     path = Path(source).expanduser()
     with contextlib.suppress(OSError, ValueError):  # e.g. names too long for the file system
         if path.exists():
             return "local"
     text = os.fspath(source)
     if isinstance(source, str):
-        with contextlib.suppress(ValueError):
-            tl_loading.get_official_model_name(text)
-            return "official"
+        if tl_loading is not None:
+            with contextlib.suppress(ValueError):
+                tl_loading.get_official_model_name(text)
+                return "official"
+        elif _HUB_NAME.fullmatch(text):  # without TransformerLens names, "gpt2" is a hub id
+            return "hub"
         if _HUB_ID.fullmatch(text) and ".." not in text and "--" not in text:
             return "hub"
     raise ModelLoadError(
@@ -249,8 +271,14 @@ def _convert(
     default_padding_side: str | None = None,
     n_ctx: int | None = None,
     n_devices: int | None = None,
-) -> HookedTransformer:
-    """Build a HookedTransformer from a Hugging Face causal LM, using the model's own config."""
+    backend: str = "hooked",
+) -> Any:
+    """Build a HookedTransformer (or, with ``backend="bridge"``, a TransformerBridge that takes
+    ``hf_model`` over) from a Hugging Face causal LM, using the model's own config."""
+    if backend == "bridge":
+        return _bridge(hf_model, tokenizer, name=name, device=device, dtype=dtype,
+                       processing=processing, default_prepend_bos=default_prepend_bos,
+                       default_padding_side=default_padding_side, n_ctx=n_ctx, n_devices=n_devices)
     hf_config = hf_model.config
     architecture = type(hf_model).__name__
     if hf_config.model_type in _UNSUPPORTED_MODEL_TYPES:
@@ -321,11 +349,184 @@ def _convert(
     return model
 
 
+def _resolve_backend(backend: str) -> str:
+    """``"hooked"`` or ``"bridge"``: what ``backend="auto"`` means with this transformer-lens."""
+    if backend not in BACKENDS:
+        raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+    if backend == "auto":
+        return "hooked" if HAS_HOOKED_TRANSFORMER else "bridge"
+    if backend == "hooked" and not HAS_HOOKED_TRANSFORMER:
+        raise InputError(
+            "backend='hooked' needs HookedTransformer, which transformer-lens 4.x removed: use "
+            "backend='bridge' (or 'auto'), or install transformer-lens>=3,<4."
+        )
+    return backend
+
+
+def _bridge(
+    hf_model: transformers.PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    *,
+    name: str,
+    device: str | torch.device | None,
+    dtype: torch.dtype,
+    processing: dict[str, bool],
+    default_prepend_bos: bool | None,
+    default_padding_side: str | None,
+    n_ctx: int | None,
+    n_devices: int | None,
+) -> Any:
+    """A TransformerBridge around ``hf_model`` (which it takes over), unprocessed."""
+    requested = sorted(flag for flag, on in processing.items() if on)
+    if requested:
+        raise InputError(
+            f"weight processing {requested} is a HookedTransformer option: a TransformerBridge "
+            "runs the Hugging Face weights (the residual stream TuCo measures). For processed "
+            "weights call enable_compatibility_mode(...) the same way on both bridges yourself."
+        )
+    if n_devices is not None:
+        raise InputError(
+            "n_devices is a HookedTransformer option: for a TransformerBridge, load the Hugging "
+            "Face models with device_map=... (hf_model_kwargs={'device_map': ...}) instead."
+        )
+    model = bridge_from_hf(
+        hf_model, tokenizer, name=name, device=device, dtype=dtype, n_ctx=n_ctx,
+        default_prepend_bos=default_prepend_bos,
+    )
+    if default_padding_side is not None:
+        model.tokenizer.padding_side = default_padding_side
+    setattr(model, PROCESSING_ATTR, dict(processing))
+    return model
+
+
 def _load_hf_model(source: str, dtype: torch.dtype, kwargs: dict[str, Any], what: str) -> Any:
     try:
         return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except Exception as error:
         raise ModelLoadError(f"could not load {what}: {error}") from error
+
+
+# --- PEFT adapters: the base model to merge into, the merge (tuco_lens.adapters), conversion ---
+def _note_base_mismatch(adapter: Path, recorded: str | None, used: str) -> None:
+    """Warn (never fail) when an adapter is merged into another base than the one it records."""
+    if not recorded or not used:
+        return
+    same = recorded.rstrip("/") == used.rstrip("/")
+    with contextlib.suppress(OSError, ValueError):
+        if Path(recorded).expanduser().exists() and Path(used).expanduser().exists():
+            same = Path(recorded).expanduser().resolve() == Path(used).expanduser().resolve()
+    if not same:
+        warnings.warn(
+            f"the adapter {str(adapter)!r} records the base model {recorded!r} but is merged into "
+            f"the pre-trained model {used!r}: the fine-tuned model is {used!r} + adapter",
+            UserWarning,
+            stacklevel=5,
+        )
+
+
+def _adapter_base_model(
+    adapter: Path,
+    recorded: str | None,
+    base: Any,
+    dtype: torch.dtype,
+    hf_model_kwargs: dict[str, Any],
+) -> tuple[transformers.PreTrainedModel, bool, str | None]:
+    """The base to merge the adapter directory into: ``(model, owned, tokenizer fallback)``.
+
+    ``base`` (the pair's pre-trained model) wins over the adapter's recorded base; ``owned``
+    says whether the model was loaded here (so it may be merged into in place).
+    """
+    if base is not None:
+        base_route = _route(base)
+        if base_route == "hf_model":
+            origin = str(getattr(base, "name_or_path", "") or "")
+            _note_base_mismatch(adapter, recorded, origin)
+            return base, False, origin if origin and Path(origin).is_dir() else None
+        if base_route in ("adapter", "peft_model"):
+            raise ModelLoadError(
+                f"cannot merge the adapter {str(adapter)!r} into a pre-trained model that is itself "
+                "a PEFT adapter: merge that one first (merge_and_unload(), then save_pretrained)"
+            )
+        if base_route in ("hooked", "bridge"):
+            warnings.warn(
+                f"the pre-trained model is a ready {type(base).__name__}, not a checkpoint: the "
+                f"adapter {str(adapter)!r} is merged into its recorded base {recorded!r} instead",
+                UserWarning,
+                stacklevel=4,
+            )
+        else:
+            base = os.fspath(base)
+            _note_base_mismatch(adapter, recorded, base)
+            recorded = base
+    if not recorded:
+        raise ModelLoadError(
+            f"the adapter {str(adapter)!r} records no base model (base_model_name_or_path): pass "
+            "the base, e.g. load_pair(base, adapter) or load_model(adapter, adapter_base=base)"
+        )
+    route = _route(recorded)
+    if route == "local":
+        text = str(Path(recorded).expanduser().resolve())
+    elif route == "official":
+        text = tl_loading.get_official_model_name(recorded)
+    elif route == "hub":
+        text = recorded
+    else:
+        raise ModelLoadError(
+            f"the base model {recorded!r} of the adapter {str(adapter)!r} is not a checkpoint "
+            "directory or hub id (is it itself an adapter? merge it first)"
+        )
+    model = _load_hf_model(text, dtype, hf_model_kwargs, f"the adapter's base model {text!r}")
+    return model, True, text
+
+
+def _load_adapter(
+    source: Any,
+    route: str,
+    base: Any,
+    *,
+    device: str | torch.device | None,
+    dtype: torch.dtype | None,
+    tokenizer: PreTrainedTokenizerBase | str | os.PathLike | None,
+    processing: dict[str, bool],
+    hf_model_kwargs: dict[str, Any],
+    **conversion_kwargs: Any,
+) -> HookedTransformer:
+    """A PEFT adapter (directory or ``PeftModel``) merged into a copy of its base, converted."""
+    if route == "peft_model":
+        merged = adapters.merge_peft_model(source)  # a merged deep copy; ``source`` is intact
+        parameter = next(merged.parameters())
+        origin = str(getattr(merged, "name_or_path", "") or "")
+        fallback = origin if origin and Path(origin).is_dir() else None
+        name = f"{Path(origin).name or type(merged).__name__}+adapter"
+        device = device if device is not None else str(parameter.device)
+        dtype = dtype or parameter.dtype
+    else:
+        path = Path(source).expanduser().resolve()
+        info = adapters.adapter_info(path)  # refuses prompt tuning before anything is loaded
+        dtype = dtype or torch.float32
+        model, owned, fallback = _adapter_base_model(
+            path, info["base_model_name_or_path"], base, dtype, hf_model_kwargs
+        )
+        merged = adapters.merge_adapter_dir(model, path, copy_base=not owned)
+        del model
+        if any((path / name).exists() for name in _TOKENIZER_FILES):
+            fallback = str(path)  # the fine-tune's own tokenizer (e.g. its chat template)
+        name = path.name
+    tokenizer_kwargs = {k: v for k, v in hf_model_kwargs.items() if k in _TOKENIZER_KWARGS}
+    try:
+        return _convert(
+            merged,
+            _resolve_tokenizer(tokenizer, fallback, **tokenizer_kwargs),
+            name=name,
+            device=device,
+            dtype=dtype,
+            processing=processing,
+            **conversion_kwargs,
+        )
+    finally:
+        del merged
+        gc.collect()
+# --- end of PEFT adapters ---
 
 
 def load_model(
@@ -339,14 +540,16 @@ def load_model(
     center_unembed: bool = False,
     fold_value_biases: bool = False,
     hf_model_kwargs: dict[str, Any] | None = None,
+    adapter_base: Any = None,
+    backend: str = "auto",
     **from_pretrained_kwargs: Any,
-) -> HookedTransformer:
-    """Load ``source`` as a HookedTransformer, without weight processing by default.
+) -> Any:
+    """Load ``source`` as a HookedTransformer or TransformerBridge, without weight processing.
 
     ``source`` may be:
 
-    * a ``HookedTransformer`` (or subclass, e.g. SAE-Lens' ``HookedSAETransformer``): returned
-      as is, the same object. It is moved **in place** only if ``device`` / ``dtype`` are given;
+    * a ``HookedTransformer`` (or subclass, e.g. SAE-Lens' ``HookedSAETransformer``) or a
+      ``TransformerBridge``: returned as is, the same object. It is moved **in place** only if ``device`` / ``dtype`` are given;
       the processing flags and ``tokenizer`` are ignored.
     * a ``transformers`` causal LM object: converted with its own config. The tokenizer comes
       from ``tokenizer`` or, failing that, from ``model.name_or_path`` if that directory holds
@@ -357,6 +560,12 @@ def load_model(
       ``HookedTransformer.from_pretrained_no_processing`` with the flags below.
     * any other Hugging Face hub id (``"lmsys/vicuna-7b-v1.5"``): downloaded with
       ``AutoModelForCausalLM`` and converted with the fine-tune's own config.
+    * a PEFT adapter directory (``adapter_config.json``, no ``config.json``) or a
+      ``peft.PeftModel``: the adapter (LoRA, DoRA, IA3, LoHa, LoKr... anything peft can merge)
+      is merged into a copy of its base (``adapter_base``, else the adapter's recorded
+      ``base_model_name_or_path``; a ``PeftModel`` carries its own) and converted. Neither the
+      base nor the ``PeftModel`` is modified. Needs ``pip install peft``; prompt / prefix tuning
+      adapters are refused (they change no weight). See ``docs/lora.md``.
 
     Models loaded here carry ``model.tuco_processing``, the processing flags that took effect,
     so :func:`tuco_lens.compatibility.check_compatible` can compare them. Supported
@@ -378,6 +587,14 @@ def load_model(
         hf_model_kwargs: Extra keyword arguments for ``AutoModelForCausalLM.from_pretrained``
             (e.g. ``revision``, ``trust_remote_code``); for official names they are passed on
             through ``HookedTransformer.from_pretrained``.
+        adapter_base: For a PEFT adapter directory only: the base model to merge it into
+            (a checkpoint directory, hub id, TransformerLens name or ``transformers`` model,
+            which is copied, never modified). :func:`load_pair` passes its ``pt``.
+        backend: ``"hooked"`` (a HookedTransformer, transformer-lens 3.x), ``"bridge"`` (a
+            ``TransformerBridge`` around the Hugging Face model: the only model class of
+            transformer-lens 4.x; no weight processing flags, no ``n_devices``) or ``"auto"``
+            (default): ``"hooked"`` when HookedTransformer is installed, else ``"bridge"``.
+            Ready models are returned as they are with ``"auto"``. See ``docs/backends.md``.
         **from_pretrained_kwargs: For official names, passed to
             ``HookedTransformer.from_pretrained_no_processing``; otherwise only
             ``default_prepend_bos``, ``default_padding_side``, ``n_ctx`` and ``n_devices``
@@ -385,7 +602,7 @@ def load_model(
             models of a pair with the same value) are accepted.
 
     Returns:
-        A HookedTransformer in eval mode.
+        A HookedTransformer (or TransformerBridge, see ``backend``) in eval mode.
 
     Raises:
         ModelLoadError: A missing path, an unsupported architecture, a failed download...
@@ -398,6 +615,9 @@ def load_model(
         False
     """
     route = _route(source)
+    requested_backend, backend = backend, _resolve_backend(backend)
+    if adapter_base is not None and route != "adapter":
+        raise InputError("adapter_base is only used when source is a PEFT adapter directory")
     _check_device(device)
     dtype = resolve_dtype(dtype)
     hf_model_kwargs = dict(hf_model_kwargs or {})
@@ -408,12 +628,22 @@ def load_model(
         "fold_value_biases": fold_value_biases,
     }
 
-    if route == "hooked":
+    if route in ("hooked", "bridge"):
+        wanted = "HookedTransformer" if backend == "hooked" else "TransformerBridge"
+        if model_kind(source) != wanted and requested_backend != "auto":
+            raise InputTypeError(
+                f"backend={backend!r} asks for a {wanted}, but a ready {model_kind(source)} was "
+                "passed: pass backend='auto' to use it as it is, or load from the checkpoint."
+            )
+        moves = {} if route == "bridge" else {"print_details": False}
         if device is not None:
-            source.to(device, print_details=False)
+            source.to(device, **moves)
         if dtype is not None:
-            source.to(dtype, print_details=False)
+            source.to(dtype, **moves)
         return source
+
+    if route == "official" and backend == "bridge":
+        route, source = "hub", tl_loading.get_official_model_name(source)
 
     if route == "official":
         try:
@@ -440,27 +670,36 @@ def load_model(
             f"accepted: {list(_CONVERSION_KWARGS)}. Pass Hugging Face loading options in "
             "hf_model_kwargs={...}."
         )
+    if route in ("adapter", "peft_model"):
+        return _load_adapter(
+            source,
+            route,
+            adapter_base,
+            device=device,
+            dtype=dtype,
+            tokenizer=tokenizer,
+            processing=processing,
+            hf_model_kwargs=hf_model_kwargs,
+            backend=backend,
+            **from_pretrained_kwargs,
+        )
     if route == "hf_model":
         parameter = next(source.parameters())
         origin = str(getattr(source, "name_or_path", "") or "")
         return _convert(
-            source,
+            copy.deepcopy(source) if backend == "bridge" else source,  # a bridge takes it over
             _resolve_tokenizer(tokenizer, origin if origin and Path(origin).is_dir() else None),
             name=Path(origin).name or type(source).__name__,
             device=device if device is not None else str(parameter.device),
             dtype=dtype or parameter.dtype,
             processing=processing,
+            backend=backend,
             **from_pretrained_kwargs,
         )
 
     dtype = dtype or torch.float32
     if route == "local":
         path = Path(source).expanduser().resolve()
-        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
-            raise ModelLoadError(
-                f"{str(path)!r} holds a PEFT adapter, not a full checkpoint: merge it into its "
-                "base model first (peft's merge_and_unload(), then save_pretrained) and load that"
-            )
         if not (path / "config.json").is_file():
             raise ModelLoadError(
                 f"{str(path)!r} is not a Hugging Face checkpoint directory: expected a directory "
@@ -484,6 +723,7 @@ def load_model(
             device=device,
             dtype=dtype,
             processing=processing,
+            backend=backend,
             **from_pretrained_kwargs,
         )
     finally:
@@ -507,7 +747,9 @@ def load_pair(
 
     Args:
         pt: The pre-trained model (anything :func:`load_model` accepts).
-        ft: The fine-tuned model.
+        ft: The fine-tuned model; may also be a PEFT adapter directory, merged into a copy of
+            ``pt``'s weights (``pt`` itself is not modified), or a ``peft.PeftModel``, merged
+            into a copy of itself.
         device: Device for both models.
         dtype: Dtype for both models.
         tokenizer: One tokenizer for both models (default: each model's own).
@@ -523,12 +765,16 @@ def load_pair(
 
     Example:
         >>> pair = load_pair("./llama-base", "./llama-2-chat-sft", dtype="bfloat16")
+        >>> pair = load_pair("meta-llama/Llama-2-7b-hf", "./my-lora-adapter")  # PEFT adapter
     """
     from tuco_lens.pair import TuCoPair
 
     for source in (pt, ft):  # fail on a bad source before loading anything
         _route(source)
+    ft_is_adapter = _route(ft) == "adapter"
+    if ft_is_adapter:
+        adapters.adapter_info(ft)  # e.g. a prompt-tuning adapter is refused before loading pt
     options = dict(device=device, dtype=dtype, tokenizer=tokenizer, **kwargs)
     pt_model = load_model(pt, **options)
-    ft_model = load_model(ft, **options)
+    ft_model = load_model(ft, **options, **({"adapter_base": pt} if ft_is_adapter else {}))
     return TuCoPair(pt_model, ft_model)
