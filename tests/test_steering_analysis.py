@@ -15,6 +15,7 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
+from hf_reference import reference_alpha_logits
 from tuco_lens import InputError, demo
 from tuco_lens.analyses.steering import (
     DEFAULT_ALPHAS,
@@ -38,11 +39,23 @@ def items():
     return demo.multiple_choice_items(N_ITEMS, lang2=True)
 
 
-def hand_logits(pair, prompt: str, alpha: float) -> torch.Tensor:
-    """Next-token logits of one unpadded prompt, x <- x + PTC + α·FTC written out by hand."""
+@pytest.fixture(scope="module")
+def hf_pair():
+    pt, ft, _ = demo.load_hf_pair()
+    return pt, ft
+
+
+def hand_logits(pair, prompt: str, alpha: float, hf_pair) -> torch.Tensor:
+    """Next-token logits of one unpadded prompt, x <- x + PTC + α·FTC written out by hand.
+
+    HookedTransformer pairs: direct block calls. TransformerBridge pairs (transformer-lens 4.x):
+    the independent Hugging Face reference (tests/hf_reference.py) on the demo checkpoints.
+    """
     ft, pt = pair.ft, pair.pt
     tokens = ft.to_tokens(prompt, prepend_bos=False)  # demo prompts start with "<bos>" already
     assert tokens[0, 0].item() == pair.tokenizer.bos_token_id and (tokens[0] == pair.tokenizer.bos_token_id).sum() == 1
+    if pair.backend.name != "HookedTransformer":
+        return reference_alpha_logits(*hf_pair, tokens, alpha=alpha)[0, -1]
     with torch.no_grad():
         if alpha == 1.0:
             return ft(tokens)[0, -1]
@@ -55,7 +68,7 @@ def hand_logits(pair, prompt: str, alpha: float) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def reference(pair, items):
+def reference(pair, items, hf_pair):
     """{alpha: (correct [n_items] bool, option probabilities list, option logits list)}."""
     vocab = pair.tokenizer.get_vocab()
     out = {}
@@ -63,7 +76,7 @@ def reference(pair, items):
         correct, probs, logits = [], [], []
         for item in items:
             ids = [vocab[o] for o in item.options]
-            z = hand_logits(pair, item.prompt, alpha).double()
+            z = hand_logits(pair, item.prompt, alpha, hf_pair).double()
             option_logits = z[ids]
             correct.append(int(option_logits.argmax()) == item.answer_index)
             probs.append(torch.softmax(z, -1)[ids].numpy())

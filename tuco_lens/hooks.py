@@ -22,6 +22,12 @@ the fine-tuned block); hooks registered **inside** the context (``run_with_hooks
 ``run_with_cache``) run after the scaling and see the scaled stream. Hooks on
 ``hook_resid_pre`` always run before tuco_lens reads ``x_l``. Every hook tuco_lens adds is
 removed on exit, even after an exception.
+
+If ``blocks.{l}.hook_resid_post`` is not a plain ``HookPoint`` (SAE-Lens's ``add_sae`` puts
+an SAE module there), tuco_lens works on that module's **input** instead, through a torch
+forward pre-hook: ``ft_post`` is the block output before the SAE, and in write mode the SAE
+encodes the α-scaled stream. Splicing or removing such a module while the context is active
+raises :class:`TuCoError` (the layer would silently lose its hook). See ``docs/sae-lens.md``.
 """
 
 from __future__ import annotations
@@ -184,6 +190,7 @@ class PairedBlocks:
         self._readers: list[Any] = [None] * n
         self._handles: list[Any] = []
         self._lens_hooks: list[tuple[HookPoint, Callable]] = []
+        self._post_modules: list[torch.nn.Module | None] = [None] * n
         # True while a pre-trained block runs, so that a pt that shares blocks with ft (or is
         # ft itself: identical models) does not re-enter these hooks.
         self._in_pt_block = False
@@ -202,9 +209,11 @@ class PairedBlocks:
                 self._handles.append(
                     block.register_forward_pre_hook(self._pre_hook(layer), with_kwargs=True)
                 )
-                if self.writes:
+                hook_point = self._post_modules[layer] = self.backend.resid_post(block)
+                if not isinstance(hook_point, HookPoint):  # e.g. an SAE spliced in by SAE-Lens
+                    self._handles.append(hook_point.register_forward_pre_hook(self._post_input_hook(layer)))
+                elif self.writes:
                     hook = self._write_hook(layer)
-                    hook_point = self.backend.resid_post(block)
                     hook_point.add_hook(hook, dir="fwd", is_permanent=True)
                     self._lens_hooks.append((hook_point, hook))
                 else:
@@ -240,6 +249,12 @@ class PairedBlocks:
         def pre_hook(block: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             if self._in_pt_block:
                 return
+            if self.backend.resid_post(block) is not self._post_modules[layer]:
+                raise TuCoError(
+                    f"blocks.{layer}.hook_resid_post was replaced (an SAE spliced in or removed, e.g. "
+                    "by run_with_saes) while tuco_lens was active. Splice SAEs before entering "
+                    "pair.scaled() (see docs/sae-lens.md)."
+                )
             call = BlockCall(args, kwargs)
             self.backend.check_call(layer, call, id(self))
             self._calls[layer] = call
@@ -297,6 +312,29 @@ class PairedBlocks:
 
         return write_hook
 
+    def _post_input_hook(self, layer: int) -> Callable:
+        """Torch pre-hook on a non-HookPoint ``hook_resid_post`` (an SAE): acts on its input."""
+
+        def post_input_hook(module: torch.nn.Module, args: tuple) -> tuple | None:
+            if self._in_pt_block:
+                return None
+            call, x = self._consume(layer)
+            new = self.on_layer(layer, x, self._run_pt_block(layer, call, x), args[0])
+            return None if not self.writes or new is None else (new, *args[1:])
+
+        return post_input_hook
+
+
+def _spliced_resid_hooks(model: Model) -> list[str]:
+    """Names of ``blocks.{l}.hook_resid_pre/post`` that are not plain HookPoints (e.g. SAEs)."""
+    backend = backend_of(model)
+    names = []
+    for layer, block in enumerate(backend.blocks):
+        for kind, module in (("pre", backend.resid_pre(block)), ("post", backend.resid_post(block))):
+            if not isinstance(module, HookPoint):
+                names.append(f"blocks.{layer}.hook_resid_{kind}")
+    return names
+
 
 def alpha_hooks(
     pt: Model,
@@ -321,6 +359,13 @@ def alpha_hooks(
             "alpha_hooks needs HookedTransformers: a TransformerBridge layer's mask and position "
             "embeddings are not visible to hook functions. Use `with pair.scaled(alpha):` (it "
             "composes with run_with_hooks and run_with_cache) instead."
+        )
+    spliced = _spliced_resid_hooks(ft)
+    if spliced:
+        raise TuCoError(
+            f"alpha_hooks cannot hook {spliced[0]}: it is not a HookPoint (an SAE spliced in by "
+            "SAE-Lens?). Use `with pair.scaled(alpha):`, which handles spliced SAEs (see "
+            "docs/sae-lens.md)."
         )
     alphas = check_alpha(alpha, ft.cfg.n_layers)
     if ft.cfg.positional_embedding_type == "shortformer":

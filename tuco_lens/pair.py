@@ -15,7 +15,15 @@ from tuco_lens.compatibility import check_compatible
 from tuco_lens.decomposition import Decomposition, DecompositionAccumulator, Norm, check_norm
 from tuco_lens.errors import InputError, InputTypeError
 from tuco_lens.generation import generate_tokens, stop_tokens
-from tuco_lens.hooks import PairedBlocks, alpha_hooks, alpha_mixer, check_alpha, placed, supports_last_token_path
+from tuco_lens.hooks import (
+    PairedBlocks,
+    _spliced_resid_hooks,
+    alpha_hooks,
+    alpha_mixer,
+    check_alpha,
+    placed,
+    supports_last_token_path,
+)
 from tuco_lens.inputs import Inputs, TokenBatch, length_sorted_batches, prepare_batch, to_left_padding
 
 __all__ = ["TuCoPair"]
@@ -270,6 +278,13 @@ class TuCoPair:
         if tokens is None:
             raise InputError(
                 "decompose(cache) needs tokens=: the token ids the cache was computed on."
+            )
+        spliced = _spliced_resid_hooks(self.ft)
+        if spliced:
+            raise InputError(
+                f"decompose(cache) cannot separate the edit of the SAE at {spliced[0]} from the "
+                "blocks' components in a cache; pass the tokens instead: pair.decompose(tokens) "
+                "(see docs/sae-lens.md)."
             )
         missing = [name for name in self.resid_names if name not in cache.cache_dict]
         if missing:

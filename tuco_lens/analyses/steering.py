@@ -297,7 +297,7 @@ def alpha_accuracy(
         for j, alpha in enumerate(grid):
             context = nullcontext() if alpha == 1.0 else pair.scaled(alpha)
             with torch.no_grad(), context:
-                logits = pair.ft(sub.tokens, attention_mask=sub.attention_mask, return_type="logits")
+                logits = pair.backend.forward(sub.tokens, sub.attention_mask)
             last = logits[:, -1].float()
             log_probs = torch.log_softmax(last, dim=-1)
             for r, i in enumerate(rows):
@@ -511,7 +511,10 @@ def steer_with_cv(
         objective: ``"maximize"`` (steer towards the answers) or ``"minimize"`` (away).
         n_folds: Number of folds (2 ≤ n_folds ≤ number of items).
         seed: Fold seed.
-        chat_template, prepend_bos, batch_size, show_progress: As in :func:`alpha_accuracy`.
+        chat_template: As in :func:`alpha_accuracy`.
+        prepend_bos: As in :func:`alpha_accuracy`.
+        batch_size: As in :func:`alpha_accuracy`.
+        show_progress: As in :func:`alpha_accuracy`.
 
     Returns:
         A :class:`SteeringResult`.

@@ -347,7 +347,7 @@ class _Objective:
             afters.append(_encode_plain(pair, after))
         tok = pair.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        self.device = self.model.embed.W_E.device
+        self.device = pair.backend.input_device()
         self.layout = _Layout(befores, afters, n_suffix, target_ids, int(pad_id), self.device)
         if self.layout.width > self.model.cfg.n_ctx:
             raise InputError(
@@ -368,7 +368,7 @@ class _Objective:
             chunk = suffixes[start : start + per_chunk]
             tokens, mask = layout.with_suffixes(chunk)
             with self.scaled():
-                logits = self.model(tokens, attention_mask=mask, return_type="logits")
+                logits = self.pair.backend.forward(tokens, mask)
             out.append(_target_logprob(logits, layout.target).view(chunk.shape[0], layout.n_rows).sum(-1))
         return torch.cat(out)
 
@@ -377,13 +377,13 @@ class _Objective:
         """log p(target) per request for one suffix. ``[n_requests]``"""
         tokens, mask = self.layout.with_suffixes(suffix[None])
         with self.scaled():
-            logits = self.model(tokens, attention_mask=mask, return_type="logits")
+            logits = self.pair.backend.forward(tokens, mask)
         return _target_logprob(logits, self.layout.target).double().cpu().numpy()
 
     def gradient(self, suffix: Tensor) -> Tensor:
         """d objective / d one-hot suffix indicators. ``[n_suffix, d_vocab]``"""
         model, layout, n_suffix = self.model, self.layout, self.n_suffix
-        W_E = model.embed.W_E
+        W_E = model.W_E
         one_hot = torch.zeros(n_suffix, model.cfg.d_vocab, dtype=W_E.dtype, device=self.device)
         one_hot.scatter_(1, suffix[:, None], 1.0)
         one_hot.requires_grad_(True)
@@ -392,7 +392,7 @@ class _Objective:
 
         def replace(embed: Tensor, hook: Any) -> Tensor:
             soft = one_hot @ W_E
-            if model.cfg.post_embedding_ln:
+            if getattr(model.cfg, "post_embedding_ln", False):
                 soft = model.embed.ln(soft)
             values = soft.repeat(layout.n_rows, 1)
             if not torch.allclose(embed[rows, cols].detach(), values.detach(), atol=1e-5, rtol=1e-4):
@@ -523,7 +523,7 @@ def suffix_search(
     builder = build_prompt or (_chat_builder(pair) if chat_template else _concat_builder)
     tok = pair.tokenizer
     model = pair.ft
-    device = model.embed.W_E.device
+    device = pair.backend.input_device()
     d_vocab = model.cfg.d_vocab
 
     # Allowed tokens.
