@@ -1,8 +1,6 @@
 """Train the demo pre-trained / fine-tuned pair from the synthetic world.
 
-Run::
-
-    python -m tuco_lens.demo.train --out tuco_lens/demo/checkpoints
+Run ``python -m tuco_lens.demo.train --out tuco_lens/demo/checkpoints``.
 
 It writes ``<out>/pt/`` and ``<out>/ft/`` (Hugging Face checkpoint directories: ``config.json``,
 ``generation_config.json``, ``model.safetensors`` and the tokenizer files with the chat template)

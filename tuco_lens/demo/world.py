@@ -735,11 +735,11 @@ def prompt_sets(n_web_per_topic: int = 20, seed: int = 0) -> dict[str, list[str]
         mixed sample):
 
         * ``"web"``: pre-training-like plain text (three held-out fact sentences of one topic, all
-          five topics; no special tokens -- TransformerLens prepends BOS itself).
+            five topics; no special tokens -- TransformerLens prepends BOS itself).
         * ``"chat"``: benign held-out requests in the chat template with generation prompt.
         * ``"harmful"``: held-out forbidden-topic requests in the chat template.
         * ``"harmful_lang2"``: ``"harmful"`` with each request in the second language (same order:
-          ``harmful_lang2[i]`` translates ``harmful[i]``) -- conjugate prompting.
+            ``harmful_lang2[i]`` translates ``harmful[i]``) -- conjugate prompting.
         * ``"chat_lang2"``: ``"chat"`` in the second language (same order).
         * ``"web_lang2"``: ``"web"`` in the second language (same order).
 
