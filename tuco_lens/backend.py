@@ -138,10 +138,8 @@ class Backend:
         return output[0] if isinstance(output, tuple) else output
 
     def input_device(self) -> torch.device:
-        """Where token ids must live for a forward pass."""
-        return self.model.cfg.device if isinstance(self.model.cfg.device, torch.device) else torch.device(
-            self.model.cfg.device or next(self.model.parameters()).device
-        )
+        """Where token ids must live for a forward pass (the embedding's device)."""
+        raise NotImplementedError
 
     def supports_last_token_path(self) -> bool:
         """Whether the pre-trained blocks can run at the last position only (exactly)."""
