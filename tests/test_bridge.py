@@ -49,6 +49,15 @@ def test_decompose_from_bridge_cache_equals_live(bridge_pair):
     assert float(live.tuco.min()) > 1e-3
 
 
+def test_decompose_from_cache_refuses_per_layer_attention_types(bridge_pair, monkeypatch):
+    batch = bridge_pair.tokenize(PROMPTS[:1])
+    _, cache = bridge_pair.ft.run_with_cache(batch.tokens, names_filter=bridge_pair.resid_names)
+    config = bridge_pair.ft.original_model.config
+    monkeypatch.setattr(config, "layer_types", ["sliding_attention", "full_attention"], raising=False)
+    with pytest.raises(TuCoError, match="per-layer attention masks.*pair.decompose\\(tokens\\)"):
+        bridge_pair.decompose(cache, tokens=batch.tokens)
+
+
 def test_components_sum_to_the_next_stream(bridge_pair):
     """x_l + PTC_l + FTC_l is the bridge's own hook_resid_post, and PTC_l is pt's layer on x_l."""
     batch = bridge_pair.tokenize(PROMPTS[:1])

@@ -24,7 +24,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -105,7 +105,6 @@ class BlockCall:
     args: tuple
     kwargs: dict[str, Any]
     x: Tensor | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Backend:
