@@ -62,7 +62,6 @@ __all__ = [
     "TransformerBridge",
     "backend_of",
     "bridge_from_hf",
-    "is_model",
     "model_kind",
     "sample_logits",
     "tl_loading",
@@ -88,11 +87,6 @@ def model_kind(model: Any) -> str | None:
     return None
 
 
-def is_model(model: Any) -> bool:
-    """Whether ``model`` is a TransformerLens model tuco_lens can pair."""
-    return model_kind(model) is not None
-
-
 @dataclass
 class BlockCall:
     """How a fine-tuned block was called in the current forward pass (recorded by a pre-hook).
@@ -111,9 +105,6 @@ class Backend:
     """What tuco_lens needs to know about one model class (see the module docstring)."""
 
     name = ""
-    #: Whether a cached forward pass takes the mask of every position so far (Hugging Face) or
-    #: of the new positions only (TransformerLens, which keeps the mask in its cache).
-    full_mask_with_cache = False
 
     def __init__(self, model: Any):
         self.model = model
@@ -168,7 +159,11 @@ class Backend:
         logits: bool = True,
         cache: Any = None,
     ) -> Tensor | None:
-        """One forward pass (``cache`` from :meth:`new_generation_cache` for generation)."""
+        """One forward pass (``cache`` from :meth:`new_generation_cache` for generation).
+
+        ``attention_mask`` covers every position so far (``[batch, cached + new]`` with a
+        cache), ``tokens`` only the new ones; ``logits=False`` may stop before the unembedding.
+        """
         raise NotImplementedError
 
     def new_generation_cache(self, batch_size: int) -> Any:
@@ -281,6 +276,8 @@ class HookedBackend(Backend):
             return self.model(
                 tokens, attention_mask=attention_mask, stop_at_layer=self.model.cfg.n_layers
             )
+        if cache is not None:  # TransformerLens keeps the mask of cached positions in its cache
+            attention_mask = attention_mask[:, -tokens.shape[1] :]
         return self.model(tokens, attention_mask=attention_mask, past_kv_cache=cache, return_type="logits")
 
     def new_generation_cache(self, batch_size: int) -> Any:
@@ -297,7 +294,6 @@ class BridgeBackend(Backend):
     """
 
     name = "TransformerBridge"
-    full_mask_with_cache = True
 
     def resid_pre(self, block: torch.nn.Module) -> HookPoint:
         return block.hook_in

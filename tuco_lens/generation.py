@@ -61,12 +61,12 @@ def generate_tokens(
     backend = backend_of(model)
     cache = backend.new_generation_cache(n) if use_past_kv_cache else None
     finished = torch.zeros(n, dtype=torch.bool, device=tokens.device)
-    new_tokens, new_mask = tokens, mask
+    new_tokens = tokens
     for _ in tqdm(range(max_new_tokens), disable=not show_progress, desc="generate"):
         if cache is None:
             logits = backend.forward(tokens, mask)
         else:
-            logits = backend.forward(new_tokens, mask if backend.full_mask_with_cache else new_mask, cache=cache)
+            logits = backend.forward(new_tokens, mask, cache=cache)
         final = logits[:, -1, :]
         if do_sample:
             next_token = sample_logits(final, top_k=top_k, top_p=top_p, temperature=temperature, tokens=tokens)
@@ -77,9 +77,8 @@ def generate_tokens(
             next_token = torch.where(finished, torch.full_like(next_token, pad), next_token)
             finished |= torch.isin(next_token, torch.tensor(stop, device=tokens.device))
         new_tokens = next_token[:, None]
-        new_mask = torch.ones_like(new_tokens)
         tokens = torch.cat([tokens, new_tokens], dim=1)
-        mask = torch.cat([mask, new_mask], dim=1)
+        mask = torch.cat([mask, torch.ones_like(new_tokens)], dim=1)
         if stop and bool(finished.all()):
             break
     return tokens

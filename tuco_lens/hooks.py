@@ -179,8 +179,8 @@ class PairedBlocks:
         pt_last_only: bool = False,
         offload_pt: bool = False,
     ):
-        self.backend = backend_of(ft)
-        if pt_last_only and (writes or not backend_of(pt).supports_last_token_path()):
+        self.backend, self.pt_backend = backend_of(ft), backend_of(pt)
+        if pt_last_only and (writes or not self.pt_backend.supports_last_token_path()):
             raise TuCoError("pt_last_only needs read mode and a model supported by the last-token path.")
         self.pt, self.ft, self.on_layer, self.writes = pt, ft, on_layer, writes
         self.pt_last_only = pt_last_only
@@ -283,10 +283,9 @@ class PairedBlocks:
         return call, call.x
 
     def _run_pt_block(self, layer: int, call: BlockCall, x: Tensor) -> Tensor:
-        pt_blocks = backend_of(self.pt).blocks
         self._in_pt_block = True
         try:
-            with placed(pt_blocks[layer], x.device, self.offload_pt) as (block, device):
+            with placed(self.pt_backend.blocks[layer], x.device, self.offload_pt) as (block, device):
                 x = x.to(device)
                 if self.pt_last_only:
                     return self.backend.call_pt_block_at_last_token(block, call, x)
