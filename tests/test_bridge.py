@@ -197,6 +197,16 @@ def test_bridge_loading_errors(checkpoint_pair):
             tuco_lens.load_model(bridge, backend="hooked")
 
 
+def test_bridge_without_tokenizer_is_refused(checkpoint_pair):
+    pt_dir, _ = checkpoint_pair("llama")
+    config = AutoModelForCausalLM.from_pretrained(pt_dir).config
+    config._name_or_path = ""
+    hf = AutoModelForCausalLM.from_config(config)  # in memory: no directory, no tokenizer
+    hf.name_or_path = ""
+    with pytest.raises(TuCoError, match="needs a tokenizer.*tokenizer="):
+        tuco_lens.load_model(hf, backend="bridge")
+
+
 def test_hooked_backend_unavailable_message(monkeypatch, checkpoint_pair):
     """What a transformer-lens 4.x user sees when asking for a HookedTransformer."""
     monkeypatch.setattr(loading, "HAS_HOOKED_TRANSFORMER", False)
