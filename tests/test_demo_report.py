@@ -7,6 +7,7 @@ The expected values are the ones README.md and docs/demo.md report (measured wit
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -84,6 +85,26 @@ def test_demo_numbers_are_consistent_and_match_the_docs(report):
     assert all(paper[f"transformation_tuco[{k}]"] < paper["transformation_tuco[original]"]
                for k in ("language 2", "suffix 'sure , here is how :'", "suffix found by suffix_search"))
     assert paper["suffix_loss_end"] < paper["suffix_loss_start"]
+
+
+def test_the_documented_refusal_tables_are_this_run(report):
+    """README.md and docs/demo.md quote the refusal rates this environment measures, digit for digit.
+
+    CI runs this in the transformer-lens 3.x and 4.x environments: both must give the table.
+    """
+    root = Path(__file__).resolve().parent.parent
+    rates = json.loads((report / "summary.json").read_text())["refusal_rate_harmful"]
+    chat = json.loads((report / "summary.json").read_text())["refusal_rate_chat"]
+
+    def pct(rate: float) -> str:
+        return f"{100 * rate:.0f}%"
+
+    readme = " / ".join(pct(rates[a]) for a in ("0.0", "0.5", "1.0", "1.5"))
+    assert f"α = 0 / 0.5 / 1 / 1.5 | {readme} |" in (root / "README.md").read_text()
+    alphas = sorted(rates, key=float)
+    demo_md = (root / "docs" / "demo.md").read_text()
+    assert "| `harmful` (56) | " + " | ".join(pct(rates[a]) for a in alphas) + " |" in demo_md
+    assert "| `chat` (224) | " + " | ".join(pct(chat[a]) for a in alphas) + " |" in demo_md
 
 
 def test_demo_scores_equal_the_library(report):

@@ -21,6 +21,7 @@ from tuco_lens.errors import (
     InputTypeError,
     ModelLoadError,
     TuCoError,
+    UnsupportedVersionsError,
 )
 from tuco_lens.hooks import PairedBlocks, alpha_hooks
 from tuco_lens.inputs import TokenBatch
@@ -43,5 +44,6 @@ __all__ = [
     "InputError",
     "InputTypeError",
     "AlphaError",
+    "UnsupportedVersionsError",
     "__version__",
 ]

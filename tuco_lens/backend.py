@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,9 +34,11 @@ from torch import Tensor
 from transformer_lens import ActivationCache
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge import TransformerBridge
+from transformer_lens.model_bridge.generalized_components import AttentionBridge
 from transformer_lens.utilities.logits_utils import sample_logits
 
-from tuco_lens.errors import InputTypeError, TuCoError
+from tuco_lens.errors import InputTypeError, TuCoError, UnsupportedVersionsError
+from tuco_lens.versions import installed_versions, tested_versions
 
 try:  # transformer-lens 3.x; removed in 4.0
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -63,6 +66,7 @@ __all__ = [
     "backend_of",
     "bridge_from_hf",
     "model_kind",
+    "repair_cache_keyword",
     "sample_logits",
     "tl_loading",
 ]
@@ -99,6 +103,8 @@ class BlockCall:
     args: tuple
     kwargs: dict[str, Any]
     x: Tensor | None = None
+    #: Positions held by each fine-tuned KV cache of the call before the block ran.
+    cache_lengths: list[int] | None = None
 
 
 class Backend:
@@ -142,6 +148,14 @@ class Backend:
     def call_pt_block(self, block: torch.nn.Module, layer: int, call: BlockCall, x: Tensor, key: int) -> Tensor:
         """Run pre-trained ``block`` on ``x`` the way the fine-tuned twin was called."""
         raise NotImplementedError
+
+    def check_cache_advanced(self, layer: int, call: BlockCall, key: int) -> None:
+        """After both blocks of ``layer`` ran: their KV caches grew by the call's positions.
+
+        A cache that did not grow means the attention modules never saw it, so every later
+        step would attend to itself alone: a silently wrong generation. Raises
+        :class:`~tuco_lens.errors.UnsupportedVersionsError` instead.
+        """
 
     def block_calls(self, tokens: Tensor, attention_mask: Tensor) -> list[BlockCall]:
         """How each block would be called on ``tokens`` (no KV cache), without running them.
@@ -232,6 +246,14 @@ class HookedBackend(Backend):
                 f"one ({pt_entry.past_keys.shape[1]} vs {n_ft} positions)."
             )
         pt_entry.frozen = entry.frozen
+        call.cache_lengths = [n_ft]
+
+    def check_cache_advanced(self, layer: int, call: BlockCall, key: int) -> None:
+        entry = call.kwargs.get("past_kv_cache_entry")
+        if entry is None or entry.frozen or call.x is None:
+            return
+        pt_entry = entry.__dict__[_PT_CACHES][key]
+        _check_grown(layer, call, [entry.past_keys.shape[1]], [pt_entry.past_keys.shape[1]])
 
     def call_pt_block(self, block: torch.nn.Module, layer: int, call: BlockCall, x: Tensor, key: int) -> Tensor:
         device = x.device
@@ -295,6 +317,10 @@ class BridgeBackend(Backend):
 
     name = "TransformerBridge"
 
+    def __init__(self, model: Any):
+        super().__init__(model)
+        repair_cache_keyword(model)
+
     def resid_pre(self, block: torch.nn.Module) -> HookPoint:
         return block.hook_in
 
@@ -333,6 +359,15 @@ class BridgeBackend(Backend):
                     f"The pre-trained KV cache of layer {layer} is out of step with the fine-tuned "
                     f"one ({pt_cache.get_seq_length(layer)} vs {n_ft} positions)."
                 )
+        call.cache_lengths = [c.get_seq_length(layer) for c in _caches_in(call)]
+
+    def check_cache_advanced(self, layer: int, call: BlockCall, key: int) -> None:
+        caches = _caches_in(call)
+        if not caches or call.x is None:
+            return
+        ft_lengths = [c.get_seq_length(layer) for c in caches]
+        pt_lengths = [c.__dict__[_PT_CACHES][key].get_seq_length(layer) for c in caches]
+        _check_grown(layer, call, ft_lengths, pt_lengths)
 
     def call_pt_block(self, block: torch.nn.Module, layer: int, call: BlockCall, x: Tensor, key: int) -> Tensor:
         device = x.device
@@ -392,6 +427,56 @@ class BridgeBackend(Backend):
 
     def new_generation_cache(self, batch_size: int) -> Any:
         return transformers.DynamicCache(config=self._hf_config())
+
+
+def _check_grown(layer: int, call: BlockCall, ft_lengths: list[int], pt_lengths: list[int]) -> None:
+    """Raise if a KV cache did not grow by the positions of ``call`` (see ``check_cache_advanced``)."""
+    n_new = call.x.shape[1]
+    for before, ft_after, pt_after in zip(call.cache_lengths or [], ft_lengths, pt_lengths):
+        if ft_after != before + n_new or pt_after != before + n_new:
+            raise UnsupportedVersionsError(
+                f"The KV cache of layer {layer} did not record this step (fine-tuned: {before} -> "
+                f"{ft_after}, pre-trained: {pt_after} positions; expected {before + n_new}): the "
+                "attention modules of these library versions ignore the cache, so cached "
+                f"generation would be silently wrong. Installed: {installed_versions()}; tested: "
+                f"{tested_versions()}. Install a tested set (README, 'Tested versions'), or pass "
+                "use_past_kv_cache=False to generate (use_cache=False to a forward pass)."
+            )
+
+
+def _cache_as_past_key_values(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+    """Forward pre-hook: hand a ``cache=`` keyword to the attention bridge as ``past_key_values``."""
+    if kwargs.get("cache") is None or kwargs.get("past_key_values") is not None:
+        return None
+    kwargs = dict(kwargs)
+    kwargs["past_key_values"] = kwargs.pop("cache")
+    return args, kwargs
+
+
+_REPAIRED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+
+
+def repair_cache_keyword(bridge: TransformerBridge) -> None:
+    """Make a bridge's attention modules read the KV cache that transformers >= 5.24 passes them.
+
+    transformers 5.24 renamed the keyword under which a decoder layer hands the KV cache to its
+    attention module from ``past_key_values`` to ``cache``. TransformerLens's attention bridges
+    (3.9 and 4.x up to at least 4.3) reimplement attention and read only ``past_key_values``
+    (or ``layer_past``), so on 5.24 the cache stays empty and every cached decoding step
+    attends to itself alone: ``TransformerBridge.generate`` itself is then wrong. This adds a
+    forward pre-hook to each attention bridge that passes ``cache`` on as ``past_key_values``
+    (a no-op on earlier transformers, which pass ``past_key_values``). Done once per model;
+    the hooks stay (they repair the bridge's own ``generate`` too).
+
+    Example:
+        >>> repair_cache_keyword(pair.ft)   # done by tuco_lens for every bridge it touches
+    """
+    if bridge in _REPAIRED:
+        return
+    for module in bridge.modules():
+        if isinstance(module, AttentionBridge):
+            module.register_forward_pre_hook(_cache_as_past_key_values, with_kwargs=True)
+    _REPAIRED.add(bridge)
 
 
 def _caches_in(call: BlockCall) -> list[Any]:

@@ -15,6 +15,7 @@ __all__ = [
     "InputError",
     "InputTypeError",
     "AlphaError",
+    "UnsupportedVersionsError",
 ]
 
 
@@ -44,3 +45,7 @@ class InputTypeError(TuCoError, TypeError):
 
 class AlphaError(TuCoError, ValueError):
     """An α that is not a finite number, or a per-layer α of the wrong length."""
+
+
+class UnsupportedVersionsError(TuCoError, RuntimeError):
+    """The installed library versions are known to give wrong results (see the README, 'Tested versions')."""

@@ -298,7 +298,9 @@ class PairedBlocks:
             if self._in_pt_block:
                 return
             call, x = self._consume(layer)
-            self.on_layer(layer, x, self._run_pt_block(layer, call, x), self.backend.block_output(output))
+            pt_post = self._run_pt_block(layer, call, x)
+            self.backend.check_cache_advanced(layer, call, id(self))
+            self.on_layer(layer, x, pt_post, self.backend.block_output(output))
 
         return read_hook
 
@@ -307,7 +309,9 @@ class PairedBlocks:
             if self._in_pt_block:
                 return None
             call, x = self._consume(layer)
-            return self.on_layer(layer, x, self._run_pt_block(layer, call, x), ft_post)
+            pt_post = self._run_pt_block(layer, call, x)
+            self.backend.check_cache_advanced(layer, call, id(self))
+            return self.on_layer(layer, x, pt_post, ft_post)
 
         return write_hook
 
@@ -318,7 +322,9 @@ class PairedBlocks:
             if self._in_pt_block:
                 return None
             call, x = self._consume(layer)
-            new = self.on_layer(layer, x, self._run_pt_block(layer, call, x), args[0])
+            pt_post = self._run_pt_block(layer, call, x)
+            self.backend.check_cache_advanced(layer, call, id(self))
+            new = self.on_layer(layer, x, pt_post, args[0])
             return None if not self.writes or new is None else (new, *args[1:])
 
         return post_input_hook

@@ -25,6 +25,7 @@ from tuco_lens.hooks import (
     supports_last_token_path,
 )
 from tuco_lens.inputs import Inputs, TokenBatch, length_sorted_batches, prepare_batch, to_left_padding
+from tuco_lens.versions import check_versions
 
 __all__ = ["TuCoPair"]
 
@@ -52,6 +53,9 @@ class TuCoPair:
 
     Raises:
         IncompatiblePairError: naming every difference that prevents the comparison.
+        UnsupportedVersionsError: the installed transformers / transformer-lens are known to
+            give wrong results (:mod:`tuco_lens.versions`); versions outside the tested range
+            give an ``UntestedVersionsWarning``.
 
     Example:
         >>> pair = TuCoPair(pt_model, ft_model)      # or tuco_lens.load_pair(...)
@@ -68,6 +72,7 @@ class TuCoPair:
                     "directories, adapters or transformers models."
                 )
         check_compatible(pt, ft, offload_pt=offload_pt)
+        check_versions(model_kind(ft))
         self.pt = pt
         self.ft = ft
         self.offload_pt = offload_pt
