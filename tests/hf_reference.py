@@ -537,11 +537,10 @@ def reference_components(
     def record(l, x, pt_out, ft_out):
         ft_subs, pt_subs = sub_blocks(ft_layers[l]), sub_blocks(pt_layers[l])
         a_ft, a_pt = captured[l]["ft"]["attn"].double(), captured[l]["pt"]["attn"].double()
-        x, pt_out, ft_out = x.double(), pt_out.double(), ft_out.double()
         if ft_subs["parallel"]:
             attn, mlp = a_ft - a_pt, _mlp(ft_subs, x).double() - _mlp(pt_subs, x).double()
             via = torch.zeros_like(attn)
-        else:
+        else:  # the MLPs run in the model dtype on the layer's own y = x + A(x)
             y, y_pt = (x + captured[l]["ft"]["attn"]), (x + captured[l]["pt"]["attn"])
             m_pt_y = _mlp(pt_subs, y).double()
             attn = a_ft - a_pt
@@ -555,7 +554,8 @@ def reference_components(
             heads.append(sign * torch.einsum("bhd,hdm->bhm", z, w_o.double()))
             if b_o is not None:
                 bias = bias + sign * b_o.double()
-        for name, value in (("attn", attn), ("mlp", mlp), ("mlp_via_attn", via), ("ftc", ft_out - pt_out)):
+        bias = bias.to(x.device)
+        for name, value in (("attn", attn), ("mlp", mlp), ("mlp_via_attn", via), ("ftc", ft_out.double() - pt_out.double())):
             out[name].append(value)
         out["head"].append(heads[0] + heads[1])
         out["head_bias"].append(bias)

@@ -84,7 +84,7 @@ _SPLIT_MODULES = (
 _POST_ATTENTION_NORM = (
     "A norm follows the attention output in these blocks (e.g. Gemma 2's post-attention norm), so "
     "the attention output is not a sum of per-head terms: the per-head split is refused. The "
-    "attention / MLP split works (components=True without heads)."
+    "attention / MLP split works: pass heads=False (decompose, logit_attribution)."
 )
 
 
