@@ -287,3 +287,29 @@ def test_post_attention_norm_refuses_the_head_split_only(tiny_hooked):
     assert torch.equal(pair.run_with_alpha(tokens, {"attn": 1.0, "mlp": 1.0}), pair.run_with_alpha(tokens, 1.0))
     with pytest.raises(TuCoError, match="per-head"):
         pair.run_with_alpha(tokens, {"attn": 0.5, "heads": torch.rand(2, 4)})
+
+
+def test_component_figures_show_the_numbers(checkpoint_pair):
+    from tuco_lens.plotting import plot_components, plot_head_heatmap, plot_top_tokens
+
+    pt_dir, ft_dir = checkpoint_pair("llama")
+    pair = tuco_lens.load_pair(str(pt_dir), str(ft_dir))
+    dec = pair.decompose(PROMPTS, components=True)
+    fig = plot_components(dec, 2)
+    assert [t.type for t in fig.data] == ["bar", "bar", "bar", "scatter"] and fig.layout.barmode == "stack"
+    torch.testing.assert_close(torch.tensor(fig.data[1].y), dec.at_last_token(dec.ftc_mlp_norm)[2].float())
+    torch.testing.assert_close(torch.tensor(fig.data[3].y), dec.at_last_token(dec.ftc_norm)[2].float())
+    heat = plot_head_heatmap(dec, 1)
+    torch.testing.assert_close(torch.tensor(heat.data[0].z), dec.ftc_head_norm[1].float())
+    shares = plot_head_heatmap(dec, 1, shares=True)
+    torch.testing.assert_close(torch.tensor(shares.data[0].z), dec.head_shares()[1].float())
+    attr = pair.logit_attribution(PROMPTS, components=True)
+    bars = plot_top_tokens(attr, 0, part="ftc_mlp", k=3)
+    values = sorted(attr.direct["ftc_mlp"][0].tolist())
+    assert sorted(bars.data[0].x) == pytest.approx(values[:3] + values[-3:], rel=1e-6)
+    head = plot_top_tokens(attr, 0, part="head 1.2", k=2)
+    assert max(head.data[0].x) == pytest.approx(float(attr.head_direct(1, 2)[0].max()), rel=1e-6)
+    with pytest.raises(InputError, match="components=True"):
+        plot_components(pair.decompose(PROMPTS))
+    with pytest.raises(InputError, match="out of range"):
+        plot_top_tokens(attr, 5)
