@@ -313,3 +313,17 @@ def test_component_figures_show_the_numbers(checkpoint_pair):
         plot_components(pair.decompose(PROMPTS))
     with pytest.raises(InputError, match="out of range"):
         plot_top_tokens(attr, 5)
+
+
+def test_components_do_not_depend_on_batching_or_padding_side(checkpoint_pair):
+    pt_dir, ft_dir = checkpoint_pair("mistral")
+    pair = tuco_lens.load_pair(str(pt_dir), str(ft_dir))
+    whole = pair.decompose(PROMPTS, components=True)
+    for other in (pair.decompose(PROMPTS, components=True, batch_size=1),
+                  pair.decompose(PROMPTS, components=True, padding_side="right")):
+        for name in ("ftc_attn_sum", "ftc_mlp_sum", "ftc_mlp_via_attn_sum", "ftc_head", "ftc_head_norm"):
+            torch.testing.assert_close(getattr(other, name), getattr(whole, name), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(other.at_last_token(other.ftc_mlp_norm), whole.at_last_token(whole.ftc_mlp_norm),
+                                   atol=1e-5, rtol=1e-5)
+    attr = pair.logit_attribution(PROMPTS, components=True, batch_size=2)
+    torch.testing.assert_close(attr.total(), pair.logit_attribution(PROMPTS).logits, atol=1e-4, rtol=1e-4)
