@@ -47,7 +47,7 @@ def prompt_list(name: str, text: str | None = None, path: str | Path | None = No
     if path is not None:
         try:
             return [record["prompt"] for record in read_prompts(Path(path))]
-        except CLIError as error:
+        except (CLIError, InputError) as error:  # read_prompts raises both
             raise InputError(f"Set {name!r}: {error}") from None
     if not pasted:
         raise InputError(f"Set {name!r} has no prompt: paste one prompt per line or upload a .txt/.jsonl file.")
