@@ -89,10 +89,10 @@ def test_simultaneous_requests_run_one_at_a_time(client, pair):
     # would see them. Both answers must be the ones of requests run alone.
     jobs = [client.submit(prompt=REQUEST, alpha="0", max_new_tokens=30, chat_template=True, api_name="/steer")]
     jobs += [client.submit(prompt=REQUEST, chat_template=True, api_name="/analyze") for _ in range(3)]
-    steered = jobs[0].result()
+    steered, *analyzed = [job.result() for job in jobs]  # all done before the references run here
     assert steered["generations"][1]["text"] == pair.generate(REQUEST, alpha=0.0, max_new_tokens=30, chat_template=True)
     expected = float(pair.tuco(REQUEST, chat_template=True)[0])
-    assert [job.result()["tuco"] for job in jobs[1:]] == pytest.approx([expected] * 3, abs=1e-6)
+    assert [data["tuco"] for data in analyzed] == pytest.approx([expected] * 3, abs=1e-6)
 
 
 def test_a_used_port_is_refused(running, pair):
