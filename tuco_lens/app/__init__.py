@@ -8,8 +8,10 @@ Three views, each a pure function here and a tab in the page:
 - **Steer** (:func:`steer`): generations at α = 0, a chosen α and α = 1, side by side.
 - **Compare** (:func:`compare`): TuCo distributions of two prompt lists and their ROC AUC.
 
-The pure functions need no Gradio; :func:`build_app` and :func:`serve` (``pip install
-"tuco_lens[app]"``) import it when first used.
+The pure functions need no Gradio. ``tuco_lens.app.build_app``
+(:func:`tuco_lens.app.layout.build_app`) and ``tuco_lens.app.serve``
+(:func:`tuco_lens.app.server.serve`) need the ``app`` extra (``pip install "tuco_lens[app]"``)
+and import Gradio when first used.
 
 Example:
     >>> from tuco_lens import app, demo
@@ -47,10 +49,10 @@ __all__ = [
     "ANALYZE_PANELS",
     "register_analyze_panel",
     "render_panels",
-    "build_app",
-    "serve",
     "require_gradio",
 ]
+# Also here, imported on first use (they need Gradio, so ``import *`` leaves them out):
+# build_app (tuco_lens.app.layout.build_app) and serve (tuco_lens.app.server.serve).
 
 INSTALL_HINT = 'pip install "tuco_lens[app]"'
 
