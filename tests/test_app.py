@@ -300,26 +300,29 @@ def test_demo_defaults_come_from_the_demo_world():
 def test_missing_gradio_is_a_clear_error(monkeypatch, capsys):
     import importlib.util
 
-    from tuco_lens.cli import common, main
+    from tuco_lens.cli import main
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real(name, *a))
     with pytest.raises(MissingDependencyError, match=r'pip install "tuco_lens\[app\]"'):
         require_gradio()
 
-    def no_loading(args):
+    def no_loading(**kwargs):
         raise AssertionError("the models were loaded before the missing dependency was reported")
 
-    monkeypatch.setattr(common, "load_pair_from_args", no_loading)
+    monkeypatch.setattr(demo, "load_pair", no_loading)
     assert main(["app", "--demo"]) == 2
     assert 'tuco-lens app: error: the app needs the optional dependency Gradio: pip install "tuco_lens[app]"' in (
         capsys.readouterr().err
     )
 
 
-def test_app_command_help_and_arguments(capsys):
+def test_app_command_help_and_arguments(monkeypatch, capsys):
+    import tuco_lens.app
+
     from tuco_lens.cli import main
 
+    monkeypatch.setattr(tuco_lens.app, "require_gradio", lambda: None)  # also without Gradio
     with pytest.raises(SystemExit):
         main(["app", "--help"])
     text = capsys.readouterr().out

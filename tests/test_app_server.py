@@ -117,12 +117,12 @@ def test_registered_panels_become_page_components(pair):
 
 def test_the_command_loads_the_pair_once_and_serves_requests(monkeypatch, pair, capsys):
     from tuco_lens.app import server
-    from tuco_lens.cli import common, main
+    from tuco_lens.cli import main
 
     loads = []
 
-    def load_once(args):
-        loads.append(args.demo)
+    def load_once(**kwargs):  # what `--demo` calls
+        loads.append(kwargs)
         return pair
 
     answers = {}
@@ -135,20 +135,20 @@ def test_the_command_loads_the_pair_once_and_serves_requests(monkeypatch, pair, 
         finally:
             self.close()
 
-    monkeypatch.setattr(common, "load_pair_from_args", load_once)
+    monkeypatch.setattr(demo, "load_pair", load_once)
     monkeypatch.setattr(server.RunningApp, "wait", wait)
     port = free_port()
     assert main(["app", "--demo", "--port", str(port)]) == 0
-    assert loads == [True]
+    assert len(loads) == 1
     assert answers["analyze"] == [pytest.approx(float(pair.tuco(REQUEST)[0]), abs=1e-6)] * 2
     assert answers["steer"]["generations"][2]["text"] == pair.generate(REQUEST, alpha=1.0, max_new_tokens=4)
     assert f"serving {pair!r} on http://127.0.0.1:{port}/" in capsys.readouterr().out
 
 
 def test_the_command_reports_a_used_port(monkeypatch, running, pair, capsys):
-    from tuco_lens.cli import common, main
+    from tuco_lens.cli import main
 
-    monkeypatch.setattr(common, "load_pair_from_args", lambda args: pair)
+    monkeypatch.setattr(demo, "load_pair", lambda **kwargs: pair)
     port = running.url.rstrip("/").rsplit(":", 1)[1]
     assert main(["app", "--demo", "--port", port]) == 2
     assert f"tuco-lens app: error: cannot serve on 127.0.0.1:{port}" in capsys.readouterr().err

@@ -54,10 +54,10 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise CLIError(f"--port must be between 1 and 65535, got {args.port}")
     require_gradio()  # before the (possibly long) model loading
+    pair = load_pair_from_args(args)
     from tuco_lens.app.defaults import AppDefaults
     from tuco_lens.app.server import serve
 
-    pair = load_pair_from_args(args)
     defaults = AppDefaults.for_demo() if args.demo else AppDefaults()
     if args.chat_template:
         defaults = replace(defaults, chat_template=True, compare_chat_template=True)
