@@ -17,7 +17,8 @@ from app_support import free_port  # noqa: E402
 
 from tuco_lens import demo  # noqa: E402
 from tuco_lens.app import AnalyzePanel, AppDefaults, PanelRegistry, analyze  # noqa: E402
-from tuco_lens.app.layout import build_app  # noqa: E402
+from tuco_lens.app.layout import build_app, error_html  # noqa: E402
+from tuco_lens.errors import InputError  # noqa: E402
 from tuco_lens.app.server import is_loopback, serve  # noqa: E402
 
 REQUEST = "hello , describe the doomsalt ."
@@ -152,3 +153,11 @@ def test_the_command_reports_a_used_port(monkeypatch, running, pair, capsys):
     port = running.url.rstrip("/").rsplit(":", 1)[1]
     assert main(["app", "--demo", "--port", port]) == 2
     assert f"tuco-lens app: error: cannot serve on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_the_error_box_escapes_the_message():
+    box = error_html(InputError("A prompt has 300 tokens: '<img src=x onerror=alert(1)>'"))
+    assert box == (
+        '<div class="tuco-error" role="alert"><b>InputError</b>: A prompt has 300 tokens: '
+        "'&lt;img src=x onerror=alert(1)&gt;'</div>"
+    )

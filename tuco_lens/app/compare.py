@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+from jaxtyping import Float
 
 from tuco_lens.cli.common import CLIError
 from tuco_lens.cli.score import read_prompts
@@ -67,7 +68,7 @@ class CompareResult:
 
     names: tuple[str, str]
     prompts: tuple[list[str], list[str]]
-    scores: tuple[np.ndarray, np.ndarray]
+    scores: tuple[Float[np.ndarray, "n_positive"], Float[np.ndarray, "n_negative"]]
     chat_template: bool
 
     @property

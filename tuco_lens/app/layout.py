@@ -89,8 +89,7 @@ def _analyze_tab(pair: Any, defaults: AppDefaults, panels: list[AnalyzePanel]) -
             return [error_html(exc), "", *(None if p.kind == "plot" else "" for p in panels)]
         return ["", analyze_headline(result), *(rendered[p.name] for p in panels)]
 
-    for event in (button.click, prompt.submit):
-        event(on_analyze, [prompt, chat], [error, headline, *outputs], api_visibility="private", **QUEUE)
+    button.click(on_analyze, [prompt, chat], [error, headline, *outputs], api_visibility="private", **QUEUE)
 
 
 def _steer_tab(pair: Any, defaults: AppDefaults) -> None:
@@ -125,9 +124,8 @@ def _steer_tab(pair: Any, defaults: AppDefaults) -> None:
             return [error_html(exc), *("" for _ in columns)]
         return ["", *(gr.Textbox(value=g.text, label=g.label) for g in result.generations)]
 
-    for event in (button.click, prompt.submit):
-        event(on_steer, [prompt, chat, alpha, alpha_text, budget], [error, *columns], api_visibility="private",
-              **QUEUE)
+    button.click(on_steer, [prompt, chat, alpha, alpha_text, budget], [error, *columns], api_visibility="private",
+                 **QUEUE)
 
 
 def _compare_tab(pair: Any, defaults: AppDefaults) -> None:
