@@ -13,8 +13,9 @@ request four ways, from the inside out:
   from the button click until the page shows the result (the TuCo headline; the chosen α's
   generation).
 
-Prints medians and each one's ratio to ``library`` measured side by side; ``--json`` writes the
-raw timings. Prompt: "hello , describe the doomsalt ." in the chat template; Steer generates
+Prints medians, minimums and each one's ratio to ``library``: the median over repeats of
+``t / t_library`` of the same repeat (each repeat runs every measurement once, round-robin), which
+cancels the slow drift of a shared machine; ``--json`` writes the raw timings. Prompt: "hello , describe the doomsalt ." in the chat template; Steer generates
 16 new tokens per α (greedy, KV cache).
 
     python benchmarks/bench_app.py [--repeats 10] [--threads 1] [--no-browser] [--json out.json]
@@ -41,6 +42,7 @@ from tuco_lens.app import AppDefaults, analyze, render_panels, steer, ANALYZE_PA
 
 PROMPT = "hello , describe the doomsalt ."
 NEW_TOKENS = 16
+SETTLE_MS = 500
 CHROMIUM = os.environ.get("TUCO_APP_CHROMIUM", "/usr/bin/chromium")
 
 
@@ -63,7 +65,9 @@ def _browser_ops(page, url: str, pair, alphas: tuple[float, float]):
         start = time.perf_counter()
         page.locator("#analyze-button").click()
         expect(page.locator("#analyze-headline .tuco-value")).to_have_text(shown[prompt], timeout=60_000)
-        return time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        page.wait_for_timeout(SETTLE_MS)  # plotly finishes drawing outside the next measurement
+        return elapsed
 
     def page_steer() -> float:
         alpha = alphas[state["steer"] % 2]
@@ -73,7 +77,9 @@ def _browser_ops(page, url: str, pair, alphas: tuple[float, float]):
         start = time.perf_counter()
         page.locator("#steer-button").click()
         expect(page.locator("#steer-alpha-chosen textarea")).to_have_value(chosen[alpha], timeout=60_000)
-        return time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        page.wait_for_timeout(SETTLE_MS)
+        return elapsed
 
     return page_analyze, page_steer
 
@@ -134,13 +140,12 @@ def main(argv: list[str] | None = None) -> None:
     times: dict[tuple[str, str], list[float]] = {key: [] for key in ops}
     keys = list(ops)
     try:
-        with torch.no_grad():
-            for repeat in range(args.repeats + 1):  # the first round warms up
-                for k in range(len(keys)):  # round-robin, starting one later each repeat
-                    key = keys[(k + repeat) % len(keys)]
-                    elapsed = ops[key]()
-                    if repeat:
-                        times[key].append(elapsed)
+        for repeat in range(args.repeats + 1):  # the first round warms up
+            for k in range(len(keys)):  # round-robin, starting one later each repeat
+                key = keys[(k + repeat) % len(keys)]
+                elapsed = ops[key]()
+                if repeat:
+                    times[key].append(elapsed)
     finally:
         if browser is not None:
             browser.close()
@@ -152,13 +157,14 @@ def main(argv: list[str] | None = None) -> None:
           f"torch threads {args.threads}, {args.repeats} repeats, load average {load:.2f})")
     print(f"{'request':<9} {'measured at':<12} {'median ms':>10} {'min ms':>8} {'÷ library':>10}")
     for request in ("analyze", "steer"):
-        base = statistics.median(times[(request, "library")])
+        base = times[(request, "library")]
         for where in ("library", "view", "api", "page"):
             if (request, where) not in times:
                 continue
             values = times[(request, where)]
-            median = statistics.median(values)
-            print(f"{request:<9} {where:<12} {1000 * median:>10.1f} {1000 * min(values):>8.1f} {median / base:>10.2f}")
+            ratio = statistics.median(t / b for t, b in zip(values, base))
+            print(f"{request:<9} {where:<12} {1000 * statistics.median(values):>10.1f} {1000 * min(values):>8.1f} "
+                  f"{ratio:>10.2f}")
     if args.json is not None:
         args.json.write_text(json.dumps({f"{r}/{w}": v for (r, w), v in times.items()}, indent=1))
 
