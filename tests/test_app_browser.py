@@ -112,6 +112,7 @@ def browser_page(app_url):
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         page.set_default_timeout(60_000)
+        expect.set_options(timeout=60_000)  # a request on a slow, shared machine
 
         def route(request_route):
             if request_route.request.url.startswith(app_url):
