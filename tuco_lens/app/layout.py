@@ -52,7 +52,7 @@ def _pair_html(pair: Any) -> str:
 
     return (
         f"<div>Pre-trained: <code>{name(pair.pt)}</code> · fine-tuned: <code>{name(pair.ft)}</code> · "
-        f"{pair.n_layers} layers · {html.escape(pair.backend.name)} · served from this machine only</div>"
+        f"{pair.n_layers} layers · {html.escape(pair.backend.name)}</div>"
     )
 
 
@@ -81,7 +81,7 @@ def _analyze_tab(pair: Any, defaults: AppDefaults, panels: list[AnalyzePanel]) -
         else:
             outputs.append(gr.HTML(label=panel.label, elem_id=f"analyze-{panel.name}"))
 
-    def on_analyze(text: str, chat_template: bool, progress=gr.Progress()):
+    def on_analyze(text: str, chat_template: bool):
         try:
             result = analyze(pair, text, chat_template=chat_template)
             rendered = render_panels(result, panels)
