@@ -19,6 +19,7 @@ from tuco_lens.errors import (
     IncompatiblePairError,
     InputError,
     InputTypeError,
+    MissingDependencyError,
     ModelLoadError,
     TuCoError,
     UnsupportedVersionsError,
@@ -45,5 +46,6 @@ __all__ = [
     "InputTypeError",
     "AlphaError",
     "UnsupportedVersionsError",
+    "MissingDependencyError",
     "__version__",
 ]

@@ -16,6 +16,7 @@ __all__ = [
     "InputTypeError",
     "AlphaError",
     "UnsupportedVersionsError",
+    "MissingDependencyError",
 ]
 
 
@@ -49,3 +50,7 @@ class AlphaError(TuCoError, ValueError):
 
 class UnsupportedVersionsError(TuCoError, RuntimeError):
     """The installed library versions are known to give wrong results (see the README, 'Tested versions')."""
+
+
+class MissingDependencyError(TuCoError, ImportError):
+    """An optional dependency a feature needs is not installed; the message names the extra to install."""

@@ -1,4 +1,4 @@
-"""The ``tuco-lens`` command: ``demo``, ``score`` and ``steer``.
+"""The ``tuco-lens`` command: ``demo``, ``score``, ``steer`` and ``app``.
 
 Each subcommand lives in its own module; this one builds the parser and turns
 :class:`CLIError` (bad files, bad arguments) and :class:`~tuco_lens.errors.TuCoError` into a
@@ -28,6 +28,7 @@ examples:
   tuco-lens demo --out tuco-report              # offline, on the embedded demo pair
   tuco-lens score --pt gpt2 --ft ./my-gpt2-sft --prompts prompts.txt --out scores.csv
   tuco-lens steer --pt ./base --ft ./chat --prompt "Tell me a story" --alpha 0 0.5 1 1.5
+  tuco-lens app --demo                          # interactive local page (needs tuco_lens[app])
 
 Run "tuco-lens COMMAND --help" for the options of each command.
 """
@@ -35,7 +36,7 @@ Run "tuco-lens COMMAND --help" for the options of each command.
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``tuco-lens`` (one subparser per command)."""
-    from tuco_lens.cli import demo, score, steer
+    from tuco_lens.cli import app, demo, score, steer
 
     parser = argparse.ArgumentParser(
         prog="tuco-lens",
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"tuco_lens {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (demo, score, steer):
+    for module in (demo, score, steer, app):
         module.add_parser(commands)
     return parser
 
