@@ -35,7 +35,14 @@ from tuco_lens.app import (
 from tuco_lens.app.analyze import headline_html as analyze_headline
 from tuco_lens.app.compare import headline_html as compare_headline
 from tuco_lens.errors import AlphaError, InputError, InputTypeError, MissingDependencyError, TuCoError
-from tuco_lens.plotting import plot_layers, plot_token_heatmap, plot_prompt_sets, token_html
+from tuco_lens.plotting import (
+    plot_components,
+    plot_layers,
+    plot_prompt_sets,
+    plot_token_heatmap,
+    plot_top_tokens,
+    token_html,
+)
 
 REQUEST = "hello , describe the doomsalt ."
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,10 +105,10 @@ def test_analyze_headline_shows_tuco_and_escapes_tokens(pair):
 
 
 def test_default_panels_draw_the_plotting_functions(pair):
-    assert ANALYZE_PANELS.names() == ["tokens", "layers", "heatmap"]
+    assert ANALYZE_PANELS.names() == ["tokens", "layers", "heatmap", "components", "heads", "top_tokens"]
     result = analyze(pair, REQUEST, chat_template=True)
     rendered = render_panels(result, ANALYZE_PANELS.for_pair(pair))
-    assert list(rendered) == ["tokens", "layers", "heatmap"]
+    assert list(rendered) == ["tokens", "layers", "heatmap", "components", "heads", "top_tokens"]
     dec = result.decomposition
     assert rendered["tokens"] == token_html(dec, 0).html
     assert rendered["tokens"].count("<span title=") == len(result.tokens)
@@ -109,6 +116,14 @@ def test_default_panels_draw_the_plotting_functions(pair):
         assert f"per-token TuCo {value:.4f}" in rendered["tokens"]
     assert rendered["layers"].to_plotly_json() == plot_layers(dec, 0).to_plotly_json()
     assert rendered["heatmap"].to_plotly_json() == plot_token_heatmap(dec, 0).to_plotly_json()
+    # the split inside the blocks: the same numbers as the library's own call
+    whole = pair.decompose([REQUEST], chat_template=True, components=True)
+    assert rendered["components"].to_plotly_json() == plot_components(whole, 0).to_plotly_json()
+    torch.testing.assert_close(torch.tensor(rendered["heads"].data[0].z), whole.head_shares()[0].float())
+    attr = pair.logit_attribution([REQUEST], chat_template=True, components=True)
+    assert rendered["top_tokens"].to_plotly_json() == plot_top_tokens(attr, 0, part="ftc", k=8).to_plotly_json()
+    shares = result.to_dict()["tuco_shares"]
+    assert sum(shares.values()) == pytest.approx(result.tuco, abs=1e-6)
 
 
 def test_prompt_text_is_escaped_in_every_panel(pair):
@@ -116,7 +131,7 @@ def test_prompt_text_is_escaped_in_every_panel(pair):
     result = analyze(pair, prompt)
     rendered = render_panels(result, ANALYZE_PANELS.for_pair(pair))
     assert "<img" not in rendered["tokens"] and "&lt;img" in rendered["tokens"]
-    for name in ("layers", "heatmap"):
+    for name in ("layers", "heatmap", "components", "heads", "top_tokens"):
         assert "<img" not in json.dumps(rendered[name].to_plotly_json())
     assert "<img" not in analyze_headline(result)
 
@@ -130,8 +145,9 @@ def test_panel_registry_places_checks_and_filters_panels(pair):
     registry = PanelRegistry(list(ANALYZE_PANELS))
     registry.register(_table_panel(), after="layers")
     registry.register(_table_panel("needs-split", available=lambda p: hasattr(p, "no_such_method")))
-    assert registry.names() == ["tokens", "layers", "table", "heatmap", "needs-split"]
-    assert [p.name for p in registry.for_pair(pair)] == ["tokens", "layers", "table", "heatmap"]
+    assert registry.names() == ["tokens", "layers", "table", "heatmap", "components", "heads", "top_tokens", "needs-split"]
+    assert [p.name for p in registry.for_pair(pair)] == ["tokens", "layers", "table", "heatmap", "components", "heads",
+                                                        "top_tokens"]
     result = analyze(pair, REQUEST)
     rendered = render_panels(result, registry.for_pair(pair))
     assert rendered["table"] == result.to_dataframe().to_html()
@@ -147,7 +163,7 @@ def test_panel_registry_places_checks_and_filters_panels(pair):
     wrong = AnalyzePanel("wrong", "x", "plot", lambda r: "<p>not a figure</p>")
     with pytest.raises(InputError, match="returned a str, not a Figure"):
         render_panels(result, [wrong])
-    assert ANALYZE_PANELS.names() == ["tokens", "layers", "heatmap"]  # the global one is untouched
+    assert ANALYZE_PANELS.names() == ["tokens", "layers", "heatmap", "components", "heads", "top_tokens"]  # the global one is untouched
 
 
 # ---------------------------------------------------------------- Steer

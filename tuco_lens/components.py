@@ -143,7 +143,8 @@ class ComponentAccumulator(DecompositionAccumulator):
     each head's FTC at the last real token.
 
     Args:
-        pt_backend, ft_backend: The two models' backends (for the heads' output projections).
+        pt_backend: The pre-trained model's backend (for its heads' output projections).
+        ft_backend: The fine-tuned model's backend.
         heads: Also split attention per head (at the last real token).
         **kwargs: As for :class:`~tuco_lens.decomposition.DecompositionAccumulator`.
     """

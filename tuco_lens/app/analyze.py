@@ -13,8 +13,9 @@ from typing import Any
 
 import pandas as pd
 
+from tuco_lens.attribution import LogitAttribution
 from tuco_lens.decomposition import Decomposition
-from tuco_lens.errors import InputTypeError
+from tuco_lens.errors import InputTypeError, TuCoError
 from tuco_lens.plotting._util import real_positions
 
 __all__ = ["AnalyzeResult", "analyze", "headline_html"]
@@ -27,12 +28,16 @@ class AnalyzeResult:
     Attributes:
         prompt: The prompt as typed (before any chat template).
         chat_template: Whether it was wrapped in the fine-tuned chat template.
-        decomposition: ``pair.decompose([prompt])``: one row, no padding.
+        decomposition: ``pair.decompose([prompt], components=True)``: one row, no padding,
+            with the attention / MLP split (and the heads where the model allows them).
+        attribution: ``pair.logit_attribution([prompt], components=True)``: the tokens
+            fine-tuning promotes and suppresses, or None when not computed.
     """
 
     prompt: str
     chat_template: bool
     decomposition: Decomposition
+    attribution: LogitAttribution | None = None
 
     @property
     def tuco(self) -> float:
@@ -64,6 +69,8 @@ class AnalyzeResult:
             "tuco": self.tuco,
             "tokens": self.tokens,
             "tuco_per_token": self.tuco_per_token,
+            **({"tuco_shares": {k: float(v[0]) for k, v in self.decomposition.tuco_shares().items()}}
+               if self.decomposition.has_components else {}),
         }
 
     def to_dataframe(self) -> pd.DataFrame:
@@ -82,7 +89,8 @@ def analyze(pair: Any, prompt: str, *, chat_template: bool = False) -> AnalyzeRe
         chat_template: Wrap it as a user turn in the fine-tuned chat template.
 
     Returns:
-        An :class:`AnalyzeResult` holding ``pair.decompose([prompt], chat_template=...)``.
+        An :class:`AnalyzeResult` holding ``pair.decompose([prompt], chat_template=...,
+        components=True)`` and the prompt's logit attribution.
 
     Raises:
         InputTypeError: ``prompt`` is not a string.
@@ -95,8 +103,17 @@ def analyze(pair: Any, prompt: str, *, chat_template: bool = False) -> AnalyzeRe
     """
     if not isinstance(prompt, str):
         raise InputTypeError(f"The prompt must be a string, got {type(prompt).__name__}.")
-    dec = pair.decompose([prompt], chat_template=bool(chat_template))
-    return AnalyzeResult(prompt=prompt, chat_template=bool(chat_template), decomposition=dec)
+    chat_template = bool(chat_template)
+    try:
+        dec = pair.decompose([prompt], chat_template=chat_template, components=True)
+        heads = True
+    except TuCoError as error:  # a norm after the attention output: no per-head split
+        if "per-head" not in str(error):
+            raise
+        dec = pair.decompose([prompt], chat_template=chat_template, components=True, heads=False)
+        heads = False
+    attribution = pair.logit_attribution([prompt], chat_template=chat_template, components=True, heads=heads)
+    return AnalyzeResult(prompt=prompt, chat_template=chat_template, decomposition=dec, attribution=attribution)
 
 
 def headline_html(result: AnalyzeResult) -> str:

@@ -13,15 +13,14 @@ Built in, in this order:
   :func:`~tuco_lens.plotting.plot_layers`;
 - ``heatmap``: β per layer and token, :func:`~tuco_lens.plotting.plot_token_heatmap`.
 
-This is where the sub-layer split plugs in: the attention / MLP / head split of the
-fine-tuning component and the tokens it promotes or suppresses (``pair.logit_attribution``)
-are two more panels, registered with ``available`` testing that the pair has them, e.g.::
+- ``components``: FTC per layer split into attention / MLP / MLP←attention,
+  :func:`~tuco_lens.plotting.plot_components`;
+- ``heads``: each head's share of TuCo, :func:`~tuco_lens.plotting.plot_head_heatmap` (left out
+  when the model has no per-head split);
+- ``top_tokens``: the tokens fine-tuning promotes and suppresses (``pair.logit_attribution``),
+  :func:`~tuco_lens.plotting.plot_top_tokens`.
 
-    register_analyze_panel(
-        AnalyzePanel("components", "Attention / MLP split of FTC", "plot", render_components,
-                     available=lambda pair: hasattr(pair, "logit_attribution")),
-        after="layers",
-    )
+More views plug in with :func:`register_analyze_panel` (``after=`` places them).
 
 Panels must be registered before :func:`~tuco_lens.app.build_app` builds the page.
 """
@@ -36,7 +35,14 @@ import plotly.graph_objects as go
 
 from tuco_lens.app.analyze import AnalyzeResult
 from tuco_lens.errors import InputError
-from tuco_lens.plotting import plot_layers, plot_token_heatmap, token_html
+from tuco_lens.plotting import (
+    plot_components,
+    plot_head_heatmap,
+    plot_layers,
+    plot_token_heatmap,
+    plot_top_tokens,
+    token_html,
+)
 
 __all__ = ["AnalyzePanel", "PanelRegistry", "ANALYZE_PANELS", "register_analyze_panel", "render_panels"]
 
@@ -156,14 +162,32 @@ def _heatmap(result: AnalyzeResult) -> go.Figure:
     return plot_token_heatmap(result.decomposition, 0)
 
 
+def _components(result: AnalyzeResult) -> go.Figure:
+    return plot_components(result.decomposition, 0)
+
+
+def _heads(result: AnalyzeResult) -> go.Figure:
+    if result.decomposition.ftc_head is None:
+        return go.Figure(layout=dict(title="No per-head split: a norm follows this model's attention output"))
+    return plot_head_heatmap(result.decomposition, 0, shares=True)
+
+
+def _top_tokens(result: AnalyzeResult) -> go.Figure:
+    return plot_top_tokens(result.attribution, 0, part="ftc", k=8)
+
+
 ANALYZE_PANELS = PanelRegistry(
     [
         AnalyzePanel("tokens", "Tokens coloured by per-token TuCo (hover a token for its value)", "html", _tokens),
         AnalyzePanel("layers", "Per layer, at the last token", "plot", _layers),
         AnalyzePanel("heatmap", "β per layer and token", "plot", _heatmap),
+        AnalyzePanel("components", "Inside the blocks: attention / MLP / MLP←attention", "plot", _components),
+        AnalyzePanel("heads", "Each attention head's share of TuCo", "plot", _heads),
+        AnalyzePanel("top_tokens", "Tokens fine-tuning promotes and suppresses (direct logit effect)", "plot",
+                     _top_tokens),
     ]
 )
-"""The panels the page draws (the built-in three; the sub-layer panels register here)."""
+"""The panels the page draws (more register with :func:`register_analyze_panel`)."""
 
 
 def register_analyze_panel(panel: AnalyzePanel, *, after: str | None = None) -> AnalyzePanel:
