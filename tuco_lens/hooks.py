@@ -32,16 +32,21 @@ raises :class:`TuCoError` (the layer would silently lose its hook). See ``docs/s
 
 from __future__ import annotations
 
+import math
+import numbers
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from tuco_lens.backend import BlockCall, HookPoint, backend_of
 from tuco_lens.errors import AlphaError, TuCoError
+from tuco_lens.inputs import warn_if_doubled_bos
 
 __all__ = [
     "PairedBlocks",
@@ -56,8 +61,24 @@ __all__ = [
 LayerFn = Callable[[int, Tensor, Tensor, Tensor], Tensor | None]
 """``on_layer(layer, resid_pre, pt_resid_post, ft_resid_post) -> new resid_post | None``."""
 
-_ACTIVE = "_tuco_lens_paired_blocks"
+_ACTIVE = "_tuco_lens_paired_blocks"  # {thread id: active PairedBlocks} on a fine-tuned model
+_OFFLOAD_LOCK = "_tuco_lens_offload_lock"
+# Held while hooks are added or removed: torch's and TransformerLens's hook lists are shared by
+# every thread that runs the model.
+_REGISTRATION = threading.Lock()
 Model = Any
+
+
+@contextmanager
+def _offload_lock(pt: Model, offload: bool) -> Iterator[None]:
+    """With offloading, one pre-trained block call at a time per model (blocks move devices)."""
+    if not offload:
+        yield
+        return
+    with _REGISTRATION:
+        lock = pt.__dict__.setdefault(_OFFLOAD_LOCK, threading.Lock())
+    with lock:
+        yield
 """A ``HookedTransformer`` or a ``TransformerBridge``."""
 
 
@@ -80,16 +101,23 @@ def supports_last_token_path(model: Model) -> bool:
 def check_alpha(alpha: float | Sequence[float] | Tensor, n_layers: int) -> list[float]:
     """Validate α (one number, or one per layer) and return one float per layer.
 
+    Numbers may be Python, numpy (``np.float32(0.5)``) or torch scalars; one value per layer
+    may be a list, a tuple, a 1-D numpy array or tensor.
+
     Raises:
         AlphaError: α is not a finite real number, or a per-layer α has the wrong length.
 
     Example:
         >>> check_alpha(0.5, 3)
         [0.5, 0.5, 0.5]
+        >>> check_alpha(np.array([0.0, 1.0]), 2)
+        [0.0, 1.0]
     """
-    if isinstance(alpha, Tensor):
+    if isinstance(alpha, (Tensor, np.ndarray, np.generic)):
+        if getattr(alpha, "ndim", 0) > 1:
+            raise AlphaError(f"alpha must be a number or one number per layer, got an array of shape {tuple(alpha.shape)}.")
         alpha = alpha.tolist()
-    if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
+    if _is_real(alpha):
         values = [float(alpha)] * n_layers
     elif isinstance(alpha, Sequence) and not isinstance(alpha, (str, bytes)):
         values = list(alpha)
@@ -98,20 +126,25 @@ def check_alpha(alpha: float | Sequence[float] | Tensor, n_layers: int) -> list[
                 f"A per-layer alpha needs one value per layer: got {len(values)} values for "
                 f"{n_layers} layers."
             )
-        if not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in values):
+        if not all(_is_real(a) for a in values):
             raise AlphaError(f"alpha values must be real numbers, got {values!r}.")
         values = [float(a) for a in values]
     else:
         raise AlphaError(
             f"alpha must be a number or one number per layer, got {type(alpha).__name__}."
         )
-    bad = [a for a in values if not torch.isfinite(torch.tensor(a))]
+    bad = [a for a in values if not math.isfinite(a)]
     if bad:
         raise AlphaError(
             f"alpha must be finite, got {bad[0]}. (Negative alpha is allowed: it reverses "
             "the fine-tuning component.)"
         )
     return values
+
+
+def _is_real(value: object) -> bool:
+    """A real number (Python, numpy or 0-d torch), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def alpha_mixer(alphas: Sequence[float]) -> LayerFn:
@@ -194,36 +227,49 @@ class PairedBlocks:
         # True while a pre-trained block runs, so that a pt that shares blocks with ft (or is
         # ft itself: identical models) does not re-enter these hooks.
         self._in_pt_block = False
+        # The thread that entered: forward passes of other threads run the plain model.
+        self._owner: int | None = None
 
     # ---------------------------------------------------------------- context protocol
     def __enter__(self) -> "PairedBlocks":
-        active = getattr(self.ft, _ACTIVE, None)
-        if active is not None:
-            raise TuCoError(
-                "tuco_lens is already scaling or decomposing this fine-tuned model (nested "
-                "pair.scaled() / decompose inside pair.scaled()). Exit the outer context first."
-            )
-        setattr(self.ft, _ACTIVE, self)
-        try:
-            for layer, block in enumerate(self.backend.blocks):
-                self._handles.append(
-                    block.register_forward_pre_hook(self._pre_hook(layer), with_kwargs=True)
+        with _REGISTRATION:
+            active = self.ft.__dict__.setdefault(_ACTIVE, {})
+            if threading.get_ident() in active:
+                raise TuCoError(
+                    "tuco_lens is already scaling or decomposing this fine-tuned model in this "
+                    "thread (nested pair.scaled() / decompose inside pair.scaled()). Exit the "
+                    "outer context first."
                 )
-                hook_point = self._post_modules[layer] = self.backend.resid_post(block)
-                if not isinstance(hook_point, HookPoint):  # e.g. an SAE spliced in by SAE-Lens
-                    self._handles.append(hook_point.register_forward_pre_hook(self._post_input_hook(layer)))
-                elif self.writes:
-                    hook = self._write_hook(layer)
-                    hook_point.add_hook(hook, dir="fwd", is_permanent=True)
-                    self._lens_hooks.append((hook_point, hook))
-                else:
-                    self._handles.append(block.register_forward_hook(self._read_hook(layer)))
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
+            self._owner = threading.get_ident()
+            active[self._owner] = self
+            try:
+                self._install()
+            except BaseException:
+                self._uninstall()
+                raise
         return self
 
+    def _install(self) -> None:
+        self._handles.append(self.backend.token_embedding.register_forward_pre_hook(self._embed_hook))
+        for layer, block in enumerate(self.backend.blocks):
+            self._handles.append(
+                block.register_forward_pre_hook(self._pre_hook(layer), with_kwargs=True)
+            )
+            hook_point = self._post_modules[layer] = self.backend.resid_post(block)
+            if not isinstance(hook_point, HookPoint):  # e.g. an SAE spliced in by SAE-Lens
+                self._handles.append(hook_point.register_forward_pre_hook(self._post_input_hook(layer)))
+            elif self.writes:
+                hook = self._write_hook(layer)
+                hook_point.add_hook(hook, dir="fwd", is_permanent=True)
+                self._lens_hooks.append((hook_point, hook))
+            else:
+                self._handles.append(block.register_forward_hook(self._read_hook(layer)))
+
     def __exit__(self, *exc_info: object) -> None:
+        with _REGISTRATION:
+            self._uninstall()
+
+    def _uninstall(self) -> None:
         for handle in self._handles:
             handle.remove()
         for handle in self._readers:
@@ -237,17 +283,28 @@ class PairedBlocks:
         self._handles, self._lens_hooks = [], []
         self._readers = [None] * len(self._readers)
         self._calls = [None] * len(self._calls)  # drop references to masks and KV caches
-        if getattr(self.ft, _ACTIVE, None) is self:
-            delattr(self.ft, _ACTIVE)
+        active = self.ft.__dict__.get(_ACTIVE, {})
+        if active.get(self._owner) is self:
+            del active[self._owner]
+
+    def _foreign(self) -> bool:
+        """True for calls this context must not touch: another thread's forward passes, or the
+        pre-trained block that this context runs itself."""
+        return self._in_pt_block or threading.get_ident() != self._owner
 
     def remove(self) -> None:
         """Remove every hook (same as leaving the context)."""
         self.__exit__(None, None, None)
 
     # ---------------------------------------------------------------- hooks
+    def _embed_hook(self, module: torch.nn.Module, args: tuple) -> None:
+        """Warn about rows that start with two BOS tokens (:class:`~tuco_lens.errors.DoubledBOSWarning`)."""
+        if not self._foreign() and args and isinstance(args[0], Tensor):
+            warn_if_doubled_bos(args[0], self.ft.tokenizer)
+
     def _pre_hook(self, layer: int) -> Callable:
         def pre_hook(block: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            if self._in_pt_block:
+            if self._foreign():
                 return
             if self.backend.resid_post(block) is not self._post_modules[layer]:
                 raise TuCoError(
@@ -262,7 +319,7 @@ class PairedBlocks:
                 self._readers[layer].remove()
 
             def read_resid_pre(module: torch.nn.Module, inputs: tuple, output: Tensor) -> None:
-                if not self._in_pt_block:
+                if not self._foreign():
                     call.x = output
 
             self._readers[layer] = self.backend.resid_pre(block).register_forward_hook(read_resid_pre)
@@ -285,7 +342,9 @@ class PairedBlocks:
     def _run_pt_block(self, layer: int, call: BlockCall, x: Tensor) -> Tensor:
         self._in_pt_block = True
         try:
-            with placed(self.pt_backend.blocks[layer], x.device, self.offload_pt) as (block, device):
+            with _offload_lock(self.pt, self.offload_pt), placed(
+                self.pt_backend.blocks[layer], x.device, self.offload_pt
+            ) as (block, device):
                 x = x.to(device)
                 if self.pt_last_only:
                     return self.backend.call_pt_block_at_last_token(block, call, x)
@@ -295,7 +354,7 @@ class PairedBlocks:
 
     def _read_hook(self, layer: int) -> Callable:
         def read_hook(block: torch.nn.Module, args: tuple, output: Any) -> None:
-            if self._in_pt_block:
+            if self._foreign():
                 return
             call, x = self._consume(layer)
             pt_post = self._run_pt_block(layer, call, x)
@@ -306,7 +365,7 @@ class PairedBlocks:
 
     def _write_hook(self, layer: int) -> Callable:
         def write_hook(ft_post: Float[Tensor, "batch pos d_model"], hook: HookPoint) -> Tensor | None:
-            if self._in_pt_block:
+            if self._foreign():
                 return None
             call, x = self._consume(layer)
             pt_post = self._run_pt_block(layer, call, x)
@@ -319,7 +378,7 @@ class PairedBlocks:
         """Torch pre-hook on a non-HookPoint ``hook_resid_post`` (an SAE): acts on its input."""
 
         def post_input_hook(module: torch.nn.Module, args: tuple) -> tuple | None:
-            if self._in_pt_block:
+            if self._foreign():
                 return None
             call, x = self._consume(layer)
             pt_post = self._run_pt_block(layer, call, x)
