@@ -272,7 +272,9 @@ def encode_rows(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], fmt: 
         b'index,tuco\\r\\n0,0.5\\r\\n'
     """
     if fmt == "jsonl":
-        return "".join(json.dumps(dict(row), ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+        text = "".join(json.dumps(dict(row), ensure_ascii=False) + "\n" for row in rows)
+        # U+2028 / U+2029 escaped, so that readers splitting lines on them (str.splitlines) see one row a line
+        return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").encode("utf-8")
     text = io.StringIO()
     writer = csv.writer(text)
     if header:
