@@ -24,9 +24,15 @@ import pandas as pd
 import pytest
 
 import tuco_lens
-from tuco_lens import scoring_io
 from tuco_lens.cli import main
-from tuco_lens.scoring_io import OutputLock, RunRecord, csv_cell
+
+# tuco_lens.scoring_io (issue 11) is imported inside the tests that use it, so that each test
+# fails on its own assertion (not on an import) against the code before it.
+
+
+def csv_cell(value: str) -> str:
+    """A prompt as a CSV cell: a leading ' before what a spreadsheet would run as a formula."""
+    return "'" + value if value.startswith(("=", "+", "-", "@", "\t", "\r")) else value
 
 WORDS = "the a cat dog bird fish tree house car city sea sun moon day night water food".split()
 PROMPTS = [" ".join(WORDS[(3 * i + j) % len(WORDS)] for j in range(2 + i % 5)) for i in range(12)]
@@ -218,6 +224,8 @@ def test_output_without_run_record_is_refused_and_overwrite_starts_again(dirs, e
     pair = tuco_lens.load_pair(*dirs)
     l2 = {p: float(v) for p, v in zip(PROMPTS, pair.tuco(PROMPTS, norm="l2"))}
     assert_complete(out, PROMPTS, l2)
+    from tuco_lens.scoring_io import RunRecord
+
     record = RunRecord.read(Path(str(out) + ".run.json"))
     assert record.settings["norm"] == "l2" and record.n_prompts == len(PROMPTS)
     assert record.tuco_lens_version == tuco_lens.__version__
@@ -234,6 +242,8 @@ def test_duplicate_rows_are_refused(dirs, tmp_path, capsys, fmt):
 
 # ---------------------------------------------------------------------- 3. two writers
 def test_a_second_writer_is_refused_while_the_first_holds_the_lock(dirs, tmp_path, capsys):
+    from tuco_lens.scoring_io import OutputLock
+
     source = write_prompts(tmp_path / "p.txt", PROMPTS)
     out = tmp_path / "s.csv"
     with OutputLock(out):
@@ -394,8 +404,8 @@ def _failing_write(monkeypatch, out: Path, *, batch: int, failure: BaseException
             raise OSError(errno.EIO, "Input/output error")
         return real_truncate(fd, size)
 
-    monkeypatch.setattr(scoring_io.os, "write", write)
-    monkeypatch.setattr(scoring_io.os, "ftruncate", ftruncate)
+    monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(os, "ftruncate", ftruncate)
 
 
 needs_proc = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc (Linux)")
@@ -445,7 +455,6 @@ def test_ctrl_c_mid_batch_leaves_only_complete_rows(dirs, expected, tmp_path, ca
 KILL_MID_WRITE = textwrap.dedent(
     """
     import os, signal, sys
-    from tuco_lens import scoring_io
     from tuco_lens.cli import main
     real_write, calls, out = os.write, [0], {out!r}
     def write(fd, data):
@@ -455,7 +464,7 @@ KILL_MID_WRITE = textwrap.dedent(
                 real_write(fd, bytes(data[: len(data) // 2]))
                 os.kill(os.getpid(), signal.{signal})
         return real_write(fd, data)
-    scoring_io.os.write = write
+    os.write = write
     sys.exit(main(sys.argv[1:]))
     """
 )
