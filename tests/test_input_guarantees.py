@@ -209,26 +209,27 @@ def test_bridge_weights_go_where_cfg_device_says(dirs):
 
 # ------------------------------------------------------------------ 12. doubled BOS
 def test_a_doubled_bos_is_warned_about_inside_pair_contexts(pair, no_warnings):
-    from tuco_lens.errors import DoubledBOSWarning
-    from tuco_lens.inputs import doubled_bos_rows
-
     text = pair.tokenizer.apply_chat_template(
         [{"role": "user", "content": "the cat"}], add_generation_prompt=True, tokenize=False
     )
     assert text.startswith(pair.tokenizer.bos_token)
     doubled = pair.ft.to_tokens(text)  # TransformerLens's rule: a second BOS
-    assert doubled_bos_rows(doubled, pair.tokenizer) == [0]
-    with pytest.warns(DoubledBOSWarning, match=r"Row\(s\) \[0\] start with two BOS tokens"):
+    with pytest.warns(UserWarning, match=r"Row\(s\) \[0\] start with two BOS tokens") as caught:
         with pair.scaled(0.5):
             pair.ft.run_with_cache(text)
-    with pytest.warns(DoubledBOSWarning):
+    assert [w.category.__name__ for w in caught] == ["DoubledBOSWarning"]
+    with pytest.warns(UserWarning, match="two BOS tokens"):
         pair.tuco(doubled)
-    left = torch.cat([torch.full((1, 2), _ids(pair, "pad"), device=doubled.device), doubled], dim=1)
-    assert doubled_bos_rows(left, pair.tokenizer) == [0]
     with pair.scaled(0.5):  # the tokens of pair.tokenize have one BOS: no warning
         pair.ft.run_with_cache(pair.tokenize(text).tokens)
     pair.tuco(text)
     pair.tuco("the cat", chat_template=True)
+
+    from tuco_lens.inputs import doubled_bos_rows
+
+    assert doubled_bos_rows(doubled, pair.tokenizer) == [0]
+    left = torch.cat([torch.full((1, 2), _ids(pair, "pad"), device=doubled.device), doubled], dim=1)
+    assert doubled_bos_rows(left, pair.tokenizer) == [0]
 
 
 def test_a_doubled_bos_cannot_be_told_from_padding_when_bos_is_pad(pair):
@@ -246,19 +247,22 @@ def test_a_doubled_bos_cannot_be_told_from_padding_when_bos_is_pad(pair):
 
 # ------------------------------------------------------------------ 13. chat template twice
 def test_chat_template_on_a_templated_prompt_is_warned_about(pair, no_warnings):
-    from tuco_lens.errors import ChatTemplateTwiceWarning
-    from tuco_lens.inputs import chat_template_frame
-
-    head, tail = chat_template_frame(pair.tokenizer)
-    assert (head, tail) == ("<bos><|user|> ", " <|end|> <|assistant|> ")
-    templated = f"{head}the cat{tail}"
-    with pytest.warns(ChatTemplateTwiceWarning, match="1 of 2 prompts already look chat-formatted .*prompt 1"):
+    templated = "<bos><|user|> the cat <|end|> <|assistant|> "  # what the template makes of "the cat"
+    assert pair.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "the cat"}], add_generation_prompt=True, tokenize=False
+    ) == templated
+    with pytest.warns(UserWarning, match="1 of 2 prompts already look chat-formatted .*prompt 1") as caught:
         twice = pair.tuco(["the cat", templated], chat_template=True)
+    assert [w.category.__name__ for w in caught] == ["ChatTemplateTwiceWarning"]
     once = pair.tuco(["the cat", templated])
     torch.testing.assert_close(once[1], twice[0], atol=2e-6, rtol=0)  # the right way: no second template
-    with pytest.warns(ChatTemplateTwiceWarning):
+    with pytest.warns(UserWarning, match="already look chat-formatted"):
         pair.tokenize("<|user|> hello <|end|> <|assistant|>", chat_template=True)
     pair.tuco(["the cat", "hello <|end|>"], chat_template=True)  # no warning for plain prompts
+
+    from tuco_lens.inputs import chat_template_frame
+
+    assert chat_template_frame(pair.tokenizer) == ("<bos><|user|> ", " <|end|> <|assistant|> ")
 
 
 # ------------------------------------------------------------------ 14. valid values, other types
