@@ -384,8 +384,8 @@ def test_csv_cells_that_spreadsheets_would_run_are_written_as_text(dirs, tmp_pat
 
 # ---------------------------------------------------------------------- fault injection
 def _failing_write(monkeypatch, out: Path, *, batch: int, failure: BaseException, truncate_fails: bool = False):
-    """Make the ``batch``-th write to ``out`` store only half its bytes, then raise ``failure``
-    (as a full disk does: a short write, then ENOSPC)."""
+    """Make the ``batch``-th write to ``out`` store all but its last 3 bytes (so its last row is
+    torn), then raise ``failure`` (as a full disk does: a short write, then ENOSPC)."""
     real_write, real_truncate, calls = os.write, os.ftruncate, [0]
 
     def is_out(fd: int) -> bool:
@@ -395,7 +395,7 @@ def _failing_write(monkeypatch, out: Path, *, batch: int, failure: BaseException
         if is_out(fd):
             calls[0] += 1
             if calls[0] == batch:
-                real_write(fd, bytes(data[: len(data) // 2]))
+                real_write(fd, bytes(data[:-3]))
                 raise failure
         return real_write(fd, data)
 
