@@ -28,6 +28,11 @@ an SAE module there), tuco_lens works on that module's **input** instead, throug
 forward pre-hook: ``ft_post`` is the block output before the SAE, and in write mode the SAE
 encodes the α-scaled stream. Splicing or removing such a module while the context is active
 raises :class:`TuCoError` (the layer would silently lose its hook). See ``docs/sae-lens.md``.
+
+Threads: a context acts only on forward passes of the thread that entered it. Another thread's
+forward of the same model runs the plain model, contexts of several threads coexist (each with
+its own α), and nesting within one thread is refused. With ``offload_pt`` the pre-trained
+blocks are moved and run one call at a time. See ``docs/guarantees.md``.
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ _OFFLOAD_LOCK = "_tuco_lens_offload_lock"
 # every thread that runs the model.
 _REGISTRATION = threading.Lock()
 Model = Any
+"""A ``HookedTransformer`` or a ``TransformerBridge``."""
 
 
 @contextmanager
@@ -79,7 +85,6 @@ def _offload_lock(pt: Model, offload: bool) -> Iterator[None]:
         lock = pt.__dict__.setdefault(_OFFLOAD_LOCK, threading.Lock())
     with lock:
         yield
-"""A ``HookedTransformer`` or a ``TransformerBridge``."""
 
 
 def supports_last_token_path(model: Model) -> bool:

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 from tuco_lens.analyses._common import read_jsonl, read_lines
@@ -160,14 +159,14 @@ def run_settings(args: argparse.Namespace) -> dict[str, Any]:
     from tuco_lens import demo
     from tuco_lens.loading import resolve_dtype
 
-    dtype = resolve_dtype(args.dtype) or torch.float32
+    dtype = resolve_dtype(args.dtype)  # None: the loaders' float32
     pt, ft = (demo.PT_DIR, demo.FT_DIR) if args.demo else (args.pt, args.ft)
     return {
         "pt": source_identity(pt),
         "ft": source_identity(ft),
         "norm": args.norm,
         "chat_template": bool(args.chat_template),
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": "float32" if dtype is None else str(dtype).removeprefix("torch."),
     }
 
 
