@@ -64,6 +64,10 @@ __all__ = [
     "reference_decomposition",
     "reference_alpha_logits",
     "reference_greedy_generate",
+    "reference_components",
+    "reference_component_alpha_logits",
+    "sub_blocks",
+    "head_projection",
 ]
 
 # Names under which Hugging Face decoder layers receive a KV cache (they differ per architecture:
@@ -451,3 +455,174 @@ def reference_greedy_generate(
         ids = torch.cat([ids, next_token], dim=-1)
         mask = torch.cat([mask, torch.ones_like(next_token, dtype=mask.dtype)], dim=-1)
     return ids
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inside the block: the attention / MLP / head split (tuco_lens.components), written on the HF modules
+# ---------------------------------------------------------------------------------------------------------
+def sub_blocks(layer: torch.nn.Module) -> dict[str, Any]:
+    """The sub-modules of a Hugging Face decoder layer, named as the layer's own forward uses them.
+
+    Returns ``{"attn", "norm_attn", "mlp", "norm_mlp", "o_proj", "parallel"}``: the attention module
+    (its output ``[0]`` is what the layer adds to the stream), its input norm, the MLP and its input
+    norm, the attention's output projection, and whether attention and MLP both read the block input.
+    """
+    if hasattr(layer, "self_attn"):  # Llama, Mistral, Qwen2, Gemma
+        return dict(attn=layer.self_attn, norm_attn=layer.input_layernorm, mlp=layer.mlp,
+                    norm_mlp=layer.post_attention_layernorm, o_proj=layer.self_attn.o_proj, parallel=False)
+    if hasattr(layer, "ln_1"):  # GPT-2
+        return dict(attn=layer.attn, norm_attn=layer.ln_1, mlp=layer.mlp, norm_mlp=layer.ln_2,
+                    o_proj=layer.attn.c_proj, parallel=False)
+    if hasattr(layer, "attention"):  # GPT-NeoX
+        return dict(attn=layer.attention, norm_attn=layer.input_layernorm, mlp=layer.mlp,
+                    norm_mlp=layer.post_attention_layernorm, o_proj=layer.attention.dense,
+                    parallel=bool(layer.use_parallel_residual))
+    raise ValueError(f"no sub-block recipe for {type(layer).__name__}")
+
+
+def head_projection(o_proj: torch.nn.Module, n_heads: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(W_O [head, d_head, d_model], bias)`` of a Linear (``y = x W^T``) or GPT-2 Conv1D (``y = x W``)."""
+    weight = o_proj.weight if type(o_proj).__name__ == "Conv1D" else o_proj.weight.T  # [h * d_head, d_model]
+    return weight.reshape(n_heads, -1, weight.shape[-1]), o_proj.bias
+
+
+@contextlib.contextmanager
+def _recording(subs: dict[str, Any], store: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Record the attention output (``"attn"``) and the output projection's input (``"z"``) into ``store``."""
+
+    def attn_hook(module, args, output):
+        store["attn"] = _hidden_of(output)
+
+    def z_hook(module, args):
+        store["z"] = args[0]
+
+    handles = [subs["attn"].register_forward_hook(attn_hook), subs["o_proj"].register_forward_pre_hook(z_hook)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _mlp(subs: dict[str, Any], y: torch.Tensor) -> torch.Tensor:
+    return subs["mlp"](subs["norm_mlp"](y))
+
+
+@torch.no_grad()
+def reference_components(
+    pt: torch.nn.Module,
+    ft: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    n_heads: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """The component split of every FTC_l, in float64, from the HF sub-modules.
+
+    Sequential layers: ``y = x + A_FT(x)``, ``y' = x + A_PT(x)``; ``attn = A_FT(x) - A_PT(x)``,
+    ``mlp = M_FT(y) - M_PT(y)``, ``mlp_via_attn = M_PT(y) - M_PT(y')`` with ``M(y) = mlp(norm(y))``.
+    Parallel layers read ``x`` in both and have ``mlp_via_attn = 0``. Heads: ``o_h = z_h W_O[h]``.
+
+    Returns ``attn``, ``mlp``, ``mlp_via_attn`` ``[batch, L, pos, d]``, their sums over layers at the
+    last real token (``attn_sum``...), ``head`` ``[batch, L, head, d]`` and ``head_bias`` ``[L, d]`` at the
+    last real token, and ``ftc`` (the whole FTC_l, ``[batch, L, pos, d]``).
+    """
+    pt_layers, ft_layers = _check_pair(pt, ft)
+    mask = _prepare_mask(input_ids, attention_mask)
+    n_heads = n_heads or ft.config.num_attention_heads
+    rows = torch.arange(mask.shape[0])
+    last = _last_real_index(mask)
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("attn", "mlp", "mlp_via_attn", "head", "head_bias", "ftc")}
+    captured: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+
+    def record(l, x, pt_out, ft_out):
+        ft_subs, pt_subs = sub_blocks(ft_layers[l]), sub_blocks(pt_layers[l])
+        a_ft, a_pt = captured[l]["ft"]["attn"].double(), captured[l]["pt"]["attn"].double()
+        if ft_subs["parallel"]:
+            attn, mlp = a_ft - a_pt, _mlp(ft_subs, x).double() - _mlp(pt_subs, x).double()
+            via = torch.zeros_like(attn)
+        else:  # the MLPs run in the model dtype on the layer's own y = x + A(x)
+            y, y_pt = (x + captured[l]["ft"]["attn"]), (x + captured[l]["pt"]["attn"])
+            m_pt_y = _mlp(pt_subs, y).double()
+            attn = a_ft - a_pt
+            mlp = _mlp(ft_subs, y).double() - m_pt_y
+            via = m_pt_y - _mlp(pt_subs, y_pt).double()
+        heads = []
+        bias = torch.zeros(x.shape[-1], dtype=torch.float64)
+        for sign, subs, z in ((1.0, ft_subs, captured[l]["ft"]["z"]), (-1.0, pt_subs, captured[l]["pt"]["z"])):
+            w_o, b_o = head_projection(subs["o_proj"], n_heads)
+            z = z.double()[rows, last].reshape(len(rows), n_heads, -1)
+            heads.append(sign * torch.einsum("bhd,hdm->bhm", z, w_o.double()))
+            if b_o is not None:
+                bias = bias + sign * b_o.double()
+        bias = bias.to(x.device)
+        for name, value in (("attn", attn), ("mlp", mlp), ("mlp_via_attn", via), ("ftc", ft_out.double() - pt_out.double())):
+            out[name].append(value)
+        out["head"].append(heads[0] + heads[1])
+        out["head_bias"].append(bias)
+        return None
+
+    handles = []
+    for l, (ft_layer, pt_layer) in enumerate(zip(ft_layers, pt_layers)):
+        captured[l] = {"ft": {}, "pt": {}}
+        handles.append(_recording(sub_blocks(ft_layer), captured[l]["ft"]))
+        handles.append(_recording(sub_blocks(pt_layer), captured[l]["pt"]))
+    with contextlib.ExitStack() as stack:
+        for h in handles:
+            stack.enter_context(h)
+        with _hooked(ft_layers, pt_layers, record):
+            _forward(ft, input_ids, mask)
+    result = {name: torch.stack(values, dim=1) for name, values in out.items() if name not in ("head", "head_bias")}
+    result["head"] = torch.stack(out["head"], dim=1)
+    result["head_bias"] = torch.stack(out["head_bias"])
+    for name in ("attn", "mlp", "mlp_via_attn", "ftc"):
+        result[f"{name}_sum"] = result[name].sum(1)[rows, last]
+    return result
+
+
+@torch.no_grad()
+def reference_component_alpha_logits(
+    pt: torch.nn.Module,
+    ft: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    attn: float = 1.0,
+    mlp: float = 1.0,
+    heads: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Logits with α per component (the same α at every layer; ``heads`` ``[layer, head]`` optional).
+
+    Sequential: ``y = x + A_PT(x) + a (A_FT(x) - A_PT(x))`` (with heads: ``A_PT + Σ_h a_h Δo_h + a Δb``),
+    then ``x' = y + M_PT(y) + b (M_FT(y) - M_PT(y))``. Parallel: both terms read ``x``.
+    """
+    pt_layers, ft_layers = _check_pair(pt, ft)
+    mask = _prepare_mask(input_ids, attention_mask)
+    n_heads = ft.config.num_attention_heads
+    captured: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+
+    def scale(l, x, pt_out, ft_out):
+        ft_subs, pt_subs = sub_blocks(ft_layers[l]), sub_blocks(pt_layers[l])
+        a_ft, a_pt = captured[l]["ft"]["attn"], captured[l]["pt"]["attn"]
+        if heads is None:
+            attention = a_pt + attn * (a_ft - a_pt)
+        else:
+            attention = a_pt.clone()
+            for sign, subs, z in ((1.0, ft_subs, captured[l]["ft"]["z"]), (-1.0, pt_subs, captured[l]["pt"]["z"])):
+                w_o, b_o = head_projection(subs["o_proj"], n_heads)
+                z = z.reshape(*z.shape[:-1], n_heads, -1)
+                attention = attention + sign * torch.einsum("bphd,h,hdm->bpm", z, heads[l].to(z.dtype), w_o)
+                if b_o is not None:
+                    attention = attention + sign * attn * b_o
+        if ft_subs["parallel"]:
+            m_ft, m_pt = _mlp(ft_subs, x), _mlp(pt_subs, x)
+            return x + attention + m_pt + mlp * (m_ft - m_pt)
+        y = x + attention
+        m_ft, m_pt = _mlp(ft_subs, y), _mlp(pt_subs, y)
+        return y + m_pt + mlp * (m_ft - m_pt)
+
+    with contextlib.ExitStack() as stack:
+        for l, (ft_layer, pt_layer) in enumerate(zip(ft_layers, pt_layers)):
+            captured[l] = {"ft": {}, "pt": {}}
+            stack.enter_context(_recording(sub_blocks(ft_layer), captured[l]["ft"]))
+            stack.enter_context(_recording(sub_blocks(pt_layer), captured[l]["pt"]))
+        with _hooked(ft_layers, pt_layers, scale):
+            return _forward(ft, input_ids, mask).logits

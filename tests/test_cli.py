@@ -129,6 +129,21 @@ def test_steer_prints_one_generation_per_alpha(dirs, pair, capsys):
     assert "--alpha values must be finite" in capsys.readouterr().err
 
 
+def test_steer_with_alpha_per_component(dirs, pair, capsys):
+    code = main(["steer", "--pt", dirs[0], "--ft", dirs[1], "--prompt", "the cat", "--alpha-mlp", "0", "1",
+                 "--alpha-attn", "0.5", "--max-new-tokens", "4"])
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    for line, mlp in zip(lines, (0.0, 1.0)):
+        expected = " ".join(pair.generate("the cat", alpha={"attn": 0.5, "mlp": mlp}, max_new_tokens=4).split())
+        assert line == f"attn=0.5 mlp={mlp:g} | {expected}"
+    assert len(lines) == 2
+    assert main(["steer", "--pt", dirs[0], "--ft", dirs[1], "--prompt", "x", "--alpha", "1", "--alpha-mlp", "0"]) == 2
+    assert "replace --alpha" in capsys.readouterr().err
+    assert main(["steer", "--pt", dirs[0], "--ft", dirs[1], "--prompt", "x", "--alpha-attn", "inf"]) == 2
+    assert "--alpha-attn values must be finite" in capsys.readouterr().err
+
+
 def test_help_of_every_command_has_examples():
     for command in ([], ["demo"], ["score"], ["steer"]):
         result = subprocess.run(

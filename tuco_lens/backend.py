@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 import transformers
+from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import ActivationCache
 from transformer_lens.hook_points import HookPoint
@@ -76,6 +77,16 @@ __all__ = [
 HAS_HOOKED_TRANSFORMER = HookedTransformer is not None
 
 _PT_CACHES = "_tuco_lens_pt_caches"
+# TransformerBridge classes whose sub-modules the component split calls (standard blocks).
+_SPLIT_MODULES = (
+    "BlockBridge", "ParallelBlockBridge", "AttentionBridge", "PositionEmbeddingsAttentionBridge",
+    "JointQKVAttentionBridge", "JointQKVPositionEmbeddingsAttentionBridge",
+)
+_POST_ATTENTION_NORM = (
+    "A norm follows the attention output in these blocks (e.g. Gemma 2's post-attention norm), so "
+    "the attention output is not a sum of per-head terms: the per-head split is refused. The "
+    "attention / MLP split works: pass heads=False (decompose, logit_attribution)."
+)
 
 
 def model_kind(model: Any) -> str | None:
@@ -106,6 +117,10 @@ class BlockCall:
     x: Tensor | None = None
     #: Positions held by each fine-tuned KV cache of the call before the block ran.
     cache_lengths: list[int] | None = None
+    #: The pre-trained block's output, when it ran before the fine-tuned block finished.
+    pt_post: Tensor | None = None
+    #: The sub-block tensors of both blocks (a ``tuco_lens.hooks.BlockParts``), if recorded.
+    parts: Any = None
 
 
 class Backend:
@@ -168,6 +183,57 @@ class Backend:
 
         Used to run the pre-trained blocks on cached fine-tuned activations.
         """
+        raise NotImplementedError
+
+    # -- inside a block (the component split: docs/components.md) -----------------
+    def is_parallel(self, block: torch.nn.Module) -> bool:
+        """Whether attention and MLP both read the block input (GPT-NeoX parallel residual)."""
+        raise NotImplementedError
+
+    def resid_mid(self, block: torch.nn.Module) -> HookPoint:
+        """Sequential blocks: the hook point whose output is ``y = x + A(x)``, the MLP's input."""
+        raise NotImplementedError
+
+    def mid_edit_reaches_residual(self) -> bool:
+        """Whether a value returned by a :meth:`resid_mid` hook is also the block's residual.
+
+        True for HookedTransformer (``resid_post = resid_mid + mlp_out`` reads the hook's output);
+        False for a bridge, whose ``hook_resid_mid`` is the MLP norm's input while the Hugging Face
+        layer keeps its own residual.
+        """
+        raise NotImplementedError
+
+    def attn_out(self, block: torch.nn.Module) -> HookPoint:
+        """The hook point whose output is ``A(x)``, what attention adds to the stream."""
+        raise NotImplementedError
+
+    def hook_z(self, block: torch.nn.Module) -> HookPoint:
+        """The hook point whose output holds every head's ``z`` (the output projection's input)."""
+        raise NotImplementedError
+
+    def heads_of(self, z: Tensor) -> Float[Tensor, "batch pos head d_head"]:
+        """``z`` as seen by a raw forward hook on :meth:`hook_z`, one slice per query head."""
+        return z
+
+    def head_weights(self, block: torch.nn.Module) -> tuple[Float[Tensor, "head d_head d_model"], Tensor | None]:
+        """``(W_O per head, b_O or None)``: ``A(x) = Σ_h z_h W_O[h] + b_O``.
+
+        Raises:
+            TuCoError: a norm follows the attention output (Gemma 2), so ``A(x)`` is not a sum of
+                per-head terms.
+        """
+        raise NotImplementedError
+
+    def call_mlp(self, block: torch.nn.Module, y: Tensor) -> Tensor:
+        """``M(y)``: the block's MLP sub-block, with its norms, on ``y`` (without the residual)."""
+        raise NotImplementedError
+
+    def final_norm(self) -> torch.nn.Module:
+        """The final norm module (applied to the last residual stream before the unembedding)."""
+        raise NotImplementedError
+
+    def unembedding(self) -> tuple[Float[Tensor, "d_model d_vocab"], Tensor | None]:
+        """``(W_U, b_U or None)``: ``logits = final_norm(x_L) @ W_U + b_U``."""
         raise NotImplementedError
 
     # -- forward passes -----------------------------------------------------------
@@ -292,6 +358,54 @@ class HookedBackend(Backend):
         entry = TransformerLensKeyValueCacheEntry(past_keys=keys, past_values=values, frozen=True)
         return block(x[:, -1:], past_kv_cache_entry=entry, attention_mask=mask)
 
+    def is_parallel(self, block: torch.nn.Module) -> bool:
+        return bool(self.model.cfg.parallel_attn_mlp)
+
+    def _check_sublayers(self) -> None:
+        cfg = self.model.cfg
+        if cfg.attn_only or str(cfg.original_architecture or "").startswith("Olmo"):
+            raise TuCoError(
+                f"The component split needs blocks with one attention and one MLP sub-block in "
+                f"pre-norm order; {cfg.original_architecture or cfg.model_name} has "
+                f"{'no MLP' if cfg.attn_only else 'post-norm blocks'}."
+            )
+
+    def resid_mid(self, block: torch.nn.Module) -> HookPoint:
+        self._check_sublayers()
+        return block.hook_resid_mid
+
+    def mid_edit_reaches_residual(self) -> bool:
+        return True
+
+    def attn_out(self, block: torch.nn.Module) -> HookPoint:
+        self._check_sublayers()
+        return block.hook_attn_out
+
+    def hook_z(self, block: torch.nn.Module) -> HookPoint:
+        return block.attn.hook_z
+
+    def head_weights(self, block: torch.nn.Module) -> tuple[Tensor, Tensor | None]:
+        if self.model.cfg.use_normalization_before_and_after:
+            raise TuCoError(_POST_ATTENTION_NORM)
+        return block.attn.W_O, block.attn.b_O
+
+    def call_mlp(self, block: torch.nn.Module, y: Tensor) -> Tensor:
+        self._check_sublayers()
+        mlp_in = block.hook_mlp_in(y.clone()) if self.model.cfg.use_hook_mlp_in else y
+        return block.apply_mlp(block.ln2(mlp_in))
+
+    def final_norm(self) -> torch.nn.Module:
+        return self.model.ln_final
+
+    def unembedding(self) -> tuple[Tensor, Tensor | None]:
+        softcap = getattr(self.model.cfg, "output_logits_soft_cap", -1.0)
+        if softcap and softcap > 0:
+            raise TuCoError(
+                f"The logits of {self.model.cfg.model_name} are soft-capped (output_logits_soft_cap="
+                f"{softcap}), so they are not a sum of direct effects."
+            )
+        return self.model.unembed.W_U, self.model.unembed.b_U
+
     def block_calls(self, tokens: Tensor, attention_mask: Tensor) -> list[BlockCall]:
         spe = None
         if self.model.cfg.positional_embedding_type == "shortformer":
@@ -395,6 +509,64 @@ class BridgeBackend(Backend):
             kwargs = {k: swap(v) for k, v in call.kwargs.items()}
             kwargs["hidden_states"] = x
         return self.block_output(block(*args, **kwargs))
+
+    def is_parallel(self, block: torch.nn.Module) -> bool:
+        return "hook_resid_mid" not in block.hook_aliases
+
+    def _sub(self, module: torch.nn.Module, name: str) -> torch.nn.Module:
+        """A bridge sub-module (``ln2``, ``mlp``, ``attn``, ``o``) of a standard block."""
+        found = getattr(module, name, None)
+        if found is None or type(module).__name__ not in _SPLIT_MODULES:
+            raise TuCoError(
+                f"The component split needs blocks with one attention and one MLP sub-block; "
+                f"{type(module).__name__} of {self._hf_config().model_type} has no {name!r} "
+                "sub-module tuco_lens knows how to call."
+            )
+        return found
+
+    def resid_mid(self, block: torch.nn.Module) -> HookPoint:
+        return self._sub(block, "ln2").hook_in
+
+    def mid_edit_reaches_residual(self) -> bool:
+        return False
+
+    def attn_out(self, block: torch.nn.Module) -> HookPoint:
+        post = getattr(block, "ln1_post", None)
+        return (post if post is not None else self._sub(block, "attn")).hook_out
+
+    def hook_z(self, block: torch.nn.Module) -> HookPoint:
+        return self._sub(self._sub(block, "attn"), "o").hook_in
+
+    def heads_of(self, z: Tensor) -> Tensor:
+        n_heads = self.model.cfg.n_heads
+        return z.reshape(*z.shape[:-1], n_heads, z.shape[-1] // n_heads)
+
+    def head_weights(self, block: torch.nn.Module) -> tuple[Tensor, Tensor | None]:
+        if getattr(block, "ln1_post", None) is not None:
+            raise TuCoError(_POST_ATTENTION_NORM)
+        proj = self._sub(self._sub(block, "attn"), "o").original_component
+        weight = proj.weight if isinstance(proj, transformers.Conv1D) else proj.weight.T  # [h*d_head, d_model]
+        n_heads = self.model.cfg.n_heads
+        return weight.reshape(n_heads, weight.shape[0] // n_heads, weight.shape[1]), proj.bias
+
+    def call_mlp(self, block: torch.nn.Module, y: Tensor) -> Tensor:
+        # the Hugging Face layer's second half: pre-MLP norm, MLP, any post-MLP norm
+        out = self._sub(block, "mlp")(self._sub(block, "ln2")(y))
+        post = getattr(block, "ln2_post", None)
+        return out if post is None else post(out)
+
+    def final_norm(self) -> torch.nn.Module:
+        return self.model.ln_final.original_component
+
+    def unembedding(self) -> tuple[Tensor, Tensor | None]:
+        head = self.model.unembed.original_component
+        softcap = getattr(self._hf_config(), "final_logit_softcapping", None)
+        if softcap:
+            raise TuCoError(
+                f"The logits of {self._hf_config().model_type} are soft-capped "
+                f"(final_logit_softcapping={softcap}), so they are not a sum of direct effects."
+            )
+        return head.weight.T, head.bias
 
     def block_calls(self, tokens: Tensor, attention_mask: Tensor) -> list[BlockCall]:
         layer_types = getattr(self._hf_config(), "layer_types", None)

@@ -28,10 +28,15 @@ from torch import Tensor
 from tuco_lens.errors import InputError, TuCoError
 from tuco_lens.inputs import last_real_index
 
-__all__ = ["Decomposition", "DecompositionAccumulator", "Norm", "vector_norm", "ratio"]
+__all__ = ["COMPONENTS", "Decomposition", "DecompositionAccumulator", "Norm", "vector_norm", "ratio"]
 
 Norm = Literal["l1", "l2"]
 _ORDERS = {"l1": 1, "l2": 2}
+#: The components of the split inside a block (``tuco_lens.components``).
+COMPONENTS = ("attn", "mlp", "mlp_via_attn")
+_OPTIONAL = {f"ftc_{c}_{kind}" for c in COMPONENTS for kind in ("norm", "sum")} | {
+    "ftc_head", "ftc_head_norm", "ftc_head_bias"
+}
 
 
 def vector_norm(x: Float[Tensor, "... d_model"], norm: Norm) -> Float[Tensor, "..."]:
@@ -83,6 +88,16 @@ class Decomposition:
         str_tokens: Token strings per prompt, padding included (as ``""``).
         prompts: The prompts as given (before any chat template), if known.
         norm: ``"l1"`` (the paper's) or ``"l2"``.
+        ftc_attn_norm, ftc_mlp_norm, ftc_mlp_via_attn_norm: With ``components=True``: the norms
+            of ``FTC_attn,l``, ``FTC_mlp,l`` and ``FTC_mlp←attn,l`` (``tuco_lens.components``) at
+            every layer and position; None otherwise. ``[batch, layer, pos]``
+        ftc_attn_sum, ftc_mlp_sum, ftc_mlp_via_attn_sum: The three components summed over
+            layers at the last real token; they add up to ``ftc_sum``. ``[batch, d_model]``
+        ftc_head: Each head's ``o_h^FT - o_h^PT`` at the last real token (``components=True``
+            with heads). ``[batch, layer, head, d_model]``
+        ftc_head_norm: ``||ftc_head||``. ``[batch, layer, head]``
+        ftc_head_bias: ``b_O^FT - b_O^PT`` per layer: with the heads it adds up to
+            ``FTC_attn,l``. ``[batch, layer, d_model]``
 
     Example:
         >>> dec = pair.decompose(["How do I bake bread?", "The history of Rome"])
@@ -104,6 +119,15 @@ class Decomposition:
     str_tokens: list[list[str]]
     prompts: list[str] | None = None
     norm: Norm = "l1"
+    ftc_attn_norm: Float[Tensor, "batch layer pos"] | None = None
+    ftc_mlp_norm: Float[Tensor, "batch layer pos"] | None = None
+    ftc_mlp_via_attn_norm: Float[Tensor, "batch layer pos"] | None = None
+    ftc_attn_sum: Float[Tensor, "batch d_model"] | None = None
+    ftc_mlp_sum: Float[Tensor, "batch d_model"] | None = None
+    ftc_mlp_via_attn_sum: Float[Tensor, "batch d_model"] | None = None
+    ftc_head: Float[Tensor, "batch layer head d_model"] | None = None
+    ftc_head_norm: Float[Tensor, "batch layer head"] | None = None
+    ftc_head_bias: Float[Tensor, "batch layer d_model"] | None = None
 
     def __post_init__(self) -> None:
         b, p = self.tokens.shape
@@ -118,7 +142,17 @@ class Decomposition:
             "beta": (b, n_layers, p),
             "attention_mask": (b, p),
         }
+        d_model = self.ptc_sum.shape[-1]
+        for name in COMPONENTS:
+            expected[f"ftc_{name}_norm"] = (b, n_layers, p)
+            expected[f"ftc_{name}_sum"] = (b, d_model)
+        if self.ftc_head is not None:
+            n_heads = self.ftc_head.shape[2]
+            expected.update(ftc_head=(b, n_layers, n_heads, d_model), ftc_head_norm=(b, n_layers, n_heads),
+                            ftc_head_bias=(b, n_layers, d_model))
         for name, shape in expected.items():
+            if getattr(self, name) is None and name in _OPTIONAL:
+                continue
             if tuple(getattr(self, name).shape) != shape:
                 raise TuCoError(
                     f"Decomposition.{name} has shape {tuple(getattr(self, name).shape)}, "
@@ -139,6 +173,44 @@ class Decomposition:
     def n_layers(self) -> int:
         """Number of layers (blocks) of the models."""
         return self.ptc_norm.shape[1]
+
+    @property
+    def has_components(self) -> bool:
+        """Whether the attention / MLP split is here (``decompose(..., components=True)``)."""
+        return self.ftc_attn_sum is not None
+
+    def tuco_shares(self) -> dict[str, Float[Tensor, "batch"]]:
+        """How much of TuCo each component carries: ``{"attn", "mlp", "mlp_via_attn"}``.
+
+        With ``F = Σ_l FTC_l`` at the last real token, ``g`` the gradient of ``||F||`` (``sign(F)``
+        for L1, ``F / ||F||₂`` for L2) and ``F_c`` the component sums, ``||F|| = Σ_c <F_c, g>``;
+        the share of component ``c`` is ``<F_c, g> / (||Σ PTC|| + ||F||)``. The shares add up to
+        TuCo exactly; a negative share means the component writes against the total.
+
+        Example:
+            >>> dec = pair.decompose(prompts, components=True)
+            >>> dec.tuco_shares()["mlp"]       # [batch]
+        """
+        if not self.has_components:
+            raise InputError("tuco_shares() needs pair.decompose(..., components=True).")
+        from tuco_lens.components import norm_gradient
+
+        g = norm_gradient(self.ftc_sum, self.norm)
+        denom = vector_norm(self.ptc_sum, self.norm) + vector_norm(self.ftc_sum, self.norm)
+        denom = denom.clamp_min(torch.finfo(denom.dtype).tiny)
+        return {c: (getattr(self, f"ftc_{c}_sum") * g).sum(-1) / denom for c in COMPONENTS}
+
+    def head_shares(self) -> Float[Tensor, "batch layer head"]:
+        """Each head's share of TuCo, as in :meth:`tuco_shares` (with the output biases' share,
+        ``<Σ_l ftc_head_bias, g>``, they add up to the attention share).
+        """
+        if self.ftc_head is None:
+            raise InputError("head_shares() needs pair.decompose(..., components=True) with heads.")
+        from tuco_lens.components import norm_gradient
+
+        g = norm_gradient(self.ftc_sum, self.norm)
+        denom = vector_norm(self.ptc_sum, self.norm) + vector_norm(self.ftc_sum, self.norm)
+        return (self.ftc_head * g[:, None, None, :]).sum(-1) / denom.clamp_min(torch.finfo(denom.dtype).tiny)[:, None, None]
 
     @property
     def preco(self) -> Float[Tensor, "batch"]:
@@ -183,7 +255,9 @@ class Decomposition:
 
         Columns: ``prompt`` (index), ``layer``, ``position`` (0 = first real token),
         ``token``, ``is_last`` (the token TuCo is measured at), ``ptc_norm``, ``ftc_norm``,
-        ``ptc_cum_norm``, ``ftc_cum_norm``, ``beta`` and ``tuco`` (the prompt's TuCo).
+        ``ptc_cum_norm``, ``ftc_cum_norm``, ``beta``, with ``components=True`` also
+        ``ftc_attn_norm``, ``ftc_mlp_norm``, ``ftc_mlp_via_attn_norm``, and ``tuco`` (the
+        prompt's TuCo).
 
         Example:
             >>> df = dec.to_dataframe()
@@ -202,7 +276,10 @@ class Decomposition:
             "token": [self.str_tokens[b][p] for b, p in zip(b_idx.tolist(), p_idx.tolist()) for _ in layers],
             "is_last": (p_idx == last[b_idx]).repeat_interleave(self.n_layers).numpy(),
         }
-        for name in ("ptc_norm", "ftc_norm", "ptc_cum_norm", "ftc_cum_norm", "beta"):
+        names = ["ptc_norm", "ftc_norm", "ptc_cum_norm", "ftc_cum_norm", "beta"]
+        if self.has_components:
+            names += [f"ftc_{c}_norm" for c in COMPONENTS]
+        for name in names:
             values = getattr(self, name).detach().float().cpu()  # [batch, layer, pos]
             table[name] = values[b_idx, :, p_idx].reshape(-1).numpy()
         table["tuco"] = self.tuco.detach().float().cpu()[b_idx].repeat_interleave(self.n_layers).numpy()
@@ -210,12 +287,16 @@ class Decomposition:
 
     def summary(self) -> pd.DataFrame:
         """One row per prompt: ``prompt`` text (if known), ``n_tokens``, ``last_token``,
-        ``tuco``, ``preco``, and the L-norms of the summed components at the last token.
+        ``tuco``, ``preco``, the L-norms of the summed components at the last token and, with
+        ``components=True``, ``tuco_share_attn/mlp/mlp_via_attn`` (:meth:`tuco_shares`).
 
         Example:
             >>> dec.summary().sort_values("tuco")
         """
         last = self.last_index.cpu().tolist()
+        shares = {}
+        if self.has_components:
+            shares = {f"tuco_share_{c}": v.detach().float().cpu().numpy() for c, v in self.tuco_shares().items()}
         return pd.DataFrame(
             {
                 "prompt": self.prompts if self.prompts is not None else [None] * self.n_prompts,
@@ -225,6 +306,7 @@ class Decomposition:
                 "preco": self.preco.detach().float().cpu().numpy(),
                 "ptc_sum_norm": vector_norm(self.ptc_sum.float(), self.norm).cpu().numpy(),
                 "ftc_sum_norm": vector_norm(self.ftc_sum.float(), self.norm).cpu().numpy(),
+                **shares,
             }
         )
 
@@ -265,6 +347,8 @@ class DecompositionAccumulator:
         self.next_layer = 0
         self.ptc_total: Tensor | None = None
         self.ftc_total: Tensor | None = None
+        self.first_stream: Tensor | None = None
+        self.last_stream: Tensor | None = None
         b = attention_mask.shape[0]
         if positions == "all":
             shape = (b, n_layers, n_pos)
@@ -285,6 +369,18 @@ class DecompositionAccumulator:
             return t.to(self.dtype)
         return t[:, -1].to(self.dtype)
 
+    def _at_last(self, t: Tensor) -> Tensor:
+        """A selected ``[batch, (pos,) d]`` tensor at each row's last real token: ``[batch, d]``."""
+        if self.positions == "last":
+            return t
+        rows = torch.arange(t.shape[0], device=t.device)
+        return t[rows, self.last_index.to(t.device)]
+
+    def last_token_streams(self) -> tuple[Float[Tensor, "batch d_model"], Float[Tensor, "batch d_model"]]:
+        """``(x_0, x_L)`` at the last real token: the embedding and the final residual stream."""
+        self._check_complete()
+        return self.first_stream, self.last_stream
+
     def add(
         self,
         layer: int,
@@ -300,6 +396,10 @@ class DecompositionAccumulator:
             )
         x, pt, ft = (self._select(t) for t in (resid_pre, pt_resid_post, ft_resid_post))
         device = self.mask.device
+        if layer == 0:
+            self.first_stream = self._at_last(x).to(device)
+        if layer == self.n_layers - 1:
+            self.last_stream = self._at_last(ft).to(device)
         ptc = (pt - x).to(device)
         ftc = (ft - pt).to(device)
         if self.ptc_total is None:

@@ -42,7 +42,8 @@ import numbers
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -55,7 +56,10 @@ from tuco_lens.inputs import warn_if_doubled_bos
 
 __all__ = [
     "PairedBlocks",
+    "BlockParts",
     "LayerFn",
+    "PartsFn",
+    "MidFn",
     "check_alpha",
     "alpha_mixer",
     "alpha_hooks",
@@ -183,6 +187,36 @@ def placed(block: torch.nn.Module, device: torch.device, move: bool) -> Iterator
         block.to(home)
 
 
+@dataclass
+class BlockParts:
+    """What the sub-blocks of one layer produced in one forward pass (``PairedBlocks(parts=...)``).
+
+    Attributes:
+        parallel: Attention and MLP both read the block input (GPT-NeoX); else sequential.
+        ft: The fine-tuned block's tensors: ``"mid"`` (sequential: ``y``, the MLP's input, after
+            any α edit) or ``"attn"`` (parallel: ``A_FT(x)``), and ``"z"`` (``[batch, pos, head,
+            d_head]``) when heads were asked for.
+        pt: The pre-trained block's tensors on ``x``: ``"mid"`` (``y' = x + A_PT(x)``) or
+            ``"attn"``, and ``"z"``.
+        mid_residual: Sequential blocks: the tensor the fine-tuned block adds its MLP output to
+            (``ft["mid"]``, or the unedited ``y`` on a bridge, see
+            :meth:`~tuco_lens.backend.Backend.mid_edit_reaches_residual`).
+        pt_mlp: ``M_PT(·)``: the pre-trained MLP sub-block of this layer, with its norms.
+    """
+
+    parallel: bool
+    ft: dict[str, Tensor] = field(default_factory=dict)
+    pt: dict[str, Tensor] = field(default_factory=dict)
+    mid_residual: Tensor | None = None
+    pt_mlp: Callable[[Tensor], Tensor] | None = None
+
+
+PartsFn = Callable[[int, Tensor, Tensor, Tensor, BlockParts], Tensor | None]
+"""``on_layer(layer, resid_pre, pt_resid_post, ft_resid_post, parts)`` with ``parts=...``."""
+MidFn = Callable[[int, Tensor, Tensor, BlockParts], Tensor | None]
+"""``on_mid(layer, resid_pre, ft_resid_mid, parts) -> new resid_mid | None`` (sequential blocks)."""
+
+
 class PairedBlocks:
     """Context manager pairing ``ft.blocks[l]`` with ``pt.blocks[l]`` during ft's forwards.
 
@@ -192,15 +226,21 @@ class PairedBlocks:
     Args:
         pt: The pre-trained model.
         ft: The fine-tuned model whose forward passes are observed or modified.
-        on_layer: Called once per block and forward pass, in block order.
+        on_layer: Called once per block and forward pass, in block order; with ``parts`` it
+            also receives the layer's :class:`BlockParts`.
         writes: If True, ``on_layer``'s return value replaces ``blocks.{l}.hook_resid_post``
             (α-scaling). If False, ``on_layer`` only observes (decomposition).
         pt_last_only: Run the pre-trained blocks at the last position only (read mode, left-padded
             batches, no KV cache, a backend that supports it); ``on_layer`` then receives
-            ``pt_resid_post`` of shape ``[batch, 1, d_model]``.
+            ``pt_resid_post`` (and pre-trained parts) of shape ``[batch, 1, ...]``.
         offload_pt: Move each pre-trained block to the device of the stream for its call and back
             afterwards, so the pre-trained weights can live off the accelerator (one block at a
             time on it).
+        parts: Record the sub-blocks of both blocks (the component split, docs/components.md):
+            ``"blocks"`` for attention and MLP, ``"heads"`` for per-head ``z`` too.
+        on_mid: Write mode, sequential blocks: called at the fine-tuned ``hook_resid_mid`` after
+            the pre-trained block ran on ``x``; its return value replaces the MLP's input
+            (α per component).
 
     Example:
         >>> with PairedBlocks(pair.pt, pair.ft, alpha_mixer([0.5] * n_layers), writes=True):
@@ -211,21 +251,26 @@ class PairedBlocks:
         self,
         pt: Model,
         ft: Model,
-        on_layer: LayerFn,
+        on_layer: LayerFn | PartsFn,
         *,
         writes: bool,
         pt_last_only: bool = False,
         offload_pt: bool = False,
+        parts: Literal["blocks", "heads"] | None = None,
+        on_mid: MidFn | None = None,
     ):
         self.backend, self.pt_backend = backend_of(ft), backend_of(pt)
         if pt_last_only and (writes or not self.pt_backend.supports_last_token_path()):
             raise TuCoError("pt_last_only needs read mode and a model supported by the last-token path.")
+        if parts not in (None, "blocks", "heads") or (on_mid is not None and not (writes and parts)):
+            raise TuCoError("parts must be None, 'blocks' or 'heads'; on_mid needs writes=True and parts.")
         self.pt, self.ft, self.on_layer, self.writes = pt, ft, on_layer, writes
         self.pt_last_only = pt_last_only
         self.offload_pt = offload_pt
+        self.parts, self.on_mid = parts, on_mid
         n = len(self.backend.blocks)
         self._calls: list[BlockCall | None] = [None] * n
-        self._readers: list[Any] = [None] * n
+        self._readers: list[list[Any]] = [[] for _ in range(n)]
         self._handles: list[Any] = []
         self._lens_hooks: list[tuple[HookPoint, Callable]] = []
         self._post_modules: list[torch.nn.Module | None] = [None] * n
@@ -277,16 +322,14 @@ class PairedBlocks:
     def _uninstall(self) -> None:
         for handle in self._handles:
             handle.remove()
-        for handle in self._readers:
-            if handle is not None:
-                handle.remove()
+        for layer in range(len(self._readers)):
+            self._drop_readers(layer)
         for hook_point, hook in self._lens_hooks:
             mine = [h for h in hook_point.fwd_hooks if h.user_hook is hook]
             for h in mine:
                 h.hook.remove()
             hook_point.fwd_hooks = [h for h in hook_point.fwd_hooks if h.user_hook is not hook]
         self._handles, self._lens_hooks = [], []
-        self._readers = [None] * len(self._readers)
         self._calls = [None] * len(self._calls)  # drop references to masks and KV caches
         active = self.ft.__dict__.get(_ACTIVE, {})
         if active.get(self._owner) is self:
@@ -307,6 +350,19 @@ class PairedBlocks:
         if not self._foreign() and args and isinstance(args[0], Tensor):
             warn_if_doubled_bos(args[0], self.ft.tokenizer)
 
+    def _drop_readers(self, layer: int) -> None:
+        for handle in self._readers[layer]:
+            handle.remove()
+        self._readers[layer] = []
+
+    def _read_into(self, layer: int, hook_point: torch.nn.Module, store: Callable[[Tensor], Tensor | None]) -> None:
+        """Add ``store`` as the last raw forward hook of ``hook_point`` for this call of ``layer``."""
+
+        def read(module: torch.nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
+            return None if self._foreign() else store(output)
+
+        self._readers[layer].append(hook_point.register_forward_hook(read))
+
     def _pre_hook(self, layer: int) -> Callable:
         def pre_hook(block: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             if self._foreign():
@@ -320,22 +376,44 @@ class PairedBlocks:
             call = BlockCall(args, kwargs)
             self.backend.check_call(layer, call, id(self))
             self._calls[layer] = call
-            if self._readers[layer] is not None:
-                self._readers[layer].remove()
+            self._drop_readers(layer)
 
-            def read_resid_pre(module: torch.nn.Module, inputs: tuple, output: Tensor) -> None:
-                if not self._foreign():
-                    call.x = output
+            def read_resid_pre(x: Tensor) -> None:
+                call.x = x
 
-            self._readers[layer] = self.backend.resid_pre(block).register_forward_hook(read_resid_pre)
+            self._read_into(layer, self.backend.resid_pre(block), read_resid_pre)
+            if self.parts is not None:
+                self._read_parts(layer, block, call)
 
         return pre_hook
 
+    def _read_parts(self, layer: int, block: torch.nn.Module, call: BlockCall) -> None:
+        """Readers of the fine-tuned block's sub-blocks for this call (``parts=...``)."""
+        parts = call.parts = BlockParts(parallel=self.backend.is_parallel(block))
+        parts.pt_mlp = lambda y: self._run_pt_mlp(layer, y)
+        if self.parts == "heads":
+            self._read_into(layer, self.backend.hook_z(block), lambda z: parts.ft.__setitem__("z", z))
+        if parts.parallel:
+            self._read_into(layer, self.backend.attn_out(block), lambda a: parts.ft.__setitem__("attn", a))
+            return
+
+        def read_mid(y: Tensor) -> Tensor | None:
+            parts.ft["mid"] = parts.mid_residual = y
+            if self.on_mid is None:
+                return None
+            call.pt_post = self._run_pt_block(layer, call, call.x)
+            new = self.on_mid(layer, call.x, y, parts)
+            if new is not None:
+                parts.ft["mid"] = new
+                if self.backend.mid_edit_reaches_residual():
+                    parts.mid_residual = new
+            return new
+
+        self._read_into(layer, self.backend.resid_mid(block), read_mid)
+
     def _consume(self, layer: int) -> tuple[BlockCall, Tensor]:
         call = self._calls[layer]
-        if self._readers[layer] is not None:
-            self._readers[layer].remove()
-            self._readers[layer] = None
+        self._drop_readers(layer)
         self._calls[layer] = None
         if call is None or call.x is None:
             raise TuCoError(
@@ -346,36 +424,68 @@ class PairedBlocks:
 
     def _run_pt_block(self, layer: int, call: BlockCall, x: Tensor) -> Tensor:
         self._in_pt_block = True
+        captured: list[Any] = []
         try:
             with _offload_lock(self.pt, self.offload_pt), placed(
                 self.pt_backend.blocks[layer], x.device, self.offload_pt
             ) as (block, device):
+                if call.parts is not None:
+                    captured = self._capture_pt_parts(block, call.parts)
                 x = x.to(device)
                 if self.pt_last_only:
                     return self.backend.call_pt_block_at_last_token(block, call, x)
                 return self.backend.call_pt_block(block, layer, call, x, id(self))
         finally:
+            for handle in captured:
+                handle.remove()
             self._in_pt_block = False
+
+    def _capture_pt_parts(self, block: torch.nn.Module, parts: BlockParts) -> list[Any]:
+        """Raw forward hooks that record the pre-trained block's sub-blocks into ``parts.pt``."""
+        points = {"attn" if parts.parallel else "mid": (
+            self.pt_backend.attn_out(block) if parts.parallel else self.pt_backend.resid_mid(block)
+        )}
+        if self.parts == "heads":
+            points["z"] = self.pt_backend.hook_z(block)
+
+        def recorder(name: str) -> Callable:
+            def record(module: torch.nn.Module, inputs: tuple, output: Tensor) -> None:
+                if threading.get_ident() == self._owner:  # not another thread's run of pt
+                    parts.pt[name] = output
+
+            return record
+
+        return [point.register_forward_hook(recorder(name)) for name, point in points.items()]
+
+    def _run_pt_mlp(self, layer: int, y: Tensor) -> Tensor:
+        self._in_pt_block = True
+        try:
+            with _offload_lock(self.pt, self.offload_pt), placed(
+                self.pt_backend.blocks[layer], y.device, self.offload_pt
+            ) as (block, device):
+                return self.pt_backend.call_mlp(block, y.to(device)).to(y.device)
+        finally:
+            self._in_pt_block = False
+
+    def _finish(self, layer: int, ft_post: Tensor) -> Tensor | None:
+        """Run the pre-trained block (unless ``on_mid`` did) and hand both outputs to ``on_layer``."""
+        call, x = self._consume(layer)
+        pt_post = call.pt_post if call.pt_post is not None else self._run_pt_block(layer, call, x)
+        self.backend.check_cache_advanced(layer, call, id(self))
+        if call.parts is None:
+            return self.on_layer(layer, x, pt_post, ft_post)
+        return self.on_layer(layer, x, pt_post, ft_post, call.parts)
 
     def _read_hook(self, layer: int) -> Callable:
         def read_hook(block: torch.nn.Module, args: tuple, output: Any) -> None:
-            if self._foreign():
-                return
-            call, x = self._consume(layer)
-            pt_post = self._run_pt_block(layer, call, x)
-            self.backend.check_cache_advanced(layer, call, id(self))
-            self.on_layer(layer, x, pt_post, self.backend.block_output(output))
+            if not self._foreign():
+                self._finish(layer, self.backend.block_output(output))
 
         return read_hook
 
     def _write_hook(self, layer: int) -> Callable:
         def write_hook(ft_post: Float[Tensor, "batch pos d_model"], hook: HookPoint) -> Tensor | None:
-            if self._foreign():
-                return None
-            call, x = self._consume(layer)
-            pt_post = self._run_pt_block(layer, call, x)
-            self.backend.check_cache_advanced(layer, call, id(self))
-            return self.on_layer(layer, x, pt_post, ft_post)
+            return None if self._foreign() else self._finish(layer, ft_post)
 
         return write_hook
 
@@ -385,10 +495,7 @@ class PairedBlocks:
         def post_input_hook(module: torch.nn.Module, args: tuple) -> tuple | None:
             if self._foreign():
                 return None
-            call, x = self._consume(layer)
-            pt_post = self._run_pt_block(layer, call, x)
-            self.backend.check_cache_advanced(layer, call, id(self))
-            new = self.on_layer(layer, x, pt_post, args[0])
+            new = self._finish(layer, args[0])
             return None if not self.writes or new is None else (new, *args[1:])
 
         return post_input_hook

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -10,17 +10,17 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tuco_lens.attribution import FrozenNorm, LogitAttribution, OutputComparison, kl_per_token
 from tuco_lens.backend import ActivationCache, backend_of, model_kind
 from tuco_lens.compatibility import check_compatible
-from tuco_lens.decomposition import Decomposition, DecompositionAccumulator, Norm, check_norm
+from tuco_lens.components import ComponentAccumulator, mixer_for
+from tuco_lens.decomposition import COMPONENTS, Decomposition, DecompositionAccumulator, Norm, check_norm
 from tuco_lens.errors import InputError, InputTypeError
 from tuco_lens.generation import generate_tokens, stop_tokens
 from tuco_lens.hooks import (
     PairedBlocks,
     _spliced_resid_hooks,
     alpha_hooks,
-    alpha_mixer,
-    check_alpha,
     placed,
     supports_last_token_path,
 )
@@ -30,8 +30,13 @@ from tuco_lens.versions import check_versions
 __all__ = ["TuCoPair"]
 
 Model = Any  # a HookedTransformer or a TransformerBridge
+Alpha = float | Sequence[float] | Mapping[str, Any]
+"""α: one number, one per layer, or per component ``{"attn": ..., "mlp": ..., "heads": ...}``."""
 
 _PER_POSITION = ("ptc_norm", "ftc_norm", "ptc_cum_norm", "ftc_cum_norm", "beta")
+_COMPONENT_FIELDS = tuple(f"ftc_{c}_{kind}" for c in COMPONENTS for kind in ("norm", "sum")) + (
+    "ftc_head", "ftc_head_norm", "ftc_head_bias"
+)
 
 
 class TuCoPair:
@@ -77,6 +82,7 @@ class TuCoPair:
         self.ft = ft
         self.offload_pt = offload_pt
         self.backend = backend_of(ft)
+        self._vocab: list[str] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -158,6 +164,8 @@ class TuCoPair:
         show_progress: bool = False,
         norm: Norm = "l1",
         accumulate_dtype: torch.dtype = torch.float32,
+        components: bool = False,
+        heads: bool = True,
     ) -> Decomposition:
         """Split every layer of the fine-tuned forward pass into PTC and FTC, per token.
 
@@ -181,10 +189,18 @@ class TuCoPair:
             show_progress: Show a progress bar over batches.
             norm: ``"l1"`` (the paper's) or ``"l2"``.
             accumulate_dtype: ``torch.float32`` (default) or ``torch.float64`` for the sums.
+            components: Also split each FTC_l exactly into attention, MLP and the pre-trained
+                MLP's answer to the changed attention (:mod:`tuco_lens.components`,
+                ``docs/components.md``): one extra pre-trained MLP call per layer.
+            heads: With ``components``, also split the attention term per head at the last real
+                token (refused for blocks with a norm after the attention output; pass
+                ``heads=False`` there).
 
         Returns:
             A :class:`~tuco_lens.Decomposition` with TuCo, per-token TuCo, per-layer norms,
-            cumulative ratios and the summed components at the last real token.
+            cumulative ratios and the summed components at the last real token (and, with
+            ``components``, the ``ftc_attn_*``, ``ftc_mlp_*``, ``ftc_mlp_via_attn_*`` and
+            ``ftc_head*`` fields).
 
         Example:
             >>> dec = pair.decompose(["How do I bake bread?"], chat_template=True)
@@ -193,6 +209,11 @@ class TuCoPair:
         norm = check_norm(norm)
         _check_dtype(accumulate_dtype)
         if isinstance(inputs, ActivationCache):
+            if components:
+                raise InputError(
+                    "decompose(cache, components=True) is not available: a residual-stream cache "
+                    "lacks the sub-blocks' outputs. Pass the tokens: pair.decompose(tokens, components=True)."
+                )
             return self._decompose_cache(inputs, tokens, attention_mask, norm, accumulate_dtype)
         if tokens is not None:
             raise InputError("tokens= is only used with an ActivationCache; pass the tokens as inputs.")
@@ -211,10 +232,12 @@ class TuCoPair:
             "ptc_sum": torch.empty(b, self.ft.cfg.d_model, dtype=accumulate_dtype, device=device),
             "ftc_sum": torch.empty(b, self.ft.cfg.d_model, dtype=accumulate_dtype, device=device),
         }
-        for name in _PER_POSITION:
+        per_position = _PER_POSITION + (tuple(f"ftc_{c}_norm" for c in COMPONENTS) if components else ())
+        for name in per_position:
             out[name] = torch.full((b, self.n_layers, p), nan, dtype=accumulate_dtype, device=device)
+        parts = None if not components else "heads" if heads else "blocks"
         for rows, cols, acc in self._accumulate(
-            batch, "all", batch_size, token_budget, show_progress, norm, accumulate_dtype
+            batch, "all", batch_size, token_budget, show_progress, norm, accumulate_dtype, parts
         ):
             rows, cols = rows.to(device), cols.to(device)
             out["tuco"][rows] = acc.tuco()
@@ -223,6 +246,11 @@ class TuCoPair:
             index = (rows[:, None, None], layers[None, :, None], cols[None, None, :])
             for name, table in acc.per_position_tables().items():
                 out[name].index_put_(index, table)
+            if parts is not None:
+                for name, value in acc.component_results().items():
+                    if name not in out:
+                        out[name] = value.new_empty((b, *value.shape[1:]))
+                    out[name][rows] = value
         return self._result(batch, out, norm)
 
     def tuco(
@@ -266,20 +294,159 @@ class TuCoPair:
             scores[rows.to(scores.device)] = acc.tuco()
         return scores
 
-    def _accumulate(self, batch, positions, batch_size, token_budget, show_progress, norm, dtype):
+    def _accumulate(self, batch, positions, batch_size, token_budget, show_progress, norm, dtype, parts=None):
         """Run the fine-tuned model on length-sorted sub-batches, decomposing each."""
         chunks = list(length_sorted_batches(batch, batch_size, token_budget))
         last_only = positions == "last" and supports_last_token_path(self.pt)
         for rows, cols, sub in tqdm(chunks, disable=not show_progress, desc="TuCo", unit="batch"):
             if positions == "last":
                 sub = to_left_padding(sub)  # the scored token at -1 in every row
-            acc = DecompositionAccumulator(self.n_layers, sub.attention_mask, norm, positions, dtype)
+            options = dict(n_layers=self.n_layers, attention_mask=sub.attention_mask, norm=norm,
+                           positions=positions, dtype=dtype)
+            if parts is None:
+                acc = DecompositionAccumulator(**options)
+            else:
+                acc = ComponentAccumulator(backend_of(self.pt), self.backend, heads=parts == "heads", **options)
             paired = PairedBlocks(
-                self.pt, self.ft, acc.add, writes=False, pt_last_only=last_only, offload_pt=self.offload_pt
+                self.pt, self.ft, acc.add, writes=False, pt_last_only=last_only, offload_pt=self.offload_pt,
+                parts=parts,
             )
             with torch.no_grad(), paired:
                 self.backend.forward(sub.tokens, sub.attention_mask, logits=False)
             yield rows, cols, acc
+
+    # ------------------------------------------------------------------ output tokens
+    @torch.no_grad()
+    def logit_attribution(
+        self,
+        inputs: Inputs,
+        *,
+        components: bool = False,
+        heads: bool = True,
+        attention_mask: Int[Tensor, "batch pos"] | None = None,
+        chat_template: bool = False,
+        prepend_bos: bool | None = None,
+        batch_size: int | None = None,
+        token_budget: int | None = None,
+        show_progress: bool = False,
+    ) -> LogitAttribution:
+        """Direct effects on the fine-tuned logits at the last real token (:mod:`tuco_lens.attribution`).
+
+        The final stream ``x_L = x_0 + Σ PTC + Σ FTC`` is split into its parts; each goes through
+        the fine-tuned final norm with its scale frozen at the value on ``x_L`` and through the
+        unembedding. ``embedding + ptc + ftc + bias`` equals the fine-tuned logits (checked:
+        a mismatch above 1e-4 of the logits' scale raises). With ``components`` the FTC part is
+        split into attention, MLP and MLP←attention and, with ``heads``, attention into heads.
+        Runs like :meth:`tuco` (pre-trained blocks at the last position where the backend can).
+
+        Returns:
+            A :class:`~tuco_lens.attribution.LogitAttribution`; ``.top_tokens(k)`` lists the
+            tokens each part promotes and suppresses most.
+
+        Example:
+            >>> attr = pair.logit_attribution(["How do I pick a lock?"], chat_template=True, components=True)
+            >>> attr.top_tokens(5, parts=["ftc", "ftc_mlp"])
+        """
+        batch = self.tokenize(
+            inputs, attention_mask=attention_mask, chat_template=chat_template, prepend_bos=prepend_bos
+        )
+        parts = None if not components else "heads" if heads else "blocks"
+        vectors: dict[str, Tensor] = {}
+        for rows, _, acc in self._accumulate(
+            batch, "last", batch_size, token_budget, show_progress, "l1", torch.float32, parts
+        ):
+            found = dict(zip(("embedding", "final"), acc.last_token_streams()))
+            found["ptc"], found["ftc"] = acc.last_token_sums()
+            if parts is not None:
+                found.update(acc.component_results())
+            for name, value in found.items():
+                if name not in vectors:
+                    vectors[name] = value.new_empty((len(batch), *value.shape[1:]))
+                vectors[name][rows.to(value.device)] = value
+        return self._attribute(batch, vectors)
+
+    def _attribute(self, batch: TokenBatch, vectors: dict[str, Tensor]) -> LogitAttribution:
+        norm = FrozenNorm.of(self.backend.final_norm(), self.ft.cfg.d_model)
+        w_u, b_u = self.backend.unembedding()
+        final = vectors.pop("final")
+        device = w_u.device
+        scale = norm.scale(final).to(device)
+        direct = {}
+        names = ["embedding", "ptc", "ftc"] + [f"ftc_{c}_sum" for c in COMPONENTS if f"ftc_{c}_sum" in vectors]
+        for name in names:
+            direct[name.removesuffix("_sum")] = norm.apply(vectors[name].to(device), scale) @ w_u.float()
+        bias = norm.bias.to(device) @ w_u.float() + (0.0 if b_u is None else b_u.float())
+        direct["bias"] = bias.expand(len(batch), -1)
+        module = self.backend.final_norm()
+        logits = module(final.to(device, w_u.dtype)).float() @ w_u.float() + (0.0 if b_u is None else b_u.float())
+        head_normed = None
+        if "ftc_head" in vectors:
+            head_normed = norm.apply(vectors["ftc_head"].to(device), scale)
+            direct["ftc_head_bias"] = norm.apply(vectors["ftc_head_bias"].sum(1).to(device), scale) @ w_u.float()
+        attribution = LogitAttribution(
+            direct=direct, logits=logits, head_normed=head_normed, unembed=w_u,
+            token_strings=self._vocab_strings(), prompts=batch.prompts,
+        )
+        error = float((attribution.total() - logits).abs().max())
+        if error > 1e-4 * max(1.0, float(logits.abs().max())):
+            raise TuCoError(
+                f"The parts' direct effects miss the fine-tuned logits by {error:.2e}: the final norm "
+                f"{type(module).__name__} is not a LayerNorm or RMSNorm that logit attribution can "
+                "freeze (see tuco_lens.attribution)."
+            )
+        return attribution
+
+    @torch.no_grad()
+    def compare_outputs(
+        self,
+        inputs: Inputs,
+        *,
+        attention_mask: Int[Tensor, "batch pos"] | None = None,
+        chat_template: bool = False,
+        prepend_bos: bool | None = None,
+    ) -> OutputComparison:
+        """Per-token KL(FT ‖ PT) and KL(FT ‖ α=0), and the next tokens fine-tuning changed most.
+
+        PT is the pre-trained model's own forward pass on the same tokens; α=0 is
+        ``pair.run_with_alpha(inputs, 0.0)`` (the pre-trained blocks with the fine-tuned embedding
+        and unembedding). These output-level views sit beside TuCo, which measures the residual
+        stream. KL is NaN at padding.
+
+        Example:
+            >>> out = pair.compare_outputs(["How do I pick a lock?"], chat_template=True)
+            >>> out.top_tokens(5)
+        """
+        batch = self.tokenize(
+            inputs, attention_mask=attention_mask, chat_template=chat_template, prepend_bos=prepend_bos
+        )
+        tokens, mask = batch.tokens, batch.attention_mask
+        ft_logits = self.backend.forward(tokens, mask)
+        pt_backend = backend_of(self.pt)
+        device = pt_backend.input_device()
+        pt_logits = pt_backend.forward(tokens.to(device), mask.to(device)).to(ft_logits.device)
+        with self.scaled(0.0):
+            alpha0 = self.backend.forward(tokens, mask)
+        pad = ~mask.bool().to(ft_logits.device)
+        kl_pt = kl_per_token(ft_logits, pt_logits).masked_fill(pad, float("nan"))
+        kl_0 = kl_per_token(ft_logits, alpha0).masked_fill(pad, float("nan"))
+        rows = torch.arange(len(batch), device=ft_logits.device)
+        last = batch.last_index.to(ft_logits.device)
+        change = torch.log_softmax(ft_logits[rows, last].float(), -1) - torch.log_softmax(pt_logits[rows, last].float(), -1)
+        return OutputComparison(
+            kl_ft_pt=kl_pt, kl_ft_alpha0=kl_0, logprob_change=change, tokens=tokens, attention_mask=mask,
+            str_tokens=self._str_tokens(batch), token_strings=self._vocab_strings(), prompts=batch.prompts,
+        )
+
+    def _vocab_strings(self) -> list[str] | None:
+        """Every token id as a string (cached on the pair), or None without a tokenizer."""
+        if self.tokenizer is None:
+            return None
+        if self._vocab is None:
+            n = self.ft.cfg.d_vocab_out if getattr(self.ft.cfg, "d_vocab_out", -1) > 0 else self.ft.cfg.d_vocab
+            known = min(n, len(self.tokenizer))
+            strings = self.tokenizer.batch_decode([[i] for i in range(known)], clean_up_tokenization_spaces=False)
+            self._vocab = strings + [f"<{i}>" for i in range(known, n)]
+        return self._vocab
 
     @torch.no_grad()
     def _decompose_cache(self, cache, tokens, attention_mask, norm, dtype) -> Decomposition:
@@ -354,6 +521,7 @@ class TuCoPair:
             str_tokens=self._str_tokens(batch),
             prompts=batch.prompts,
             norm=norm,
+            **{name: out[name] for name in _COMPONENT_FIELDS if name in out},
         )
 
     def _str_tokens(self, batch: TokenBatch) -> list[list[str]]:
@@ -368,13 +536,16 @@ class TuCoPair:
         return [strings[i : i + width] for i in range(0, len(strings), width)]
 
     # ------------------------------------------------------------------ steering
-    def scaled(self, alpha: float | Sequence[float]) -> PairedBlocks:
+    def scaled(self, alpha: Alpha) -> PairedBlocks:
         """Context manager: every forward / generate of ``pair.ft`` inside is α-scaled.
 
         At every block, ``x_{l+1} = x_l + PTC(x_l) + α·FTC(x_l)``, both components recomputed on
         the scaled stream (Definition 5.1). α = 1 is the fine-tuned model exactly; α = 0 runs the
         pre-trained blocks with the fine-tuned embedding and unembedding; negative α reverses
-        the fine-tuning component. α may also be a list with one value per layer.
+        the fine-tuning component. α may also be a list with one value per layer, or a dict
+        ``{"attn": a, "mlp": b, "heads": [layer, head]}`` that scales the fine-tuning of each
+        sub-block separately (:mod:`tuco_lens.components`; each value a number or one per
+        layer, a missing key meaning 1; ``{"attn": α, "mlp": α}`` is not the block-level α).
 
         Works with ``pair.ft(...)``, ``run_with_cache``, ``run_with_hooks`` and ``generate``
         (the pre-trained blocks keep their own KV cache). Hooks on ``hook_resid_post`` that you
@@ -386,8 +557,8 @@ class TuCoPair:
             >>> with pair.scaled(0.5):
             ...     logits, cache = pair.ft.run_with_cache(tokens)
         """
-        mixer = alpha_mixer(check_alpha(alpha, self.n_layers))
-        return PairedBlocks(self.pt, self.ft, mixer, writes=True, offload_pt=self.offload_pt)
+        mix = mixer_for(alpha, backend_of(self.pt), self.backend, self.ft.cfg.n_heads)
+        return PairedBlocks(self.pt, self.ft, writes=True, offload_pt=self.offload_pt, **mix)
 
     def alpha_hooks(self, alpha: float | Sequence[float], attention_mask: Tensor | None = None):
         """α-scaling as TransformerLens ``(name, hook_fn)`` pairs for ``run_with_hooks``.
@@ -403,7 +574,7 @@ class TuCoPair:
     def run_with_alpha(
         self,
         inputs: Inputs,
-        alpha: float | Sequence[float],
+        alpha: Alpha,
         *,
         attention_mask: Int[Tensor, "batch pos"] | None = None,
         chat_template: bool = False,
@@ -434,7 +605,7 @@ class TuCoPair:
         self,
         inputs: Inputs,
         *,
-        alpha: float | Sequence[float] = 1.0,
+        alpha: Alpha = 1.0,
         max_new_tokens: int = 20,
         attention_mask: Int[Tensor, "batch pos"] | None = None,
         chat_template: bool = False,

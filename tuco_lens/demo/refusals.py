@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tuco_lens.demo.world import REFUSAL, is_refusal
-from tuco_lens.pair import TuCoPair
+from tuco_lens.pair import Alpha, TuCoPair
 
 __all__ = ["refusal_budget", "refusal_rate"]
 
@@ -16,7 +16,7 @@ def refusal_budget(pair: TuCoPair) -> int:
 
 
 def refusal_rate(
-    pair: TuCoPair, prompts: Sequence[str], *, alpha: float = 1.0, chat_template: bool = False
+    pair: TuCoPair, prompts: Sequence[str], *, alpha: Alpha = 1.0, chat_template: bool = False
 ) -> float:
     """Share of greedy completions (α-scaled) that start with :data:`REFUSAL`.
 

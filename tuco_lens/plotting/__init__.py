@@ -8,6 +8,9 @@ Every function returns a ``plotly.graph_objects.Figure`` (or an HTML object) and
 - :func:`token_html`: the prompt's tokens coloured by per-token TuCo (Jupyter and reports).
 - :func:`plot_prompt_sets`: TuCo distributions of named prompt sets, with ROC AUC.
 - :func:`plot_alpha_sweep`: any metric as a function of the FTC scale α.
+- :func:`plot_components`: FTC per layer split into attention / MLP / MLP←attention.
+- :func:`plot_head_heatmap`: a layer × head heatmap of each head's FTC.
+- :func:`plot_top_tokens`: the tokens a part of the stream promotes and suppresses most.
 - :func:`save_report`: one offline, self-contained HTML file.
 
 Example:
@@ -17,6 +20,7 @@ Example:
 """
 
 from tuco_lens.plotting._util import DEFAULT_COLORSCALE
+from tuco_lens.plotting.components import plot_components, plot_head_heatmap, plot_top_tokens
 from tuco_lens.plotting.layers import plot_layers, plot_token_heatmap
 from tuco_lens.plotting.report import save_report
 from tuco_lens.plotting.sets import plot_alpha_sweep, plot_prompt_sets
@@ -29,6 +33,9 @@ __all__ = [
     "TokenHTML",
     "plot_prompt_sets",
     "plot_alpha_sweep",
+    "plot_components",
+    "plot_head_heatmap",
+    "plot_top_tokens",
     "save_report",
     "DEFAULT_COLORSCALE",
 ]
