@@ -88,6 +88,31 @@ def test_different_alphas_tuco_and_decompose_in_threads(pair):
         assert wrong == 0, f"{name}: {wrong} of {ROUNDS} calls differ"
 
 
+def test_component_alpha_and_split_beside_a_plain_forward(pair):
+    batch = pair.tokenize(PROMPTS)
+    alpha = {"attn": 0.0, "mlp": 1.5}
+    with torch.no_grad():
+        plain = pair.backend.forward(batch.tokens, batch.attention_mask)
+    alone = {
+        "plain": plain,
+        "components": pair.run_with_alpha(batch.tokens, alpha, attention_mask=batch.attention_mask),
+        "split": pair.decompose(PROMPTS, components=True).ftc_attn_sum,
+    }
+
+    def plain_job():
+        with torch.no_grad():
+            return pair.backend.forward(batch.tokens, batch.attention_mask)
+
+    jobs = {
+        "plain": plain_job,
+        "components": lambda: pair.run_with_alpha(batch.tokens, alpha, attention_mask=batch.attention_mask),
+        "split": lambda: pair.decompose(PROMPTS, components=True).ftc_attn_sum,
+    }
+    for name, results in zip(jobs, _run_together(*jobs.values())):
+        wrong = sum(not torch.allclose(r, alone[name], atol=1e-6, rtol=0) for r in results)
+        assert wrong == 0, f"{name}: {wrong} of {ROUNDS} calls differ"
+
+
 def test_generation_in_two_threads(pair):
     alone = {a: pair.generate(PROMPTS[:2], alpha=a, max_new_tokens=4, return_type="tokens") for a in (0.0, 1.0)}
     jobs = [lambda a=a: pair.generate(PROMPTS[:2], alpha=a, max_new_tokens=4, return_type="tokens") for a in alone]
