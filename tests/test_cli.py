@@ -45,17 +45,21 @@ def test_score_txt_to_csv_matches_library(dirs, pair, tmp_path, capsys):
     assert [int(r["n_tokens"]) for r in rows] == pair.tokenize(PROMPTS).n_tokens.tolist()
 
 
-def test_score_jsonl_keeps_fields_uses_chat_template_and_resumes(dirs, pair, tmp_path):
+def test_score_jsonl_keeps_fields_uses_chat_template_and_resumes(dirs, pair, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p, "label": i % 2}) + "\n" for i, p in enumerate(PROMPTS)))
     out = tmp_path / "scores.jsonl"
-    # a previous run was interrupted after two prompts
     expected = pair.tuco(PROMPTS, chat_template=True)
-    done = [{"prompt": PROMPTS[i], "label": i % 2, "index": i, "tuco": 0.123, "n_tokens": 1} for i in (0, 3)]
-    out.write_text("".join(json.dumps(r) + "\n" for r in done))
     args = ["score", "--pt", dirs[0], "--ft", dirs[1], "--prompts", str(prompts), "--out", str(out),
             "--chat-template", "--no-progress"]
     assert main(args) == 0
+    # as if the run had been interrupted after two prompts (tuco marked to see it is not recomputed)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    kept = [{**r, "tuco": 0.123} for r in rows if r["index"] in (0, 3)]
+    out.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "resuming: 2 of 4 prompts already" in capsys.readouterr().err
     rows = {r["index"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert sorted(rows) == [0, 1, 2, 3]
     assert rows[0]["tuco"] == 0.123  # not recomputed

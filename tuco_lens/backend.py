@@ -36,6 +36,7 @@ from transformer_lens import ActivationCache
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.model_bridge.generalized_components import AttentionBridge
+from transformer_lens.utilities import get_device
 from transformer_lens.utilities.logits_utils import sample_logits
 
 from tuco_lens.errors import InputTypeError, TuCoError, UnsupportedVersionsError
@@ -135,6 +136,11 @@ class Backend:
     def blocks(self) -> torch.nn.ModuleList:
         """The model's blocks, in order."""
         return self.model.blocks
+
+    @property
+    def token_embedding(self) -> torch.nn.Module:
+        """The module that turns token ids (its first argument) into ``hook_embed``'s input."""
+        return self.model.embed
 
     def resid_pre(self, block: torch.nn.Module) -> HookPoint:
         """The hook point whose output is the stream the block consumes."""
@@ -682,6 +688,12 @@ def bridge_from_hf(
             "tokenizer=... (a tokenizer or a path) to load_model / load_pair."
         )
     origin = str(getattr(hf_model, "name_or_path", "") or "") or name
+    if getattr(hf_model, "hf_device_map", None) is None:
+        # boot_transformers uses a given hf_model where it is and only records ``device`` (by
+        # default TransformerLens's choice) in the config: move the weights there first, so
+        # that cfg.device is where they are.
+        device = device if device is not None else get_device()
+        hf_model.to(device)
     bridge = TransformerBridge.boot_transformers(
         origin, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype, n_ctx=n_ctx
     )

@@ -17,6 +17,12 @@ __all__ = [
     "AlphaError",
     "UnsupportedVersionsError",
     "MissingDependencyError",
+    "OutputError",
+    "ResumeMismatchError",
+    "OutputLockedError",
+    "TuCoWarning",
+    "DoubledBOSWarning",
+    "ChatTemplateTwiceWarning",
 ]
 
 
@@ -54,3 +60,38 @@ class UnsupportedVersionsError(TuCoError, RuntimeError):
 
 class MissingDependencyError(TuCoError, ImportError):
     """An optional dependency a feature needs is not installed; the message names the extra to install."""
+
+
+class OutputError(TuCoError, OSError):
+    """An output path that cannot be written, or an output file that cannot be resumed safely.
+
+    Raised before any model is loaded where possible (a missing directory, a path that is a
+    directory, an unwritable location, an output that would overwrite the input), and while
+    writing when the disk refuses a batch (the batch is rolled back, see docs/guarantees.md).
+    """
+
+
+class ResumeMismatchError(OutputError):
+    """An existing output was computed with other prompts or settings than the current run.
+
+    The message names what changed and the two ways out: a new ``--out``, or ``--overwrite``.
+    """
+
+
+class OutputLockedError(OutputError):
+    """Another process is writing the same output (its lock file is held)."""
+
+
+class TuCoWarning(UserWarning):
+    """Base class of the warnings tuco_lens gives about inputs it scores as given."""
+
+
+class DoubledBOSWarning(TuCoWarning):
+    """A row starts with two BOS tokens (e.g. ``model.to_tokens`` on a chat-formatted string).
+
+    Given where a doubled BOS can be told from padding: the pad token differs from BOS.
+    """
+
+
+class ChatTemplateTwiceWarning(TuCoWarning):
+    """``chat_template=True`` on prompts that already look formatted by the chat template."""

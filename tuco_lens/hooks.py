@@ -28,21 +28,31 @@ an SAE module there), tuco_lens works on that module's **input** instead, throug
 forward pre-hook: ``ft_post`` is the block output before the SAE, and in write mode the SAE
 encodes the α-scaled stream. Splicing or removing such a module while the context is active
 raises :class:`TuCoError` (the layer would silently lose its hook). See ``docs/sae-lens.md``.
+
+Threads: a context acts only on forward passes of the thread that entered it. Another thread's
+forward of the same model runs the plain model, contexts of several threads coexist (each with
+its own α), and nesting within one thread is refused. With ``offload_pt`` the pre-trained
+blocks are moved and run one call at a time. See ``docs/guarantees.md``.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from tuco_lens.backend import BlockCall, HookPoint, backend_of
 from tuco_lens.errors import AlphaError, TuCoError
+from tuco_lens.inputs import warn_if_doubled_bos
 
 __all__ = [
     "PairedBlocks",
@@ -60,9 +70,25 @@ __all__ = [
 LayerFn = Callable[[int, Tensor, Tensor, Tensor], Tensor | None]
 """``on_layer(layer, resid_pre, pt_resid_post, ft_resid_post) -> new resid_post | None``."""
 
-_ACTIVE = "_tuco_lens_paired_blocks"
+_ACTIVE = "_tuco_lens_paired_blocks"  # {thread id: active PairedBlocks} on a fine-tuned model
+_OFFLOAD_LOCK = "_tuco_lens_offload_lock"
+# Held while hooks are added or removed: torch's and TransformerLens's hook lists are shared by
+# every thread that runs the model.
+_REGISTRATION = threading.Lock()
 Model = Any
 """A ``HookedTransformer`` or a ``TransformerBridge``."""
+
+
+@contextmanager
+def _offload_lock(pt: Model, offload: bool) -> Iterator[None]:
+    """With offloading, one pre-trained block call at a time per model (blocks move devices)."""
+    if not offload:
+        yield
+        return
+    with _REGISTRATION:
+        lock = pt.__dict__.setdefault(_OFFLOAD_LOCK, threading.Lock())
+    with lock:
+        yield
 
 
 def supports_last_token_path(model: Model) -> bool:
@@ -84,16 +110,23 @@ def supports_last_token_path(model: Model) -> bool:
 def check_alpha(alpha: float | Sequence[float] | Tensor, n_layers: int) -> list[float]:
     """Validate α (one number, or one per layer) and return one float per layer.
 
+    Numbers may be Python, numpy (``np.float32(0.5)``) or torch scalars; one value per layer
+    may be a list, a tuple, a 1-D numpy array or tensor.
+
     Raises:
         AlphaError: α is not a finite real number, or a per-layer α has the wrong length.
 
     Example:
         >>> check_alpha(0.5, 3)
         [0.5, 0.5, 0.5]
+        >>> check_alpha(np.array([0.0, 1.0]), 2)
+        [0.0, 1.0]
     """
-    if isinstance(alpha, Tensor):
+    if isinstance(alpha, (Tensor, np.ndarray, np.generic)):
+        if getattr(alpha, "ndim", 0) > 1:
+            raise AlphaError(f"alpha must be a number or one number per layer, got an array of shape {tuple(alpha.shape)}.")
         alpha = alpha.tolist()
-    if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
+    if _is_real(alpha):
         values = [float(alpha)] * n_layers
     elif isinstance(alpha, Sequence) and not isinstance(alpha, (str, bytes)):
         values = list(alpha)
@@ -102,20 +135,25 @@ def check_alpha(alpha: float | Sequence[float] | Tensor, n_layers: int) -> list[
                 f"A per-layer alpha needs one value per layer: got {len(values)} values for "
                 f"{n_layers} layers."
             )
-        if not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in values):
+        if not all(_is_real(a) for a in values):
             raise AlphaError(f"alpha values must be real numbers, got {values!r}.")
         values = [float(a) for a in values]
     else:
         raise AlphaError(
             f"alpha must be a number or one number per layer, got {type(alpha).__name__}."
         )
-    bad = [a for a in values if not torch.isfinite(torch.tensor(a))]
+    bad = [a for a in values if not math.isfinite(a)]
     if bad:
         raise AlphaError(
             f"alpha must be finite, got {bad[0]}. (Negative alpha is allowed: it reverses "
             "the fine-tuning component.)"
         )
     return values
+
+
+def _is_real(value: object) -> bool:
+    """A real number (Python, numpy or 0-d torch), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def alpha_mixer(alphas: Sequence[float]) -> LayerFn:
@@ -239,36 +277,49 @@ class PairedBlocks:
         # True while a pre-trained block runs, so that a pt that shares blocks with ft (or is
         # ft itself: identical models) does not re-enter these hooks.
         self._in_pt_block = False
+        # The thread that entered: forward passes of other threads run the plain model.
+        self._owner: int | None = None
 
     # ---------------------------------------------------------------- context protocol
     def __enter__(self) -> "PairedBlocks":
-        active = getattr(self.ft, _ACTIVE, None)
-        if active is not None:
-            raise TuCoError(
-                "tuco_lens is already scaling or decomposing this fine-tuned model (nested "
-                "pair.scaled() / decompose inside pair.scaled()). Exit the outer context first."
-            )
-        setattr(self.ft, _ACTIVE, self)
-        try:
-            for layer, block in enumerate(self.backend.blocks):
-                self._handles.append(
-                    block.register_forward_pre_hook(self._pre_hook(layer), with_kwargs=True)
+        with _REGISTRATION:
+            active = self.ft.__dict__.setdefault(_ACTIVE, {})
+            if threading.get_ident() in active:
+                raise TuCoError(
+                    "tuco_lens is already scaling or decomposing this fine-tuned model in this "
+                    "thread (nested pair.scaled() / decompose inside pair.scaled()). Exit the "
+                    "outer context first."
                 )
-                hook_point = self._post_modules[layer] = self.backend.resid_post(block)
-                if not isinstance(hook_point, HookPoint):  # e.g. an SAE spliced in by SAE-Lens
-                    self._handles.append(hook_point.register_forward_pre_hook(self._post_input_hook(layer)))
-                elif self.writes:
-                    hook = self._write_hook(layer)
-                    hook_point.add_hook(hook, dir="fwd", is_permanent=True)
-                    self._lens_hooks.append((hook_point, hook))
-                else:
-                    self._handles.append(block.register_forward_hook(self._read_hook(layer)))
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
+            self._owner = threading.get_ident()
+            active[self._owner] = self
+            try:
+                self._install()
+            except BaseException:
+                self._uninstall()
+                raise
         return self
 
+    def _install(self) -> None:
+        self._handles.append(self.backend.token_embedding.register_forward_pre_hook(self._embed_hook))
+        for layer, block in enumerate(self.backend.blocks):
+            self._handles.append(
+                block.register_forward_pre_hook(self._pre_hook(layer), with_kwargs=True)
+            )
+            hook_point = self._post_modules[layer] = self.backend.resid_post(block)
+            if not isinstance(hook_point, HookPoint):  # e.g. an SAE spliced in by SAE-Lens
+                self._handles.append(hook_point.register_forward_pre_hook(self._post_input_hook(layer)))
+            elif self.writes:
+                hook = self._write_hook(layer)
+                hook_point.add_hook(hook, dir="fwd", is_permanent=True)
+                self._lens_hooks.append((hook_point, hook))
+            else:
+                self._handles.append(block.register_forward_hook(self._read_hook(layer)))
+
     def __exit__(self, *exc_info: object) -> None:
+        with _REGISTRATION:
+            self._uninstall()
+
+    def _uninstall(self) -> None:
         for handle in self._handles:
             handle.remove()
         for layer in range(len(self._readers)):
@@ -280,14 +331,25 @@ class PairedBlocks:
             hook_point.fwd_hooks = [h for h in hook_point.fwd_hooks if h.user_hook is not hook]
         self._handles, self._lens_hooks = [], []
         self._calls = [None] * len(self._calls)  # drop references to masks and KV caches
-        if getattr(self.ft, _ACTIVE, None) is self:
-            delattr(self.ft, _ACTIVE)
+        active = self.ft.__dict__.get(_ACTIVE, {})
+        if active.get(self._owner) is self:
+            del active[self._owner]
+
+    def _foreign(self) -> bool:
+        """True for calls this context must not touch: another thread's forward passes, or the
+        pre-trained block that this context runs itself."""
+        return self._in_pt_block or threading.get_ident() != self._owner
 
     def remove(self) -> None:
         """Remove every hook (same as leaving the context)."""
         self.__exit__(None, None, None)
 
     # ---------------------------------------------------------------- hooks
+    def _embed_hook(self, module: torch.nn.Module, args: tuple) -> None:
+        """Warn about rows that start with two BOS tokens (:class:`~tuco_lens.errors.DoubledBOSWarning`)."""
+        if not self._foreign() and args and isinstance(args[0], Tensor):
+            warn_if_doubled_bos(args[0], self.ft.tokenizer)
+
     def _drop_readers(self, layer: int) -> None:
         for handle in self._readers[layer]:
             handle.remove()
@@ -297,13 +359,13 @@ class PairedBlocks:
         """Add ``store`` as the last raw forward hook of ``hook_point`` for this call of ``layer``."""
 
         def read(module: torch.nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
-            return None if self._in_pt_block else store(output)
+            return None if self._foreign() else store(output)
 
         self._readers[layer].append(hook_point.register_forward_hook(read))
 
     def _pre_hook(self, layer: int) -> Callable:
         def pre_hook(block: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            if self._in_pt_block:
+            if self._foreign():
                 return
             if self.backend.resid_post(block) is not self._post_modules[layer]:
                 raise TuCoError(
@@ -364,7 +426,9 @@ class PairedBlocks:
         self._in_pt_block = True
         captured: list[Any] = []
         try:
-            with placed(self.pt_backend.blocks[layer], x.device, self.offload_pt) as (block, device):
+            with _offload_lock(self.pt, self.offload_pt), placed(
+                self.pt_backend.blocks[layer], x.device, self.offload_pt
+            ) as (block, device):
                 if call.parts is not None:
                     captured = self._capture_pt_parts(block, call.parts)
                 x = x.to(device)
@@ -386,7 +450,8 @@ class PairedBlocks:
 
         def recorder(name: str) -> Callable:
             def record(module: torch.nn.Module, inputs: tuple, output: Tensor) -> None:
-                parts.pt[name] = output
+                if threading.get_ident() == self._owner:  # not another thread's run of pt
+                    parts.pt[name] = output
 
             return record
 
@@ -395,7 +460,9 @@ class PairedBlocks:
     def _run_pt_mlp(self, layer: int, y: Tensor) -> Tensor:
         self._in_pt_block = True
         try:
-            with placed(self.pt_backend.blocks[layer], y.device, self.offload_pt) as (block, device):
+            with _offload_lock(self.pt, self.offload_pt), placed(
+                self.pt_backend.blocks[layer], y.device, self.offload_pt
+            ) as (block, device):
                 return self.pt_backend.call_mlp(block, y.to(device)).to(y.device)
         finally:
             self._in_pt_block = False
@@ -411,14 +478,14 @@ class PairedBlocks:
 
     def _read_hook(self, layer: int) -> Callable:
         def read_hook(block: torch.nn.Module, args: tuple, output: Any) -> None:
-            if not self._in_pt_block:
+            if not self._foreign():
                 self._finish(layer, self.backend.block_output(output))
 
         return read_hook
 
     def _write_hook(self, layer: int) -> Callable:
         def write_hook(ft_post: Float[Tensor, "batch pos d_model"], hook: HookPoint) -> Tensor | None:
-            return None if self._in_pt_block else self._finish(layer, ft_post)
+            return None if self._foreign() else self._finish(layer, ft_post)
 
         return write_hook
 
@@ -426,7 +493,7 @@ class PairedBlocks:
         """Torch pre-hook on a non-HookPoint ``hook_resid_post`` (an SAE): acts on its input."""
 
         def post_input_hook(module: torch.nn.Module, args: tuple) -> tuple | None:
-            if self._in_pt_block:
+            if self._foreign():
                 return None
             new = self._finish(layer, args[0])
             return None if not self.writes or new is None else (new, *args[1:])

@@ -17,6 +17,7 @@ The scoring code never infers padding from pad-token ids: it always passes the m
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -26,7 +27,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from tuco_lens.backend import backend_of
-from tuco_lens.errors import InputError, InputTypeError
+from tuco_lens.errors import ChatTemplateTwiceWarning, DoubledBOSWarning, InputError, InputTypeError
 
 __all__ = [
     "TokenBatch",
@@ -35,6 +36,9 @@ __all__ = [
     "length_sorted_batches",
     "to_left_padding",
     "encode_prompt",
+    "chat_template_frame",
+    "doubled_bos_rows",
+    "warn_if_doubled_bos",
 ]
 
 Model = Any  # a HookedTransformer or a TransformerBridge
@@ -171,6 +175,8 @@ def prepare_batch(
                 "builds their mask itself. Drop attention_mask, or pass tokens."
             )
         prompts = _as_prompt_list(inputs)
+        if chat_template:
+            _warn_if_templated(model.tokenizer, prompts)
         ids = [_encode_checked(model, p, chat_template, prepend_bos) for p in prompts]
         batch = _pad(model, ids, padding_side, prompts)
     device = _input_device(model)
@@ -264,15 +270,108 @@ def encode_prompt(
         if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
             ids = ids["input_ids"]
         ids = [int(i) for i in ids]
+        if not _own_tokens(tokenizer, prompt):
+            _refuse_tokenless(prompt, "the chat template around an empty user turn")
     else:
         bos = model.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
         if prepend_bos is None and tokenizer.bos_token and prompt.startswith(tokenizer.bos_token):
             bos = False  # an already formatted prompt ("<s>[INST] ..."): no second BOS
         ids = model.to_tokens(prompt, prepend_bos=bos, truncate=False, move_to_device=False)[0]
         ids = ids.tolist()
+        if len(ids) == 1 and not _own_tokens(tokenizer, prompt):
+            _refuse_tokenless(prompt, "the BOS token alone")
     if not ids:
         raise InputError(f"Prompt {prompt!r} tokenizes to no tokens.")
     return ids
+
+
+def chat_template_frame(tokenizer: Any) -> tuple[str, str] | None:
+    """The text the chat template puts before and after a user message (with the generation
+    prompt), or ``None`` if it cannot be rendered.
+
+    Example:
+        >>> chat_template_frame(pair.tokenizer)
+        ('<bos><|user|> ', ' <|end|> <|assistant|> ')
+    """
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        return None
+    sentinel = "TUCOLENSCONTENTSENTINEL"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": sentinel}], add_generation_prompt=True, tokenize=False
+        )
+    except Exception:  # a template that refuses this message: no frame to compare with
+        return None
+    if not isinstance(text, str) or text.count(sentinel) != 1:
+        return None
+    head, tail = text.split(sentinel)
+    return head, tail
+
+
+def _warn_if_templated(tokenizer: Any, prompts: list[str]) -> None:
+    """Warn when chat_template=True would wrap prompts that already carry the template's markers."""
+    frame = chat_template_frame(tokenizer)
+    if frame is None:
+        return
+    head, tail = (part.strip() for part in frame)
+    wrapped = [
+        i for i, p in enumerate(prompts)
+        if (head and p.strip().startswith(head)) or (tail and p.strip().endswith(tail))
+    ]
+    if wrapped:
+        warnings.warn(
+            f"{len(wrapped)} of {len(prompts)} prompts already look chat-formatted (prompt "
+            f"{wrapped[0]} starts with {head!r} or ends with {tail!r}), and chat_template=True wraps "
+            "them in the template again. Pass chat_template=False for pre-formatted prompts.",
+            ChatTemplateTwiceWarning,
+            stacklevel=4,
+        )
+
+
+def doubled_bos_rows(tokens: Tensor, tokenizer: Any) -> list[int]:
+    """Rows whose first two tokens after any left padding are both BOS.
+
+    Only where a doubled BOS can be told from padding: the tokenizer has a BOS token that is
+    not its pad token. Returns ``[]`` otherwise.
+
+    Example:
+        >>> doubled_bos_rows(pair.ft.to_tokens("<bos> hi"), pair.tokenizer)   # to_tokens adds one
+        [0]
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if bos is None or bos == pad or tokens.ndim != 2 or tokens.shape[1] < 2 or tokens.dtype.is_floating_point:
+        return []
+    start = (tokens == pad).to(torch.long).cumprod(-1).sum(-1) if pad is not None else torch.zeros_like(tokens[:, 0])
+    start = start.clamp(max=tokens.shape[1] - 2)[:, None]
+    first_two = tokens.gather(-1, torch.cat([start, start + 1], dim=-1))
+    return (first_two == bos).all(-1).nonzero().flatten().tolist()
+
+
+def warn_if_doubled_bos(tokens: Tensor, tokenizer: Any) -> None:
+    """Give a :class:`~tuco_lens.errors.DoubledBOSWarning` if :func:`doubled_bos_rows` finds any."""
+    rows = doubled_bos_rows(tokens, tokenizer)
+    if rows:
+        warnings.warn(
+            f"Row(s) {rows[:5]} start with two BOS tokens ({tokenizer.bos_token!r}): the text "
+            "already began with BOS and another was prepended (e.g. model.to_tokens or "
+            "run_with_cache on a chat-formatted string). Tokenize with pair.tokenize(text), which "
+            "adds none to such text, or pass prepend_bos=False.",
+            DoubledBOSWarning,
+            stacklevel=2,
+        )
+
+
+def _own_tokens(tokenizer: Any, prompt: str) -> list[int]:
+    """The prompt's tokens without any special token the tokenizer would add."""
+    return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
+def _refuse_tokenless(prompt: str, scored: str) -> None:
+    raise InputError(
+        f"Prompt {prompt!r} has no token of its own (the tokenizer turns it into nothing: "
+        f"whitespace only?), so {scored} would be scored. Remove it, or give it text."
+    )
 
 
 def _encode_checked(
@@ -316,6 +415,14 @@ def _batch_from_tensor(
             f"Tokens must be an integer tensor, got dtype {tokens.dtype}. Convert with "
             f"tokens.long() if these really are token ids."
         )
+    if attention_mask is not None and not isinstance(attention_mask, Tensor):
+        try:
+            attention_mask = torch.as_tensor(attention_mask)
+        except (TypeError, ValueError, RuntimeError):
+            raise InputTypeError(
+                f"attention_mask must be a tensor (or a list / numpy array of 0 and 1), got "
+                f"{type(attention_mask).__name__}."
+            ) from None
     if tokens.ndim == 1:
         tokens = tokens[None]
         if attention_mask is not None and attention_mask.ndim == 1:
@@ -367,18 +474,31 @@ def _check_mask(mask: Tensor, tokens: Tensor) -> Tensor:
 
 
 def _refuse_unmasked_padding(model: Model, tokens: Tensor) -> None:
-    """Refuse a batch that looks padded (pad-token runs of different lengths) without a mask."""
+    """Refuse tokens that look padded, with the pad or the EOS id, when no mask came with them.
+
+    A row looks padded if it starts or ends with a run of pad (or EOS) tokens longer than
+    text can: one BOS at the start when BOS is that token, one EOS at the end; or if the
+    rows of a batch start or end with runs of different lengths.
+    """
     tok = model.tokenizer
-    pad = getattr(tok, "pad_token_id", None) if tok is not None else None
-    if pad is None or tokens.shape[0] < 2:
+    if tok is None:
         return
-    is_pad = tokens == pad
-    leading = is_pad.to(torch.long).cumprod(-1).sum(-1)
-    trailing = is_pad.flip(-1).to(torch.long).cumprod(-1).sum(-1)
-    if bool((leading != leading[0]).any() or (trailing != trailing[0]).any()):
-        raise InputError(
-            "These tokens look padded (rows start or end with different numbers of pad tokens, "
-            f"id {pad}) but no attention_mask was given, so padding would be scored as text. "
-            "Pass attention_mask= (1 = real token), let tuco_lens tokenize the strings, or pass "
-            "attention_mask=torch.ones_like(tokens) if every token is real."
-        )
+    bos, eos, pad = (getattr(tok, f"{name}_token_id", None) for name in ("bos", "eos", "pad"))
+    for name, token in (("pad", pad), ("EOS", eos)):
+        if token is None or (name == "EOS" and token == pad):
+            continue
+        is_token = (tokens == token).to(torch.long)
+        leading = is_token.cumprod(-1).sum(-1)
+        trailing = is_token.flip(-1).cumprod(-1).sum(-1)
+        too_long = (leading > int(token == bos)) | (trailing > int(token == eos))
+        uneven = (leading != leading[0]) | (trailing != trailing[0])
+        rows = (too_long | uneven).nonzero().flatten().tolist()
+        if rows:
+            row = rows[0]
+            raise InputError(
+                f"These tokens look padded (row {row} starts with {int(leading[row])} and ends with "
+                f"{int(trailing[row])} {name} tokens, id {token}) but no attention_mask was given, "
+                "so padding would be scored as text. Pass attention_mask= (1 = real token), let "
+                "tuco_lens tokenize the strings, or pass attention_mask=torch.ones_like(tokens) if "
+                "every token is real."
+            )

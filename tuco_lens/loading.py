@@ -46,7 +46,7 @@ from tuco_lens.errors import InputError, InputTypeError, ModelLoadError
 if TYPE_CHECKING:
     from tuco_lens.pair import TuCoPair
 
-__all__ = ["load_model", "load_pair", "resolve_dtype"]
+__all__ = ["load_model", "load_pair", "resolve_dtype", "check_device"]
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -96,10 +96,50 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return _DTYPES[key]
 
 
-def _check_device(device: Any) -> None:
-    if device is not None and not isinstance(device, (str, torch.device)):
+def check_device(device: Any) -> None:
+    """Refuse a ``device`` that is not a device name, or names a device this machine lacks.
+
+    ``None`` (TransformerLens's choice), ``"cpu"`` and ``"meta"`` always pass; ``"cuda"``,
+    ``"cuda:N"``, ``"mps"``, ``"xpu"``... must be available (and ``N`` below the device count).
+
+    Raises:
+        InputTypeError: ``device`` is neither a string nor a ``torch.device``.
+        InputError: an unknown device type, or one that is not available here.
+
+    Example:
+        >>> check_device("cpu")
+    """
+    if device is None:
+        return
+    if not isinstance(device, (str, torch.device)):
         raise InputTypeError(
             f"device must be a string or torch.device, got {type(device).__name__}"
+        )
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as error:
+        raise InputError(
+            f"unknown device {device!r} ({error}); use e.g. 'cpu', 'cuda', 'cuda:1' or 'mps'"
+        ) from None
+    if parsed.type in ("cpu", "meta"):
+        return
+    if parsed.type == "mps":
+        available, count = torch.backends.mps.is_available(), 1
+    else:
+        module = getattr(torch, parsed.type, None)
+        if module is None or not hasattr(module, "is_available"):
+            return  # a device type torch knows but tuco_lens cannot query: torch decides
+        available = bool(module.is_available())
+        count = int(module.device_count()) if available and hasattr(module, "device_count") else 0
+    if not available:
+        raise InputError(
+            f"device {str(device)!r} is not available on this machine (torch finds no "
+            f"{parsed.type} device); use device='cpu' or leave device unset"
+        )
+    if parsed.index is not None and parsed.index >= count:
+        raise InputError(
+            f"device {str(device)!r} does not exist: this machine has {count} {parsed.type} "
+            f"device(s), {parsed.type}:0 to {parsed.type}:{count - 1}"
         )
 
 
@@ -618,7 +658,7 @@ def load_model(
     requested_backend, backend = backend, _resolve_backend(backend)
     if adapter_base is not None and route != "adapter":
         raise InputError("adapter_base is only used when source is a PEFT adapter directory")
-    _check_device(device)
+    check_device(device)
     dtype = resolve_dtype(dtype)
     hf_model_kwargs = dict(hf_model_kwargs or {})
     processing = {

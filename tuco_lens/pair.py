@@ -104,12 +104,15 @@ class TuCoPair:
     def resid_names(self) -> list[str]:
         """Hook names a fine-tuned ``ActivationCache`` needs for :meth:`decompose`.
 
+        ``hook_embed`` (to check that ``tokens=`` are the cache's own), then the residual stream
+        entering every block and leaving the last one.
+
         Example:
             >>> _, cache = pair.ft.run_with_cache(tokens, names_filter=pair.resid_names)
             >>> dec = pair.decompose(cache, tokens=tokens)
         """
         last = self.n_layers - 1
-        return [f"blocks.{l}.hook_resid_pre" for l in range(self.n_layers)] + [
+        return ["hook_embed"] + [f"blocks.{l}.hook_resid_pre" for l in range(self.n_layers)] + [
             f"blocks.{last}.hook_resid_post"
         ]
 
@@ -465,13 +468,14 @@ class TuCoPair:
                 "pair.ft.run_with_cache(tokens, names_filter=pair.resid_names) to cache them."
             )
         batch = self.tokenize(tokens, attention_mask=attention_mask)
-        streams = [cache[name] for name in self.resid_names]
-        streams = [s[None] if s.ndim == 2 else s for s in streams]
+        embedded, *streams = [cache[name] for name in self.resid_names]
+        embedded, *streams = [s[None] if s.ndim == 2 else s for s in (embedded, *streams)]
         if tuple(streams[0].shape[:2]) != tuple(batch.tokens.shape):
             raise InputError(
                 f"The cache holds activations of shape {tuple(streams[0].shape[:2])} (batch, pos) "
                 f"but tokens have shape {tuple(batch.tokens.shape)}; pass the cache's own tokens."
             )
+        self._check_cache_tokens(embedded, batch)
         mask = batch.attention_mask
         acc = DecompositionAccumulator(self.n_layers, mask, norm, "all", dtype)
         pt_backend = backend_of(self.pt)
@@ -486,6 +490,20 @@ class TuCoPair:
         out["ptc_sum"], out["ftc_sum"] = acc.last_token_sums()
         out.update(acc.per_position_tables())
         return self._result(batch, out, norm)
+
+    def _check_cache_tokens(self, embedded: Tensor, batch: TokenBatch) -> None:
+        """Refuse ``tokens=`` whose embedding is not the cache's ``hook_embed`` at a real position."""
+        expected = self.backend.token_embedding(batch.tokens)
+        real = batch.attention_mask.bool()
+        differs = (embedded.to(expected.device) != expected).any(-1) & real
+        if bool(differs.any()):
+            row, position = (int(i) for i in differs.nonzero()[0])
+            raise InputError(
+                f"tokens= are not the tokens the cache was computed on: at row {row}, position "
+                f"{position} the cache's hook_embed is not the embedding of token "
+                f"{int(batch.tokens[row, position])}. Pass the tokens given to run_with_cache "
+                "(or the cache of these tokens); a hook that edits hook_embed also makes them differ."
+            )
 
     def _result(self, batch: TokenBatch, out: dict[str, Tensor], norm: Norm) -> Decomposition:
         return Decomposition(

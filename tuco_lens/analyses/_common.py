@@ -80,10 +80,32 @@ def _check_prompt(prompt: object, where: str) -> str:
     return prompt
 
 
+def read_lines(path: Path) -> list[tuple[int, str]]:
+    """``(line number, text)`` of every non-blank line of a UTF-8 text file.
+
+    Lines end at ``\n`` only (a ``\r`` before it is dropped), so a Unicode line or paragraph
+    separator (U+2028, U+2029) or a form feed stays inside its line and every line number is
+    what an editor shows; a byte-order mark at the start of the file is not part of line 1.
+
+    Example:
+        >>> read_lines(Path("prompts.txt"))      # doctest: +SKIP
+        [(1, 'the cat'), (3, 'a dog')]
+    """
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"Cannot read {str(path)!r}: {error}") from error
+    lines = text.split("\n")
+    return [(number, line.removesuffix("\r")) for number, line in enumerate(lines, start=1) if line.strip()]
+
+
 def read_jsonl(path: Path, fields: Sequence[str]) -> list[dict[str, Any]]:
-    """JSON objects, one per non-blank line, each with ``fields``; errors name ``path:line``."""
+    """JSON objects, one per non-blank line, each with ``fields``; errors name ``path:line``.
+
+    A byte-order mark at the start of the file is ignored.
+    """
     rows = []
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -125,7 +147,7 @@ def read_prompts(source: PromptSource, *, column: str = "prompt", name: str = "p
     path = _as_path(source)
     if path is not None:
         if path.suffix == ".txt":
-            prompts = [line.rstrip("\n") for line in path.open(encoding="utf-8") if line.strip()]
+            prompts = [line for _, line in read_lines(path)]
         else:
             prompts = [row[column] for row in read_jsonl(path, [column])]
     elif isinstance(source, str):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["CLIError", "add_model_arguments", "load_pair_from_args", "HELP_FORMATTER"]
+__all__ = ["CLIError", "add_model_arguments", "check_pair_arguments", "load_pair_from_args", "HELP_FORMATTER"]
 
 HELP_FORMATTER = argparse.RawDescriptionHelpFormatter
 
@@ -23,16 +23,30 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", default=None, help="dtype for both models, e.g. float32, bfloat16")
 
 
+def check_pair_arguments(args: argparse.Namespace) -> None:
+    """Check ``--pt/--ft/--demo``, ``--dtype`` and ``--device`` without loading anything.
+
+    Raises:
+        CLIError: ``--demo`` with ``--pt``/``--ft``, or one of ``--pt``/``--ft`` missing.
+        TuCoError: an unknown dtype, or a device that does not exist on this machine.
+    """
+    from tuco_lens.loading import check_device, resolve_dtype
+
+    if args.demo and (args.pt or args.ft):
+        raise CLIError("give either --demo or --pt and --ft, not both")
+    if not args.demo and (not args.pt or not args.ft):
+        raise CLIError("both --pt and --ft are required (or --demo for the embedded pair)")
+    resolve_dtype(args.dtype)
+    check_device(args.device)
+
+
 def load_pair_from_args(args: argparse.Namespace):
-    """Load the pair named by ``--pt/--ft`` or ``--demo``."""
+    """Load the pair named by ``--pt/--ft`` or ``--demo`` (checked by :func:`check_pair_arguments`)."""
+    check_pair_arguments(args)
     if args.demo:
-        if args.pt or args.ft:
-            raise CLIError("give either --demo or --pt and --ft, not both")
         from tuco_lens import demo
 
         return demo.load_pair(device=args.device, dtype=args.dtype)
-    if not args.pt or not args.ft:
-        raise CLIError("both --pt and --ft are required (or --demo for the embedded pair)")
     from tuco_lens import load_pair
 
     return load_pair(args.pt, args.ft, device=args.device, dtype=args.dtype)

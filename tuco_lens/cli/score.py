@@ -3,20 +3,34 @@
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from tqdm.auto import tqdm
 
-from tuco_lens.analyses._common import read_jsonl
-from tuco_lens.cli.common import HELP_FORMATTER, CLIError, add_model_arguments, load_pair_from_args
+from tuco_lens.analyses._common import read_jsonl, read_lines
+from tuco_lens.cli.common import (
+    HELP_FORMATTER,
+    CLIError,
+    add_model_arguments,
+    check_pair_arguments,
+    load_pair_from_args,
+)
+from tuco_lens.errors import InputError, TuCoWarning
 from tuco_lens.inputs import length_sorted_batches
+from tuco_lens.scoring_io import (
+    RESULT_COLUMNS,
+    ResumableOutput,
+    RunRecord,
+    check_output_file,
+    encode_rows,
+    source_identity,
+)
 
-__all__ = ["add_parser", "read_prompts", "run", "ResultWriter"]
+__all__ = ["add_parser", "read_prompts", "check_prompts", "score_records", "run_settings", "run"]
 
 _EPILOG = """\
 input:  .txt   one prompt per line (blank lines are skipped; "line" records the line number)
@@ -25,7 +39,11 @@ output: .csv or .jsonl (by extension; default: CSV on stdout), one row per promp
         index (0-based position among the prompts), tuco, n_tokens and the input fields.
         Rows are written as each batch finishes (prompts are processed longest first to cut
         padding), so an interrupted run resumes where it stopped: rerun the same command and
-        the prompts already in --out are skipped.
+        the prompts already in --out are skipped. OUT.run.json records what OUT was computed
+        with (prompts, models, --norm, --chat-template, --dtype, tuco_lens version); a rerun
+        with anything else is refused (use a new --out, or --overwrite). A torn last row (full
+        disk, kill) is cut and scored again; OUT.lock keeps a second writer out.
+        CSV cells starting with = + - @ get a leading ' so spreadsheets show them as text.
 
 examples:
   tuco-lens score --pt meta-llama/Llama-2-7b-hf --ft meta-llama/Llama-2-7b-chat-hf \\
@@ -48,12 +66,19 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
     parser.add_argument("--norm", choices=("l1", "l2"), default="l1", help="norm (default l1, the paper's)")
     parser.add_argument("--out", type=Path, default=None, help="output .csv or .jsonl (default: CSV on stdout)")
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="discard an existing --out and start again (default: resume it, if it was computed the same way)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(run=run)
 
 
 def read_prompts(path: Path) -> list[dict[str, Any]]:
     """Records with a ``prompt`` field from a .txt (one per line) or .jsonl file.
+
+    A ``.txt`` line ends at ``\n`` only (U+2028 and other Unicode separators stay in their
+    prompt, so ``line`` is the line an editor shows), and a UTF-8 byte-order mark is dropped.
 
     Raises:
         CLIError: missing or unreadable file, unknown extension, bad JSON (with the line
@@ -62,14 +87,12 @@ def read_prompts(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise CLIError(f"prompt file {str(path)!r} does not exist")
     try:
-        text = path.read_text(encoding="utf-8")
+        path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise CLIError(f"cannot read {str(path)!r}: {error}") from error
     records: list[dict[str, Any]] = []
     if path.suffix == ".txt":
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                records.append({"prompt": line, "line": number})
+        records = [{"prompt": line, "line": number} for number, line in read_lines(path)]
     elif path.suffix == ".jsonl":
         records = read_jsonl(path, ["prompt"])
         for number, record in enumerate(records):
@@ -82,67 +105,27 @@ def read_prompts(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-class ResultWriter:
-    """Appends result rows to a CSV or JSONL file (or CSV on stdout) and knows which are done.
-
-    Args:
-        path: Output file, or ``None`` for stdout (no resuming).
-        columns: Column order (CSV header).
-    """
-
-    def __init__(self, path: Path | None, columns: list[str]) -> None:
-        self.path, self.columns = path, columns
-        self.format = "csv" if path is None else path.suffix.lstrip(".")
-        if self.format not in ("csv", "jsonl"):
-            raise CLIError(f"--out must end in .csv or .jsonl, got {str(path)!r}")
-        self.done = self._existing_indices()
-        self._stream: TextIO | None = None
-        self._csv: Any = None
-
-    def _existing_indices(self) -> set[int]:
-        if self.path is None or not self.path.exists() or self.path.stat().st_size == 0:
-            return set()
-        try:
-            with self.path.open(encoding="utf-8", newline="") as stream:
-                if self.format == "csv":
-                    reader = csv.DictReader(stream)
-                    if reader.fieldnames != self.columns:
-                        raise CLIError(
-                            f"{str(self.path)!r} exists with columns {reader.fieldnames}, not "
-                            f"{self.columns}: choose another --out or delete it"
-                        )
-                    return {int(row["index"]) for row in reader}
-                return {int(json.loads(line)["index"]) for line in stream if line.strip()}
-        except (ValueError, KeyError, TypeError) as error:
-            raise CLIError(f"cannot resume from {str(self.path)!r} (unreadable row: {error})") from error
-
-    def write(self, rows: list[dict[str, Any]]) -> None:
-        """Append rows and flush them to disk."""
-        if self._stream is None:
-            fresh = self.path is None or not self.path.exists() or self.path.stat().st_size == 0
-            self._stream = sys.stdout if self.path is None else self.path.open("a", encoding="utf-8", newline="")
-            if self.format == "csv":
-                self._csv = csv.DictWriter(self._stream, fieldnames=self.columns)
-                if fresh:
-                    self._csv.writeheader()
-        for row in rows:
-            if self.format == "csv":
-                self._csv.writerow({k: _cell(row.get(k)) for k in self.columns})
-            else:
-                self._stream.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self._stream.flush()
-
-    def close(self) -> None:
-        if self._stream is not None and self._stream is not sys.stdout:
-            self._stream.close()
-
-
-def _cell(value: Any) -> Any:
-    return json.dumps(value) if isinstance(value, (dict, list)) else value
-
-
-_RESERVED = ("index", "tuco", "n_tokens")
 _CHUNK = 512  # prompts tokenized at once (then sorted by length and batched)
+
+
+def check_prompts(pair, records: list[dict[str, Any]], *, chat_template: bool, source: Path) -> None:
+    """Tokenize every prompt once before scoring, so a bad one stops the run before any row is written.
+
+    Raises:
+        CLIError: naming the prompt (its line or record number) and what is wrong with it.
+    """
+    for start in range(0, len(records), _CHUNK):
+        chunk = records[start : start + _CHUNK]
+        try:
+            pair.tokenize([r["prompt"] for r in chunk], chat_template=chat_template)
+        except InputError:
+            for offset, record in enumerate(chunk):
+                try:
+                    pair.tokenize(record["prompt"], chat_template=chat_template)
+                except InputError as error:
+                    where = f"line {record['line']}" if "line" in record else f"record {start + offset + 1}"
+                    raise CLIError(f"{source}: {where}: {error}") from error
+            raise
 
 
 def score_records(pair, records: list[dict[str, Any]], *, chat_template: bool, batch_size: int, norm: str,
@@ -152,13 +135,13 @@ def score_records(pair, records: list[dict[str, Any]], *, chat_template: bool, b
     Prompts are tokenized :data:`_CHUNK` at a time; within a chunk, batches are length-sorted
     (longest first) so little padding is computed.
     """
-    if batch_size < 1:
-        raise CLIError(f"--batch-size must be a positive integer, got {batch_size}")
     todo = [i for i in range(len(records)) if i not in skip]
     bar = tqdm(total=len(todo), disable=not show_progress, desc="TuCo", unit="prompt")
     for start in range(0, len(todo), _CHUNK):
         chunk = todo[start : start + _CHUNK]
-        batch = pair.tokenize([records[i]["prompt"] for i in chunk], chat_template=chat_template)
+        with warnings.catch_warnings():  # given once, by check_prompts
+            warnings.simplefilter("ignore", TuCoWarning)
+            batch = pair.tokenize([records[i]["prompt"] for i in chunk], chat_template=chat_template)
         for rows, _, sub in length_sorted_batches(batch, batch_size=batch_size):
             scores = pair.tuco(sub.tokens, attention_mask=sub.attention_mask, norm=norm)
             lengths = sub.attention_mask.sum(-1)
@@ -171,29 +154,67 @@ def score_records(pair, records: list[dict[str, Any]], *, chat_template: bool, b
     bar.close()
 
 
+def run_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What changes the numbers of ``tuco-lens score``, as recorded next to ``--out``."""
+    from tuco_lens import demo
+    from tuco_lens.loading import resolve_dtype
+
+    dtype = resolve_dtype(args.dtype)  # None: the loaders' float32
+    pt, ft = (demo.PT_DIR, demo.FT_DIR) if args.demo else (args.pt, args.ft)
+    return {
+        "pt": source_identity(pt),
+        "ft": source_identity(ft),
+        "norm": args.norm,
+        "chat_template": bool(args.chat_template),
+        "dtype": "float32" if dtype is None else str(dtype).removeprefix("torch."),
+    }
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be a positive integer, got {args.batch_size}")
     records = read_prompts(args.prompts)
-    clash = sorted({k for r in records for k in r if k in _RESERVED})
+    clash = sorted({k for r in records for k in r if k in RESULT_COLUMNS})
     if clash:
         raise CLIError(f"{args.prompts}: input fields {clash} clash with output columns; rename them")
-    extra = list(dict.fromkeys(k for r in records for k in r if k != "prompt"))
-    columns = ["index", "tuco", "n_tokens", "prompt", *extra]
-    writer = ResultWriter(args.out, columns)
-    if writer.done:
-        print(f"resuming: {len(writer.done)} of {len(records)} prompts already in {args.out}", file=sys.stderr)
-    if len(writer.done) >= len(records):
-        return 0
-    pair = load_pair_from_args(args)
-    total = 0
-    try:
+    check_pair_arguments(args)
+    if args.out is None:
+        if args.overwrite:
+            raise CLIError("--overwrite needs --out (without --out, CSV goes to standard output)")
+        return _score_to_stdout(args, records)
+    path = check_output_file(args.out, inputs=[args.prompts])
+    run_record = RunRecord.for_run(run_settings(args), records)
+    with ResumableOutput(path, records, run_record, overwrite=args.overwrite) as out:
+        for note in out.notes:
+            print(f"note: {note}", file=sys.stderr)
+        if out.done:
+            print(f"resuming: {len(out.done)} of {len(records)} prompts already in {args.out}", file=sys.stderr)
+        if len(out.done) >= len(records):
+            return 0
+        pair = load_pair_from_args(args)
+        check_prompts(pair, records, chat_template=args.chat_template, source=args.prompts)
+        total = 0
         for rows in score_records(
             pair, records, chat_template=args.chat_template, batch_size=args.batch_size, norm=args.norm,
-            skip=writer.done, show_progress=not args.no_progress,
+            skip=set(out.done), show_progress=not args.no_progress,
         ):
-            writer.write(rows)
+            out.append(rows)
             total += len(rows)
-    finally:
-        writer.close()
-    if args.out is not None:
-        print(f"wrote TuCo of {total} prompts to {args.out}", file=sys.stderr)
+    print(f"wrote TuCo of {total} prompts to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _score_to_stdout(args: argparse.Namespace, records: list[dict[str, Any]]) -> int:
+    extra = list(dict.fromkeys(k for r in records for k in r if k != "prompt"))
+    columns = [*RESULT_COLUMNS, "prompt", *extra]
+    pair = load_pair_from_args(args)
+    check_prompts(pair, records, chat_template=args.chat_template, source=args.prompts)
+    header = True
+    for rows in score_records(
+        pair, records, chat_template=args.chat_template, batch_size=args.batch_size, norm=args.norm,
+        skip=set(), show_progress=not args.no_progress,
+    ):
+        sys.stdout.write(encode_rows(rows, columns, "csv", header=header).decode("utf-8"))
+        sys.stdout.flush()
+        header = False
     return 0

@@ -20,6 +20,7 @@ from tuco_lens.demo.paper import MANY_SHOT_KS, PaperAnalyses, run_paper_analyses
 from tuco_lens.demo.refusals import refusal_rate
 from tuco_lens.metrics import roc_auc
 from tuco_lens.pair import TuCoPair
+from tuco_lens.scoring_io import check_output_dir
 from tuco_lens.plotting import (
     TokenHTML,
     plot_alpha_sweep,
@@ -126,7 +127,11 @@ def run_demo(
     :mod:`tuco_lens.analyses` on the demo world (:func:`tuco_lens.demo.paper.run_paper_analyses`).
 
     Writes ``report.html`` (self-contained, plotly.js embedded), ``results.csv`` (TuCo per
-    prompt), ``alpha_sweep.csv`` and ``summary.json`` into ``out_dir``.
+    prompt), ``alpha_sweep.csv`` and ``summary.json`` into ``out_dir``, which is created (and
+    checked) before anything runs.
+
+    Raises:
+        OutputError: ``out_dir`` is a file or cannot be created or written.
 
     Example:
         >>> results = run_demo("tuco-report")
@@ -134,6 +139,8 @@ def run_demo(
     """
     from tuco_lens import demo
 
+    if out_dir is not None:
+        out_dir = check_output_dir(out_dir)  # before the long run: a file there fails now, not at the end
     pair = pair if pair is not None else demo.load_pair()
     sets = demo.prompt_sets()
     scores = score_sets(pair, sets, show_progress=show_progress)
