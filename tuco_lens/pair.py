@@ -336,6 +336,7 @@ class TuCoPair:
             str_tokens=self._str_tokens(batch),
             prompts=batch.prompts,
             norm=norm,
+            special_tokens=tuple(self.tokenizer.all_special_tokens) if self.tokenizer is not None else (),
         )
 
     def _str_tokens(self, batch: TokenBatch) -> list[list[str]]:

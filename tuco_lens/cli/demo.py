@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tuco_lens.cli.common import HELP_FORMATTER
+from tuco_lens.cli.common import COMMANDS, HELP_FORMATTER
 
 __all__ = ["add_parser", "run"]
 
@@ -27,7 +27,7 @@ example:
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "demo",
-        help="run the full analysis on the embedded demo pair and write a report",
+        help=COMMANDS["demo"],
         description="Score the demo prompt sets, sweep alpha and write an HTML report (offline).",
         epilog=_EPILOG,
         formatter_class=HELP_FORMATTER,

@@ -13,19 +13,20 @@ from typing import Any, TextIO
 from tqdm.auto import tqdm
 
 from tuco_lens.analyses._common import read_jsonl
-from tuco_lens.cli.common import HELP_FORMATTER, CLIError, add_model_arguments, load_pair_from_args
+from tuco_lens.cli.common import COMMANDS, HELP_FORMATTER, CLIError, add_model_arguments, load_pair_from_args
 from tuco_lens.inputs import length_sorted_batches
 
-__all__ = ["add_parser", "read_prompts", "run", "ResultWriter"]
+__all__ = ["add_parser", "read_prompts", "run", "ResultWriter", "InputOrder"]
 
 _EPILOG = """\
 input:  .txt   one prompt per line (blank lines are skipped; "line" records the line number)
         .jsonl one JSON object per line with a "prompt" field; other fields are kept
 output: .csv or .jsonl (by extension; default: CSV on stdout), one row per prompt with
         index (0-based position among the prompts), tuco, n_tokens and the input fields.
-        Rows are written as each batch finishes (prompts are processed longest first to cut
-        padding), so an interrupted run resumes where it stopped: rerun the same command and
-        the prompts already in --out are skipped.
+        Rows are written in input order, each as soon as every earlier prompt is scored
+        (prompts are processed longest first within chunks of 512 to cut padding), so an
+        interrupted run resumes where it stopped: rerun the same command and the prompts
+        already in --out are skipped.
 
 examples:
   tuco-lens score --pt meta-llama/Llama-2-7b-hf --ft meta-llama/Llama-2-7b-chat-hf \\
@@ -37,7 +38,7 @@ examples:
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "score",
-        help="TuCo of every prompt in a .txt or .jsonl file",
+        help=COMMANDS["score"],
         description="Compute TuCo (the paper's score, at each prompt's last token) for a file of prompts.",
         epilog=_EPILOG,
         formatter_class=HELP_FORMATTER,
@@ -137,6 +138,26 @@ class ResultWriter:
             self._stream.close()
 
 
+class InputOrder:
+    """Holds result rows back until every earlier prompt is done, then releases them in order.
+
+    Batches finish in length-sorted order; rows leave in the order of ``indices`` (the input
+    order), so the output file lines up with the input file. At most one chunk of rows is held.
+    """
+
+    def __init__(self, indices: list[int]) -> None:
+        self._order, self._next, self._held = indices, 0, {}
+
+    def release(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Take a batch of rows; return the rows now ready, in input order."""
+        self._held.update((row["index"], row) for row in rows)
+        ready = []
+        while self._next < len(self._order) and self._order[self._next] in self._held:
+            ready.append(self._held.pop(self._order[self._next]))
+            self._next += 1
+        return ready
+
+
 def _cell(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, (dict, list)) else value
 
@@ -185,13 +206,15 @@ def run(args: argparse.Namespace) -> int:
         return 0
     pair = load_pair_from_args(args)
     total = 0
+    order = InputOrder([i for i in range(len(records)) if i not in writer.done])
     try:
         for rows in score_records(
             pair, records, chat_template=args.chat_template, batch_size=args.batch_size, norm=args.norm,
             skip=writer.done, show_progress=not args.no_progress,
         ):
-            writer.write(rows)
-            total += len(rows)
+            ready = order.release(rows)
+            writer.write(ready)
+            total += len(ready)
     finally:
         writer.close()
     if args.out is not None:
