@@ -8,7 +8,12 @@ Every function returns a ``plotly.graph_objects.Figure`` (or an HTML object) and
 - :func:`token_html`: the prompt's tokens coloured by per-token TuCo (Jupyter and reports).
 - :func:`plot_prompt_sets`: TuCo distributions of named prompt sets, with ROC AUC.
 - :func:`plot_alpha_sweep`: any metric as a function of the FTC scale α.
-- :func:`save_report`: one offline, self-contained HTML file.
+- :func:`save_report`: one offline, self-contained HTML file, optionally in
+  :class:`ReportSection` sections (title, intro, figure, how to read it, docs link).
+- :func:`set_colours`: the colour of a named prompt set, the same in every figure.
+
+Every figure fits a 650 px notebook cell: the legend sits under the plot, labels are short
+(no special tokens), margins are small.
 
 Example:
     >>> from tuco_lens.plotting import plot_layers, plot_token_heatmap, save_report
@@ -16,9 +21,9 @@ Example:
     >>> save_report([plot_layers(dec), plot_token_heatmap(dec, 0)], "tuco.html")
 """
 
-from tuco_lens.plotting._util import DEFAULT_COLORSCALE
+from tuco_lens.plotting._util import DEFAULT_COLORSCALE, set_colours
 from tuco_lens.plotting.layers import plot_layers, plot_token_heatmap
-from tuco_lens.plotting.report import save_report
+from tuco_lens.plotting.report import ReportSection, save_report
 from tuco_lens.plotting.sets import plot_alpha_sweep, plot_prompt_sets
 from tuco_lens.plotting.tokens import TokenHTML, token_html
 
@@ -30,5 +35,7 @@ __all__ = [
     "plot_prompt_sets",
     "plot_alpha_sweep",
     "save_report",
+    "ReportSection",
+    "set_colours",
     "DEFAULT_COLORSCALE",
 ]
