@@ -45,6 +45,10 @@ def main() -> None:
     if found is None:
         raise SystemExit("mermaid did not render the diagram")
     svg = found.group(1).replace("<br>", "<br/>")
+    # An <img> needs an intrinsic size: mermaid writes width="100%" and a max-width style.
+    width, height = re.search(r'viewBox="[-\d.]+ [-\d.]+ ([\d.]+) ([\d.]+)"', svg).groups()
+    svg = re.sub(r' width="100%"', f' width="{float(width):.0f}" height="{float(height):.0f}"', svg, count=1)
+    svg = re.sub(r' style="max-width: [\d.]+px;"', "", svg, count=1)
     if 'xmlns="http://www.w3.org/2000/svg"' not in svg[:300]:
         svg = svg.replace("<svg", '<svg xmlns="http://www.w3.org/2000/svg"', 1)
     (IMAGES / "decomposition.svg").write_text(svg + "\n", encoding="utf-8")

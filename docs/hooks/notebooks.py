@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
 CACHE = ROOT / ".cache" / "tuco-docs-notebooks"
 PLOTLY_MIME = "application/vnd.plotly.v1+json"
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 _USED: set[str] = set()
 # Code (fenced blocks, inline spans) is kept as is; $$...$$ and $...$ outside it are formulas.
 _CODE = re.compile(r"(```.*?```|`[^`\n]*`)", re.S)
@@ -84,7 +85,10 @@ def _plotly_html(data: dict) -> str:
 
 
 def _clean(notebook, name: str):
-    """Drop stderr streams; give plotly outputs an HTML twin nbconvert can render."""
+    """Drop stderr streams and widget views; give plotly outputs an HTML twin nbconvert can render."""
+    # ipywidgets (the notebook extra) makes tqdm draw widget progress bars; their views need the
+    # widget manager from a CDN, so they are dropped with the widget state (the text is kept).
+    notebook.metadata.pop("widgets", None)
     for cell in notebook.cells:
         if cell.cell_type == "markdown":
             cell.source = markdown_math(cell.source)
@@ -96,6 +100,9 @@ def _clean(notebook, name: str):
                 log.debug("%s: dropped stderr output: %s", name, output.text.strip()[:200])
                 continue
             data = output.get("data", {})
+            if WIDGET_MIME in data:
+                log.debug("%s: dropped a widget view: %s", name, str(data.get("text/plain", ""))[:200])
+                continue
             if PLOTLY_MIME in data and "text/html" not in data:
                 data["text/html"] = _plotly_html(data[PLOTLY_MIME])
             kept.append(output)
