@@ -252,10 +252,10 @@ def report_sections(
         ),
         ReportSection(
             "Per token and layer",
-            intro="<p>The forbidden request of the previous section, token by token (heatmap), and all four prompts "
-            "coloured by per-token TuCo (below it).</p>",
+            intro=f"<p>The forbidden request of the previous section, <code>{html.escape(examples[2])}</code>, token by "
+            "token (heatmap), and all four prompts coloured by per-token TuCo (below it).</p>",
             figure=[
-                plot_token_heatmap(dec, index=2, label=f"harmful: {' '.join(examples[2].split())}"),
+                plot_token_heatmap(dec, index=2, label="harmful"),
                 token_html(dec, index=list(range(len(names))), labels=names),
             ],
             guidance=(
