@@ -217,6 +217,10 @@ def report_sections(
     examples = [sets[name][0] for name in names]
     dec = pair.decompose(examples)
     beta_first = dec.at_last_token(dec.beta)[:, 0].tolist()
+    real = dec.attention_mask.bool()
+    per_token = dec.tuco_per_token.nan_to_num(-1.0)
+    top = int(per_token[2].argmax())  # the forbidden request's most fine-tuned token
+    web_max = float(per_token[0][real[0]].max())
     sweep = results.sweep.set_index("alpha")
     sections = [
         ReportSection(
@@ -261,9 +265,10 @@ def report_sections(
             guidance=(
                 "Cell (l, t) is β<sub>l</sub> at token t: the share of fine-tuning in the updates of blocks 0..l at that "
                 "position. The top row is the per-token TuCo, and its last cell the prompt's TuCo. Below, each token is "
-                "coloured by its per-token TuCo on the same 0–1 scale (hover for the value). <em>Here:</em> the chat "
-                "markers <code>&lt;user&gt;</code> and <code>&lt;assistant&gt;</code> carry the most fine-tuning, and "
-                "the last token, where the model starts its answer, is the darkest."
+                "coloured by its per-token TuCo on the same 0–1 scale (hover for the value). <em>Here:</em> in the "
+                f"forbidden request the highest per-token TuCo is at <code>{html.escape(dec.str_tokens[2][top])}</code> "
+                f"({float(per_token[2, top]):.3f}){', the last token, where the model starts its answer' if top == int(dec.last_index[2]) else ''}; "
+                f"no token of the web page goes above {web_max:.2f}."
             ),
             docs="how-to/plots.md#plot_token_heatmap-per-layer-and-token",
         ),
@@ -291,8 +296,9 @@ def report_sections(
                 "Left of the dashed line fine-tuning is weakened, right of it amplified. <em>Here:</em> the refusal is "
                 f"absent at α = 0 ({_pct(sweep.loc[0.0, 'refusal_rate_harmful'])}), already strong at α = 0.5 "
                 f"({_pct(sweep.loc[0.5, 'refusal_rate_harmful'])}), complete at α = 1, and breaks down again when "
-                f"fine-tuning is amplified to α = 1.5 ({_pct(sweep.loc[1.5, 'refusal_rate_harmful'])}); benign chat is never "
-                "refused. The samples show what the pre-trained model does instead: it continues the request as web text."
+                f"fine-tuning is amplified to α = 1.5 ({_pct(sweep.loc[1.5, 'refusal_rate_harmful'])}); benign chat is refused "
+                f"at most {_pct(sweep['refusal_rate_chat'].max())} of the time. The samples show what the pre-trained blocks do instead at α = 0: they answer the forbidden "
+                "request like an FAQ page of the pre-training web text."
             ),
             docs="how-to/steer.md",
         )
@@ -308,6 +314,8 @@ def _paper_sections(paper: PaperAnalyses) -> list[ReportSection]:
     docs = "analyses.md#on-the-demo-pair-what-reproduces-and-what-does-not"
     ms = paper.many_shot.summary.set_index("k")
     steer = paper.steering_max
+    jailbroken = paper.jailbreaks.table.groupby("set")["jailbroken"].sum()
+    oc = paper.outputco
     return [
         ReportSection(
             "Prompt transformations (§5.3)",
@@ -336,8 +344,8 @@ def _paper_sections(paper: PaperAnalyses) -> list[ReportSection]:
                 "Top: mean TuCo (± standard error) per k, on an axis fitted to the means; bottom: the refusal rate. "
                 f"<em>Here:</em> TuCo falls a little ({ms.loc[0, 'mean_tuco']:.3f} at k = 0 → "
                 f"{ms.loc[max(MANY_SHOT_KS), 'mean_tuco']:.3f} at k = {max(MANY_SHOT_KS)}), as in the paper, but the refusal rate "
-                "stays at 100%: the demo model's refusal depends only on the last request, so many-shot prompting does "
-                "not jailbreak it."
+                f"stays between {_pct(ms['behaviour_rate'].min())} and {_pct(ms['behaviour_rate'].max())}: the demo model's "
+                "refusal depends only on the last request, so many-shot prompting does not jailbreak it."
             ),
             docs=docs,
         ),
@@ -350,8 +358,9 @@ def _paper_sections(paper: PaperAnalyses) -> list[ReportSection]:
             figure=paper.jailbreaks.figure(),
             guidance=(
                 "The two histograms split the requests by outcome. <em>Here:</em> requests the model keeps refusing have "
-                f"higher TuCo (AUC {p['jailbreak_auc_not_jailbroken']:.3f}), as the paper finds; most jailbroken ones are "
-                "in the rarer language."
+                f"higher TuCo (AUC {p['jailbreak_auc_not_jailbroken']:.3f}), as the paper finds; "
+                f"{int(jailbroken.get('harmful_lang2', 0))} of the {int(jailbroken.sum())} jailbroken requests are in the "
+                "rarer language."
             ),
             docs=docs,
         ),
@@ -376,8 +385,9 @@ def _paper_sections(paper: PaperAnalyses) -> list[ReportSection]:
             figure=paper.outputco.figure(),
             guidance=(
                 "Left: one point per prompt (dashed: equal values). Right: the means per set. <em>Here:</em> TuCo separates "
-                "the forbidden requests from benign chat, while OutputCo barely does: the final state hides much of what "
-                "fine-tuning does inside."
+                f"the forbidden requests from benign chat (AUC {oc.auc('harmful', 'chat'):.3f}), OutputCo does not "
+                f"({oc.auc('harmful', 'chat', metric='outputco'):.3f}): the final state hides much of what fine-tuning "
+                "does inside."
             ),
             docs=docs,
         ),
