@@ -121,12 +121,14 @@ def test_cli_starts_without_torch_or_transformer_lens(argv):
     print(f"tuco-lens {' '.join(argv)}: {len(modules)} modules, imports {1000 * seconds:.0f} ms")
 
 
+@pytest.mark.slow  # starts Python and imports torch in a subprocess
 def test_import_budget_measures_the_heavy_path():
     """The same measurement sees torch when a command really needs it (the budget is not vacuous)."""
     modules, seconds, _ = _cli_imports(["score", "--help"])
     assert "torch" in modules and seconds > IMPORT_BUDGET_S
 
 
+@pytest.mark.slow  # starts Python and imports torch in a subprocess
 def test_top_level_package_is_lazy():
     result = subprocess.run(
         [sys.executable, "-c", "import sys, tuco_lens; assert 'torch' not in sys.modules; "
@@ -200,6 +202,7 @@ def test_steer_prints_one_generation_per_alpha(dirs, pair, capsys):
     assert "--alpha values must be finite" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # starts Python and imports torch in a subprocess
 def test_help_of_every_command_has_examples():
     for command in ([], ["demo"], ["score"], ["steer"]):
         result = subprocess.run(

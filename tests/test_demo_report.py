@@ -19,6 +19,9 @@ from tuco_lens import demo
 from tuco_lens.cli import main
 from tuco_lens.metrics import roc_auc
 
+# The demo job end to end (about a minute): not in the fast subset, `-m "not slow"`.
+pytestmark = pytest.mark.slow
+
 DOCUMENTED = {
     "auc_chat_vs_web": 0.998,
     "auc_harmful_vs_lang2": 0.993,

@@ -25,7 +25,7 @@ from tuco_lens.analyses._common import (
 from tuco_lens.errors import InputError, InputTypeError
 from tuco_lens.pair import TuCoPair
 from tuco_lens.plotting import plot_prompt_sets
-from tuco_lens.plotting._util import escape
+from tuco_lens.plotting._util import escape, shorten
 
 __all__ = ["TransformationComparison", "compare_transformations", "suffix_transform", "identity"]
 
@@ -124,7 +124,7 @@ class TransformationComparison:
         )
         for trace, name in zip(fig.data, self.order):
             if name != self.reference:
-                trace.name = f"{escape(name)} (AUC {s.loc[name, 'auc_vs_reference']:.3f})"
+                trace.name = f"{escape(shorten(name))} (AUC {s.loc[name, 'auc_vs_reference']:.3f})"
         return fig
 
 
