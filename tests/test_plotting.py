@@ -556,3 +556,10 @@ def test_save_report_sections_title_intro_and_docs_links(dec, tmp_path):
         save_report([sections[2], sections[2]], tmp_path / "d.html")
     with pytest.raises(InputTypeError, match="figure"):
         save_report([ReportSection("x", figure=[3])], tmp_path / "e.html")
+
+
+def test_long_set_names_move_the_counts_to_their_own_subtitle_line():
+    fig = plot_prompt_sets({"not jailbroken": [0.5, 0.6], "jailbroken": [0.2, 0.3, 0.4]}, positive="not jailbroken",
+                           title="TuCo of jailbroken vs not jailbroken prompts")
+    assert fig.layout.title.text.endswith("<br><sup>n = 2 not jailbroken, 3 jailbroken</sup>")
+    assert layout_problems(fig) == []

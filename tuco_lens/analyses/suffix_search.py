@@ -160,7 +160,8 @@ class SuffixSearchResult:
         )
         heading = title or (
             f"Suffix search: the target gets less likely ({len(self.requests)} requests, {self.n_steps} steps)"
-            f"<br><sup>target: “{escape(target)}” · lower = the suffix works · found: “{escape(shorten(self.suffix_text, 40))}”</sup>"
+            f"<br><sup>target: “{escape(target)}” (lower = the suffix works)</sup>"
+            f"<br><sup>suffix found: “{escape(shorten(self.suffix_text, 60))}”</sup>"
         )
         notebook_layout(fig, heading, legend=False)
         fig.update_layout(xaxis_title="search step", yaxis_title="Σ log p(target) (lower = attack works)")

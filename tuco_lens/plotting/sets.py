@@ -12,7 +12,7 @@ from torch import Tensor
 from tuco_lens.decomposition import Decomposition
 from tuco_lens.errors import InputError, InputTypeError
 from tuco_lens.metrics import as_scores, roc_auc, tpr_at_fpr
-from tuco_lens.plotting._util import escape, notebook_layout, set_colours
+from tuco_lens.plotting._util import escape, notebook_layout, set_colours, title_lines
 
 __all__ = ["plot_prompt_sets", "plot_alpha_sweep"]
 
@@ -133,10 +133,10 @@ def plot_prompt_sets(
         pos, neg = pair
         auc = roc_auc(sets[pos], sets[neg])
         tpr = tpr_at_fpr(sets[pos], sets[neg], fpr=0.05)
-        heading += (
-            f"<br><sup>ROC AUC ({escape(pos)} vs {escape(neg)}) = {auc:.4f}"
-            f" · TPR at 5% FPR = {tpr:.4f} · n = {sets[pos].size} {escape(pos)}, {sets[neg].size} {escape(neg)}</sup>"
-        )
+        scores_line = f"ROC AUC ({escape(pos)} vs {escape(neg)}) = {auc:.4f} · TPR at 5% FPR = {tpr:.4f}"
+        counts = f"n = {sets[pos].size} {escape(pos)}, {sets[neg].size} {escape(neg)}"
+        fits = len(title_lines(f"{scores_line} · {counts}")[0]) <= 95  # one subtitle line at 650 px
+        heading += f"<br><sup>{scores_line} · {counts}</sup>" if fits else f"<br><sup>{scores_line}</sup><br><sup>{counts}</sup>"
     if kind == "histogram":
         fig.update_layout(barmode="overlay", xaxis_title=axis, yaxis_title="fraction of set")
     else:
