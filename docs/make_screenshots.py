@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -60,10 +59,10 @@ def _positions(page: Path) -> dict[str, list[float]]:
     return json.loads(found.group(1))
 
 
-def _shot(url: str, out: Path, height: int) -> None:
+def _shot(url: str, out: Path, height: int, width: int = WIDTH) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(
-            chromium_command(tmp, f"--window-size={WIDTH},{height}", "--hide-scrollbars", f"--screenshot={out}", url),
+            chromium_command(tmp, f"--window-size={width},{height}", "--hide-scrollbars", f"--screenshot={out}", url),
             capture_output=True, timeout=180, check=True,
         )
 
@@ -72,7 +71,7 @@ def _crop(full: Path, out: Path, top: float, bottom: float) -> None:
     from PIL import Image
 
     with Image.open(full) as image:
-        image.crop((0, max(int(top) - 10, 0), WIDTH, min(int(bottom) + 10, image.height))).save(out, optimize=True)
+        image.crop((0, max(int(top) - 36, 0), WIDTH, min(int(bottom) + 10, image.height))).save(out, optimize=True)
     print(f"wrote {out} ({int(bottom - top)} px high)")
 
 
@@ -93,9 +92,8 @@ def main() -> None:
         if args.section not in boxes:
             raise SystemExit(f"no section {args.section!r}; the report has {sorted(boxes)}")
         _crop(full, IMAGES / "report_section.png", *boxes[args.section])
-    _shot((args.site.resolve() / "index.html").as_uri(), IMAGES / "docs_offline.png", 1300)
+    _shot((args.site.resolve() / "index.html").as_uri(), IMAGES / "docs_offline.png", 1100, width=1280)
     print(f"wrote {IMAGES / 'docs_offline.png'}")
-    shutil.rmtree(Path(tempfile.gettempdir()) / "tuco-screens", ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -179,9 +179,9 @@ def test_report_opens_with_the_headline_table_and_the_models(run):
     assert "<h1>What fine-tuning did to a tiny chat model" in head
     for name in ("web", "chat", "harmful", "harmful_lang2"):
         n = int((results.scores.set == name).sum())
-        assert re.search(rf"mean TuCo, {name} \(.*?\)</td><td class=\"num\">{summary['mean_tuco'][name]:.3f}</td>"
+        assert re.search(rf"mean TuCo of <code>{name}</code>: [^<]*</td><td class=\"num\">{summary['mean_tuco'][name]:.3f}</td>"
                          rf"<td class=\"num\">{n}</td>", head)
-    assert f"chat (positive) vs web</td><td class=\"num\">{summary['auc_chat_vs_web']:.3f}</td><td class=\"num\">224 / 100" in head
+    assert f"chat (positive) vs web</td><td class=\"num\">{summary['auc_chat_vs_web']:.3f}</td><td class=\"num\">224 chat, 100 web" in head
     assert f"harmful (positive) vs harmful_lang2</td><td class=\"num\">{summary['auc_harmful_vs_lang2']:.3f}" in head
     for alpha in ("0.0", "0.5", "1.0", "1.5"):
         h, c = summary["refusal_rate_harmful"][alpha], summary["refusal_rate_chat"][alpha]

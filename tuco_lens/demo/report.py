@@ -153,6 +153,12 @@ def _pct(rate: float) -> str:
     return f"{100 * rate:.0f}%"
 
 
+def _span(rates: pd.Series) -> str:
+    """``at 100%`` or ``between 90% and 100%``."""
+    low, high = _pct(rates.min()), _pct(rates.max())
+    return f"at {low}" if low == high else f"between {low} and {high}"
+
+
 def _intro(results: DemoResults) -> str:
     from tuco_lens import __version__, demo
 
@@ -161,18 +167,18 @@ def _intro(results: DemoResults) -> str:
     counts = results.scores.groupby("set", sort=False).size()
     means = results.mean_tuco()
     rows = [
-        (f"mean TuCo, {name} ({html.escape(what)})", f"{means[name]:.3f}", f"{counts[name]}")
+        (f"mean TuCo of <code>{name}</code>: {html.escape(what)}", f"{means[name]:.3f}", f"{counts[name]}")
         for name, what in SHOWN_SETS.items()
     ]
     rows += [
-        ("ROC AUC of TuCo, chat (positive) vs web", f"{results.auc_chat_vs_web:.3f}", f"{counts['chat']} / {counts['web']}"),
+        ("ROC AUC of TuCo, chat (positive) vs web", f"{results.auc_chat_vs_web:.3f}", f"{counts['chat']} chat, {counts['web']} web"),
         ("ROC AUC of TuCo, harmful (positive) vs harmful_lang2", f"{results.auc_harmful_vs_lang2:.3f}",
-         f"{counts['harmful']} / {counts['harmful_lang2']}"),
+         f"{counts['harmful']} harmful, {counts['harmful_lang2']} harmful_lang2"),
     ]
     for a, r, c in zip(results.sweep.alpha, results.sweep.refusal_rate_harmful, results.sweep.refusal_rate_chat):
         if a in SAMPLE_ALPHAS:
             rows.append((f"refusal rate at α = {a:g}: harmful / chat", f"{_pct(r)} / {_pct(c)}",
-                         f"{counts['harmful']} / {counts['chat']}"))
+                         f"{counts['harmful']} harmful, {counts['chat']} chat"))
     if results.paper is not None:
         p = results.paper.summary()
         rows += [
@@ -344,7 +350,7 @@ def _paper_sections(paper: PaperAnalyses) -> list[ReportSection]:
                 "Top: mean TuCo (± standard error) per k, on an axis fitted to the means; bottom: the refusal rate. "
                 f"<em>Here:</em> TuCo falls a little ({ms.loc[0, 'mean_tuco']:.3f} at k = 0 → "
                 f"{ms.loc[max(MANY_SHOT_KS), 'mean_tuco']:.3f} at k = {max(MANY_SHOT_KS)}), as in the paper, but the refusal rate "
-                f"stays between {_pct(ms['behaviour_rate'].min())} and {_pct(ms['behaviour_rate'].max())}: the demo model's "
+                f"stays {_span(ms['behaviour_rate'])}: the demo model's "
                 "refusal depends only on the last request, so many-shot prompting does not jailbreak it."
             ),
             docs=docs,

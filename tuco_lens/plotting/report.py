@@ -23,7 +23,7 @@ _STYLE = (
     "padding:0 1em;color:#222;line-height:1.5}section{margin:2.5em 0}h1{font-size:1.6em;margin-bottom:.3em}"
     "h2{font-size:1.3em;border-bottom:1px solid #ddd;padding-bottom:.2em}"
     "table{border-collapse:collapse;margin:.8em 0}th,td{border:1px solid #ccc;padding:.3em .6em;text-align:left;"
-    "vertical-align:top}th{background:#f4f4f8}td.num{text-align:right;font-variant-numeric:tabular-nums}"
+    "vertical-align:top}th{background:#f4f4f8}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}"
     "code{background:#f4f4f8;padding:0 .2em;border-radius:3px}"
     ".intro{font-size:1.05em}.guidance{background:#f6f8fb;border-left:4px solid #5c6bc0;padding:.5em .9em;"
     "margin:.6em 0}.docs{font-size:.9em;color:#555}nav.toc{font-size:.95em}nav.toc ol{margin:.3em 0}"
