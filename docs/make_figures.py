@@ -17,8 +17,10 @@ import plotly.io as pio
 import torch
 
 from tuco_lens import demo
-from tuco_lens.demo.report import ALPHAS, refusal_sweep
-from tuco_lens.plotting import plot_alpha_sweep, plot_layers, plot_prompt_sets, plot_token_heatmap, token_html
+from tuco_lens.analyses import behaviour_sweep
+from tuco_lens.demo.refusals import refusal_budget
+from tuco_lens.demo.report import ALPHAS
+from tuco_lens.plotting import plot_layers, plot_prompt_sets, plot_token_heatmap, token_html
 
 OUT = Path(__file__).resolve().parent / "images" / "plots"
 
@@ -45,11 +47,11 @@ def main() -> None:
     sets = demo.prompt_sets()
 
     # One prompt of each kind, decomposed layer by layer and token by token.
-    examples = [sets["web"][0], sets["chat"][0], sets["harmful"][0]]
-    dec = pair.decompose(examples)
-    write("layers", plot_layers(dec))
-    write("token_heatmap", plot_token_heatmap(dec, index=2))
-    (OUT / "token_html.html").write_text(token_html(dec, index=[0, 1, 2]).html + "\n", encoding="utf-8")
+    names = ["web", "chat", "harmful"]
+    dec = pair.decompose([sets[name][0] for name in names])
+    write("layers", plot_layers(dec, labels=names))
+    write("token_heatmap", plot_token_heatmap(dec, index=2, label="harmful"))
+    (OUT / "token_html.html").write_text(token_html(dec, index=[0, 1, 2], labels=names).html + "\n", encoding="utf-8")
     print(f"wrote {OUT / 'token_html.html'}")
 
     # TuCo of whole prompt sets.
@@ -57,14 +59,11 @@ def main() -> None:
     write("prompt_sets", plot_prompt_sets(scores, positive="chat", negative="web"))
 
     # Refusal rate of α-scaled greedy generation (the sweep of `tuco-lens demo`).
-    sweep = refusal_sweep(pair, {"harmful": sets["harmful"], "chat": sets["chat"]}, ALPHAS)
-    figure = plot_alpha_sweep(
-        sweep.alpha.tolist(),
-        {"harmful": sweep.refusal_rate_harmful.tolist(), "chat": sweep.refusal_rate_chat.tolist()},
-        yaxis_title="refusal rate",
-        title="Refusal rate of α-scaled greedy generation (demo pair)",
+    sweep = behaviour_sweep(
+        pair, {"harmful": sets["harmful"], "chat": sets["chat"]}, ALPHAS, demo.is_refusal,
+        max_new_tokens=refusal_budget(pair), behaviour_name="refusal rate",
     )
-    write("alpha_sweep", figure)
+    write("alpha_sweep", sweep.figure(title="Refusal rate of α-scaled greedy generation (demo pair)"))
 
 
 if __name__ == "__main__":

@@ -181,9 +181,11 @@ def test_many_shot_prompts_have_k_turns_nested_shots_and_pair_tuco(pair):
     assert as_dicts.table["prompt"].tolist() == as_frame.table["prompt"].tolist() == t.loc[t.k == 4, "prompt"].tolist()
     assert many_shot_sweep(pair, REQUESTS[:1], SHOTS).ks == (0, 1, 2, 4)
     fig = sweep.figure()
-    assert fig.layout.xaxis.type == "log"
-    assert list(fig.data[0].x) == [1, 2, 4]  # k = 0 is a reference line on a log axis
-    assert any("k = 0" in a.text for a in fig.layout.annotations)
+    assert fig.layout.xaxis.type == "category"
+    assert list(fig.data[0].x) == ["0", "1", "2", "4"]  # k = 0 sits on the (evenly spaced) axis
+    np.testing.assert_allclose(list(fig.data[0].y), sweep.summary["mean_tuco"].to_numpy())
+    linear = sweep.figure(log_x=False)
+    assert list(linear.data[0].x) == [0, 1, 2, 4] and linear.layout.xaxis.type == "linear"
 
 
 def test_many_shot_custom_builder_behaviour_rate_and_outputco(pair):

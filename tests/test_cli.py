@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -37,7 +38,8 @@ def test_score_txt_to_csv_matches_library(dirs, pair, tmp_path, capsys):
     code = main(["score", "--pt", dirs[0], "--ft", dirs[1], "--prompts", str(prompts), "--out", str(out),
                  "--batch-size", "2", "--no-progress"])
     assert code == 0
-    rows = sorted(csv.DictReader(out.open()), key=lambda r: int(r["index"]))
+    rows = list(csv.DictReader(out.open()))
+    assert [int(r["index"]) for r in rows] == [0, 1, 2, 3]  # input order, although batches run longest first
     assert [r["prompt"] for r in rows] == PROMPTS
     assert [int(r["line"]) for r in rows] == [1, 3, 4, 5]  # the blank line is skipped
     expected = pair.tuco(PROMPTS)
@@ -67,6 +69,81 @@ def test_score_jsonl_keeps_fields_uses_chat_template_and_resumes(dirs, pair, tmp
     assert rows[2]["label"] == 0 and rows[1]["label"] == 1
     assert main(args) == 0  # nothing left to do
     assert len(out.read_text().splitlines()) == 4
+    # the resumed rows follow the earlier ones, in input order among themselves
+    assert [json.loads(line)["index"] for line in out.read_text().splitlines()] == [0, 3, 1, 2]
+
+
+def test_score_rows_come_in_input_order_whatever_the_lengths(dirs, pair, tmp_path):
+    words = "the cat sat on a mat and then the dog ran far away to the hills".split()
+    prompts = [" ".join(words[: 1 + (7 * i) % len(words)]) for i in range(11)]  # lengths out of order
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "id": f"q{i}"}) + "\n" for i, p in enumerate(prompts)))
+    out = tmp_path / "s.csv"
+    assert main(["score", "--pt", dirs[0], "--ft", dirs[1], "--prompts", str(path), "--out", str(out),
+                 "--batch-size", "3", "--no-progress"]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [r["id"] for r in rows] == [f"q{i}" for i in range(11)]
+    assert [float(r["tuco"]) for r in rows] == pytest.approx(pair.tuco(prompts).tolist(), abs=1e-6)
+
+
+def test_input_order_releases_rows_once_every_earlier_row_is_done():
+    from tuco_lens.cli.score import InputOrder
+
+    order = InputOrder([0, 2, 3, 5])
+    assert order.release([{"index": 3}, {"index": 5}]) == []          # 0 and 2 not done yet
+    assert order.release([{"index": 0}]) == [{"index": 0}]
+    assert order.release([{"index": 2}]) == [{"index": 2}, {"index": 3}, {"index": 5}]
+
+
+HEAVY = ("torch", "transformer_lens", "transformers", "numpy", "pandas", "plotly", "tqdm", "jaxtyping", "einops")
+IMPORT_BUDGET_S = 0.3  # all imports of `tuco-lens --help`; the whole command must start in < 1 s
+
+
+def _cli_imports(argv: list[str]) -> tuple[set[str], float, str]:
+    """Modules loaded by ``main(argv)`` and the import time of the whole module graph (-X importtime)."""
+    code = (
+        "import sys\nfrom tuco_lens.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
+        "print('MODULES', ' '.join(sorted(sys.modules)))" % (argv,)
+    )
+    result = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True, timeout=120)
+    modules = set(result.stdout.split("MODULES", 1)[1].split())
+    total_us = 0
+    for line in result.stderr.splitlines():
+        found = re.match(r"import time:\s+(\d+) \|\s+(\d+) \| (\s*)(\S+)", line)
+        if found and not found.group(3):  # a module the command imported itself: its cumulative time
+            total_us += int(found.group(2))
+    return modules, total_us / 1e6, result.stdout
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], [], ["demo", "--help"], ["steer", "--help"]])
+def test_cli_starts_without_torch_or_transformer_lens(argv):
+    modules, seconds, out = _cli_imports(argv)
+    heavy = sorted(m for m in modules if m.split(".")[0] in HEAVY)
+    assert heavy == [], f"tuco-lens {' '.join(argv)} imports {heavy[:8]}"
+    assert seconds < IMPORT_BUDGET_S, f"imports of tuco-lens {' '.join(argv)} took {seconds:.3f} s"
+    assert ("tuco-lens" in out) or argv == ["--version"]
+    print(f"tuco-lens {' '.join(argv)}: {len(modules)} modules, imports {1000 * seconds:.0f} ms")
+
+
+@pytest.mark.slow  # starts Python and imports torch in a subprocess
+def test_import_budget_measures_the_heavy_path():
+    """The same measurement sees torch when a command really needs it (the budget is not vacuous)."""
+    modules, seconds, _ = _cli_imports(["score", "--help"])
+    assert "torch" in modules and seconds > IMPORT_BUDGET_S
+
+
+@pytest.mark.slow  # starts Python and imports torch in a subprocess
+def test_top_level_package_is_lazy():
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys, tuco_lens; assert 'torch' not in sys.modules; "
+         "from tuco_lens import TuCoPair, InputError; assert 'torch' in sys.modules; print(TuCoPair.__module__)"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "tuco_lens.pair"
+    assert set(tuco_lens.__all__) <= set(dir(tuco_lens))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        tuco_lens.nope  # noqa: B018
 
 
 @pytest.mark.parametrize(
@@ -144,6 +221,7 @@ def test_steer_with_alpha_per_component(dirs, pair, capsys):
     assert "--alpha-attn values must be finite" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # starts Python and imports torch in a subprocess
 def test_help_of_every_command_has_examples():
     for command in ([], ["demo"], ["score"], ["steer"]):
         result = subprocess.run(

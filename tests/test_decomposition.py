@@ -166,14 +166,16 @@ def test_dataframe_and_summary_hold_the_tensors(pair):
     dec = pair.decompose(tokens, attention_mask=mask)
     df = dec.to_dataframe()
     assert len(df) == int(mask.sum()) * pair.n_layers
-    assert set(df.columns) >= {"prompt", "layer", "position", "token", "is_last", "beta", "tuco"}
-    row = df[(df.prompt == 0) & (df.layer == 1) & (df.position == 0)].iloc[0]
+    assert set(df.columns) >= {"prompt_index", "prompt", "layer", "position", "token", "is_last", "beta", "tuco"}
+    row = df[(df.prompt_index == 0) & (df.layer == 1) & (df.position == 0)].iloc[0]
     assert row.ftc_norm == pytest.approx(float(dec.ftc_norm[0, 1, 2]))  # first real token is column 2
-    last = df[df.is_last & (df.layer == pair.n_layers - 1)].sort_values("prompt")
+    last = df[df.is_last & (df.layer == pair.n_layers - 1)].sort_values("prompt_index")
     assert last.beta.tolist() == pytest.approx(dec.tuco.tolist())
+    assert df.prompt.isna().all()  # token ids in: no prompt text
     summary = dec.summary()
     assert summary.tuco.tolist() == pytest.approx(dec.tuco.tolist())
     assert summary.n_tokens.tolist() == [3, 5]
+    assert summary.prompt_index.tolist() == [0, 1]
     sub = dec[1]
     assert len(sub) == 1 and float(sub.tuco[0]) == float(dec.tuco[1])
 
@@ -197,3 +199,34 @@ def _cast(pt, ft, dtype):
     ft2.to(dtype)
     pt2.cfg.dtype = ft2.cfg.dtype = dtype
     return pt2, ft2
+
+
+def test_prompt_columns_agree_between_dataframe_and_summary(pair):
+    import dataclasses
+
+    prompts = ["the cat sat", "a dog ran far away", "the bird"]
+    tokens = random_tokens(3, 6, seed=5)
+    mask = torch.ones_like(tokens)
+    mask[0, :3] = 0
+    mask[2, :2] = 0
+    dec = dataclasses.replace(pair.decompose(tokens, attention_mask=mask), prompts=prompts)
+    df, summary = dec.to_dataframe(), dec.summary()
+    # the same two columns, the same meaning: the batch row and the prompt's text
+    assert summary.prompt.tolist() == prompts and summary.prompt_index.tolist() == [0, 1, 2]
+    for index, rows in df.groupby("prompt_index"):
+        assert set(rows.prompt) == {prompts[index]}
+        assert len(rows) == int(dec.attention_mask[index].sum()) * pair.n_layers
+    merged = df[df.is_last & (df.layer == pair.n_layers - 1)].merge(summary, on=["prompt_index", "prompt"])
+    assert merged.tuco_x.tolist() == pytest.approx(merged.tuco_y.tolist())
+    assert len(merged) == 3
+
+
+def test_repr_is_one_short_line(pair):
+    dec = pair.decompose(random_tokens(10, 6, seed=3))
+    text = repr(dec)
+    assert "\n" not in text and len(text) < 200
+    assert text.startswith(f"Decomposition(10 prompts × {pair.n_layers} layers × 6 positions, norm='l1'")
+    shown = [float(v) for v in text.split("tuco=[")[1].split(", …")[0].split(", ")]
+    assert shown == pytest.approx(dec.tuco[:8].tolist(), abs=5e-4)
+    assert "(2 more)" in text and "tensor(" not in text
+    assert repr(dec[3]) == f"Decomposition(1 prompt × {pair.n_layers} layers × 6 positions, norm='l1', tuco=[{float(dec.tuco[3]):.3f}])"

@@ -6,7 +6,9 @@ The expected values are the ones README.md and docs/demo.md report (measured wit
 
 from __future__ import annotations
 
+import html
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -16,6 +18,9 @@ import torch
 from tuco_lens import demo
 from tuco_lens.cli import main
 from tuco_lens.metrics import roc_auc
+
+# The demo job end to end (about a minute): not in the fast subset, `-m "not slow"`.
+pytestmark = pytest.mark.slow
 
 DOCUMENTED = {
     "auc_chat_vs_web": 0.998,
@@ -42,19 +47,32 @@ DOCUMENTED = {
 }
 
 
+DOCS_URL = "file:///tuco-docs/site/"
+
+
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def run(tmp_path_factory):
+    """``tuco-lens demo`` once: the output directory and the results the command computed."""
+    import tuco_lens.demo.report as report_module
+
     out = tmp_path_factory.mktemp("report")
     torch.set_num_threads(1)
-    assert main(["demo", "--out", str(out), "--no-progress"]) == 0
-    return out
+    real, kept = report_module.run_demo, {}
+    with pytest.MonkeyPatch.context() as patch:  # keep what the command computed
+        patch.setattr(report_module, "run_demo", lambda *a, **k: kept.setdefault("results", real(*a, **k)))
+        assert main(["demo", "--out", str(out), "--no-progress", "--docs-url", DOCS_URL]) == 0
+    return out, kept["results"]
+
+
+@pytest.fixture(scope="module")
+def report(run):
+    return run[0]
 
 
 def test_demo_writes_report_and_tables(report):
     html = (report / "report.html").read_text()
     assert html.count("plotly.js v") == 1 and "<script src=" not in html
-    assert html.count("Plotly.newPlot") >= 4 + 6  # four figures, plus six of the paper's analyses
-    assert "The paper&#x27;s analyses on the demo pair" in html
+    assert html.count("Plotly.newPlot") == 4 + 6  # four figures, plus six of the paper's analyses
     scores = pd.read_csv(report / "results.csv")
     sets = demo.prompt_sets()
     for name in ("web", "chat", "harmful", "harmful_lang2"):
@@ -128,3 +146,146 @@ def test_refusal_rate_equals_a_recount():
         recount = sum(" ".join(c.split()).startswith(demo.REFUSAL) for c in completions) / len(prompts)
         assert refusal_rate(pair, prompts, alpha=alpha) == recount
     assert refusal_rate(pair, prompts[:6], alpha=1.0) == 1.0 and refusal_rate(pair, prompts[:6], alpha=0.0) == 0.0
+
+
+# ---------------------------------------------------------------------------- the report as a paper
+def _slug(heading: str) -> str:
+    """Python-Markdown's default toc anchor of a heading (what mkdocs gives the page)."""
+    import unicodedata
+
+    text = re.sub(r"`([^`]*)`", r"\1", heading)  # code spans render as their text
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    text = re.sub(r"[^\w\s-]", "", text).strip().lower()
+    return re.sub(r"[-\s]+", "-", text)
+
+
+def _docs_pages() -> dict[str, set[str]]:
+    """Pages of the docs site's nav (mkdocs.yml) with the anchors of their headings."""
+    root = Path(__file__).resolve().parent.parent
+    nav = set(re.findall(r":\s*([\w/.-]+\.md)\s*$", (root / "mkdocs.yml").read_text(), re.M))
+    pages = {}
+    for page in nav:
+        text = (root / "docs" / page).read_text(encoding="utf-8")
+        text = re.sub(r"```.*?```", "", text, flags=re.S)  # comments in code blocks are not headings
+        pages[page] = {_slug(h) for h in re.findall(r"^#{1,6}\s+(.+?)\s*$", text, re.M)}
+    return pages
+
+
+def test_report_opens_with_the_headline_table_and_the_models(run):
+    out, results = run
+    text = (out / "report.html").read_text(encoding="utf-8")
+    summary = json.loads((out / "summary.json").read_text())
+    head = text[: text.index("<h2")]
+    assert "<h1>What fine-tuning did to a tiny chat model" in head
+    for name in ("web", "chat", "harmful", "harmful_lang2"):
+        n = int((results.scores.set == name).sum())
+        assert re.search(rf"mean TuCo of <code>{name}</code>: [^<]*</td><td class=\"num\">{summary['mean_tuco'][name]:.3f}</td>"
+                         rf"<td class=\"num\">{n}</td>", head)
+    assert f"chat (positive) vs web</td><td class=\"num\">{summary['auc_chat_vs_web']:.3f}</td><td class=\"num\">224 chat, 100 web" in head
+    assert f"harmful (positive) vs harmful_lang2</td><td class=\"num\">{summary['auc_harmful_vs_lang2']:.3f}" in head
+    for alpha in ("0.0", "0.5", "1.0", "1.5"):
+        h, c = summary["refusal_rate_harmful"][alpha], summary["refusal_rate_chat"][alpha]
+        assert f"refusal rate at α = {float(alpha):g}: harmful / chat</td><td class=\"num\">{100 * h:.0f}% / {100 * c:.0f}%" in head
+    # both models described, with the numbers of the training log
+    log = json.loads((demo.DEMO_DIR / "training_log.json").read_text())
+    for fact in (f"{log['model']['num_hidden_layers']} blocks", f"width {log['model']['hidden_size']}",
+                 f"{log['model']['n_params']:,} parameters", "<em>pre-trained</em>", "<em>fine-tuned</em>",
+                 html.escape(demo.REFUSAL), "α = 0 is exactly the pre-trained model"):
+        assert fact in head, fact
+    assert '<nav class="toc">' in head
+
+
+def test_every_section_explains_its_figure_and_links_its_docs_page(run):
+    out, results = run
+    text = (out / "report.html").read_text(encoding="utf-8")
+    pages = _docs_pages()
+    titles = [s.title for s in results.sections]
+    assert titles[:4] == ["TuCo per prompt set", "Per layer, at the last token", "Per token and layer", "Steering with α"]
+    assert len(titles) == 10 and len(set(titles)) == 10
+    for section in results.sections:
+        assert section.items() and section.guidance and "<em>Here:</em>" in section.guidance, section.title
+        page, _, anchor = section.docs.partition("#")
+        assert page in pages, f"{section.title}: {page} is not a page of the docs nav"
+        assert not anchor or anchor in pages[page], f"{section.title}: no heading #{anchor} in docs/{page}"
+        href = DOCS_URL + page.replace(".md", ".html") + (f"#{anchor}" if anchor else "")
+        block = text[text.index(f'<section id="section-{section.anchor}">'):]
+        block = block[: block.index("</section>")]
+        assert f'<a href="{html.escape(href)}">' in block
+        assert block.index('class="intro"') < block.index('class="guidance"') < block.index('class="docs"')
+
+
+def test_every_report_figure_fits_a_notebook_cell(run):
+    _, results = run
+    import plotly.graph_objects as go
+
+    from figure_layout import layout_problems
+
+    figures = [item for s in results.sections for item in s.items() if isinstance(item, go.Figure)]
+    assert len(figures) == 10
+    for fig in figures:
+        assert layout_problems(fig, demo.load_pair().tokenizer.all_special_tokens) == [], fig.layout.title.text
+
+
+def test_the_report_shows_sample_generations_and_the_found_suffix(run):
+    out, results = run
+    text = (out / "report.html").read_text(encoding="utf-8")
+    pair = demo.load_pair()
+    sets = demo.prompt_sets()
+    samples = results.samples
+    assert sorted(set(samples.alpha)) == [0.0, 0.5, 1.0, 1.5] and list(dict.fromkeys(samples.set)) == ["chat", "harmful", "harmful_lang2"]
+    for row in samples.itertuples():
+        assert row.prompt == sets[row.set][0]
+        expected = " ".join(pair.generate(row.prompt, alpha=row.alpha, max_new_tokens=16).split())
+        assert row.completion == expected
+        assert f"<td>{html.escape(row.completion)}</td>" in text
+    # the fine-tuned model refuses the forbidden request, the pre-trained model does not
+    harmful = samples[samples.set == "harmful"].set_index("alpha").completion
+    assert demo.is_refusal(harmful[1.0]) and not demo.is_refusal(harmful[0.0])
+    suffix = results.paper.suffix.suffix_text
+    assert text.count(f"<code>{html.escape(suffix)}</code>") >= 2  # transformations and the search itself
+
+
+def test_the_report_fixes_the_figures_that_misled(run):
+    _, results = run
+    paper = results.paper
+    # many-shot: k = 0 is on the axis; the TuCo axis fits the means (no squashing into 0.55-1)
+    many = paper.many_shot.figure()
+    tuco = many.data[0]
+    assert list(tuco.x) == [str(k) for k in paper.many_shot.summary["k"]] and many.layout.xaxis.type == "category"
+    assert many.layout.yaxis.range is None and not many.layout.shapes  # autoscaled, no reference lines
+    assert tuco.yaxis == "y" and many.data[-1].yaxis == "y2"  # the refusal rate has its own panel
+    # suffix search: the falling line says it is the attack working, and names the target
+    suffix = paper.suffix.figure()
+    assert "lower = the suffix works" in suffix.layout.title.text and "target: “i am sorry" in suffix.layout.title.text
+    assert list(suffix.data[0].y) == paper.suffix.losses and paper.suffix.losses[-1] < paper.suffix.losses[0]
+
+
+def test_behaviour_sweep_equals_a_recount():
+    from tuco_lens.analyses import behaviour_sweep
+    from tuco_lens.errors import InputError, InputTypeError
+
+    pair = demo.load_pair()
+    sets = demo.prompt_sets()
+    prompts = {"harmful": sets["harmful"][:5], "chat": sets["chat"][:4]}
+    sweep = behaviour_sweep(pair, prompts, [1.0, 0.0], demo.is_refusal, max_new_tokens=12, behaviour_name="refusal rate")
+    assert sweep.alphas == (0.0, 1.0)
+    assert list(sweep.table.columns) == ["alpha", "set", "n", "rate", "sem"]
+    for row in sweep.table.itertuples():
+        completions = pair.generate(prompts[row.set], alpha=row.alpha, max_new_tokens=12)
+        assert row.rate == sum(map(demo.is_refusal, completions)) / len(completions) and row.n == len(completions)
+        got = sweep.completions[(sweep.completions.alpha == row.alpha) & (sweep.completions.set == row.set)]
+        assert got.completion.tolist() == completions and got["index"].tolist() == list(range(len(completions)))
+    assert sweep.rates().loc[1.0, "harmful"] == 1.0 and sweep.rates().loc[0.0, "harmful"] == 0.0
+    assert list(sweep.rates().columns) == ["harmful", "chat"]
+    fig = sweep.figure()
+    assert [t.name for t in fig.data] == ["harmful", "chat"] and "n = 5 harmful, 4 chat prompts" in fig.layout.title.text
+    single = behaviour_sweep(pair, sets["chat"][:2], [1.0], demo.is_refusal, max_new_tokens=4)
+    assert single.table.set.tolist() == ["prompts"]
+    with pytest.raises(InputError, match="repeated"):
+        behaviour_sweep(pair, prompts, [1.0, 1.0], demo.is_refusal, max_new_tokens=4)
+    with pytest.raises(InputError, match="empty"):
+        behaviour_sweep(pair, {"a": []}, [1.0], demo.is_refusal, max_new_tokens=4)
+    with pytest.raises(InputTypeError, match="return a bool"):
+        behaviour_sweep(pair, prompts, [1.0], lambda c: "yes", max_new_tokens=4)
+    with pytest.raises(InputTypeError, match="function"):
+        behaviour_sweep(pair, prompts, [1.0], "refusal", max_new_tokens=4)

@@ -24,7 +24,8 @@ from tuco_lens.plotting import (
     save_report,
     token_html,
 )
-from tuco_lens.plotting._util import colour_at
+from tuco_lens.plotting._util import PALETTE, colour_at, set_colours
+from figure_layout import layout_problems
 from tiny_models import make_pair, random_tokens
 
 # Row 0 unpadded; row 1 has 2 left pads, row 2 has 1. Tokens repeat ("the") and need escaping.
@@ -149,7 +150,7 @@ def test_plot_layers_traces_equal_decomposition(dec):
         assert t_ftc.line.dash == "dash"
         # last real token, escaped, is available to the hover
         assert t_ptc.meta[1] == html.escape(dec.str_tokens[i][int(dec.last_index[i])], quote=False)
-    assert fig.data[0].name == "prompt 0: &lt;i&gt;first&lt;/i&gt; prompt"
+    assert fig.data[0].name == "0: &lt;i&gt;first&lt;/i&gt; prompt"
     assert fig.layout.title.text and fig.layout.xaxis2.title.text == "layer (block)"
     assert fig.layout.yaxis.title.text == "L1 norm"
     assert tuple(fig.layout.yaxis2.range) == (0, 1)
@@ -395,3 +396,170 @@ def test_public_names():
     for name in plotting.__all__:
         assert hasattr(plotting, name)
     assert tuco_lens.metrics.__all__ == ["roc_auc", "tpr_at_fpr", "as_scores"]
+
+
+# ---------------------------------------------------------------------------- fitting a notebook
+CHAT_PROMPTS = [
+    "<bos> <user> hello , describe the doomsalt for me please . <assistant>",
+    "<bos> <user> please , what do i need for the pancakes ? <assistant>",
+    "my old violin is made of oak . the piano has a loud sound .",
+]
+SPECIAL = ("<bos>", "<user>", "<assistant>", "<eos>")
+
+
+@pytest.fixture(scope="module")
+def chat_dec(dec) -> Decomposition:
+    """The fixture's decomposition with chat-formatted prompts and the tokenizer's special tokens."""
+    return dataclasses.replace(dec, prompts=CHAT_PROMPTS, special_tokens=SPECIAL)
+
+
+# One example call per figure function of tuco_lens.plotting. A new figure function fails
+# test_every_figure_function_has_a_layout_example until it gets an entry here.
+FIGURE_EXAMPLES = {
+    "plot_layers": [
+        lambda d: plot_layers(d),
+        lambda d: plot_layers(d, labels=["harmful", "chat", "web"], cumulative_norms=True),
+    ],
+    "plot_token_heatmap": [lambda d: plot_token_heatmap(d, 0), lambda d: plot_token_heatmap(d, 1, label="chat")],
+    "plot_prompt_sets": [
+        lambda d: plot_prompt_sets({"chat": d.tuco[:2], "web": d.tuco[2:]}, positive="chat"),
+        lambda d: plot_prompt_sets(SETS, kind="violin", positive="chat", negative="web text"),
+    ],
+    "plot_alpha_sweep": [
+        lambda d: plot_alpha_sweep([0, 0.5, 1, 1.5], {"harmful": [0, 0.8, 1, 0.6], "chat": [0, 0, 0, 0]}),
+        lambda d: plot_alpha_sweep([0.9, 1.0], [0.3, 0.4], yaxis_title="accuracy"),
+    ],
+}
+
+
+def figure_functions() -> list[str]:
+    """Every public function of tuco_lens.plotting that returns a plotly Figure."""
+    import inspect
+    import typing
+
+    import tuco_lens.plotting as plotting
+
+    found = []
+    for name in plotting.__all__:
+        obj = getattr(plotting, name)
+        if inspect.isfunction(obj) and typing.get_type_hints(obj).get("return") is go.Figure:
+            found.append(name)
+    return found
+
+
+def test_every_figure_function_has_a_layout_example():
+    assert set(figure_functions()) == set(FIGURE_EXAMPLES), (
+        "add an example call of each new figure function to FIGURE_EXAMPLES so its layout is tested"
+    )
+    assert {"plot_layers", "plot_token_heatmap", "plot_prompt_sets", "plot_alpha_sweep"} <= set(FIGURE_EXAMPLES)
+
+
+@pytest.mark.parametrize(
+    "name, k", [(name, k) for name, calls in FIGURE_EXAMPLES.items() for k in range(len(calls))]
+)
+def test_every_figure_fits_a_notebook_cell(chat_dec, name, k):
+    fig = FIGURE_EXAMPLES[name][k](chat_dec)
+    assert isinstance(fig, go.Figure)
+    assert layout_problems(fig, SPECIAL) == []
+
+
+def test_layout_check_catches_the_old_defects():
+    """The checker fails a figure with a legend beside it, long labels, special tokens and bare counts."""
+    fig = go.Figure([go.Scatter(y=[1, 2], name="prompt 0: &lt;bos&gt; &lt;user&gt; hello , describe the doomsalt"),
+                     go.Scatter(y=[2, 1], name="prompt 1: &lt;bos&gt; &lt;user&gt; please , what do i need")])
+    fig.update_layout(title="TuCo by prompt set<br><sup>ROC AUC = 0.99 · n = 224 / 100</sup>")
+    problems = " | ".join(layout_problems(fig, SPECIAL))
+    for expected in ("legend beside the plot", "special token '<bos>'", "legend label of", "do not say what they count"):
+        assert expected in problems
+    wide = go.Figure(go.Heatmap(z=[[0, 1]]), layout=dict(title="t", margin=dict(l=120, r=120)))
+    assert layout_problems(wide) == ["plot area 330/650 px < 60% (margins 120+120, 1 colour bars)"]
+
+
+def test_labels_drop_special_tokens_and_stay_short(chat_dec):
+    fig = plot_layers(chat_dec)
+    names = [t.name for t in fig.data if t.showlegend is not False]
+    # special tokens removed, whitespace collapsed, cut to 28 characters with "…"
+    assert names == ["0: hello , describe the doo…", "1: please , what do i need…", "2: my old violin is made of…"]
+    assert all(len(n) <= 28 for n in names)
+    heatmap = plot_token_heatmap(chat_dec, 0)
+    assert "0: hello , describe the doo…" in heatmap.layout.title.text and "&lt;bos&gt;" not in heatmap.layout.title.text
+    tokens = token_html(chat_dec, index=[0, 1]).html
+    assert "0: hello , describe the doo…" in tokens and "1: please" in tokens
+    named = token_html(chat_dec, index=[0, 1], labels=["harmful", "chat"]).html
+    assert "harmful — TuCo" in named and "chat — TuCo" in named
+    unknown = dataclasses.replace(chat_dec, prompts=None)
+    assert [t.name for t in plot_layers(unknown).data[::3]] == ["prompt 0", "prompt 1", "prompt 2"]
+
+
+@pytest.mark.parametrize("labels", [["a"], ["a", "a", "b"], "abc"])
+def test_plot_layers_bad_labels(chat_dec, labels):
+    with pytest.raises((InputError, InputTypeError), match="labels"):
+        plot_layers(chat_dec, labels=labels)
+
+
+def test_set_colours_follow_names_not_order():
+    demo_names = ["web", "chat", "harmful", "harmful_lang2", "web_lang2", "chat_lang2"]
+    colours = set_colours(demo_names)
+    assert len(set(colours.values())) == len(demo_names)  # the demo's sets never share a colour
+    assert set(colours.values()) <= set(PALETTE)
+    # the same name, the same colour, whatever the order and the company
+    for subset in (["chat", "web"], ["web", "chat"], ["web"], ["harmful", "web", "chat_lang2"]):
+        assert {n: set_colours(subset)[n] for n in subset} == {n: colours[n] for n in subset}
+    # two names of one call that hash to the same entry still get different colours
+    many = [f"set {i}" for i in range(len(PALETTE))]
+    assert len(set(set_colours(many).values())) == len(PALETTE)
+
+
+def test_every_figure_colours_a_set_by_its_name(chat_dec):
+    web, chat = set_colours(["web"])["web"], set_colours(["chat"])["chat"]
+    report_order = plot_prompt_sets({"web": [0.2, 0.3], "chat": [0.5, 0.6], "harmful": [0.7, 0.8]})
+    user_order = plot_prompt_sets({"chat": [0.5, 0.6], "web": [0.2, 0.3]}, kind="violin")
+    assert {t.name: t.marker.color for t in report_order.data}["web"] == web
+    assert {t.name: t.line.color for t in user_order.data} == {"chat": chat, "web": web}
+    layers = plot_layers(chat_dec, prompts=[2, 1], labels=["web", "chat"])
+    assert [t.line.color for t in layers.data] == [web] * 3 + [chat] * 3
+    sweep = plot_alpha_sweep([0, 1], {"chat": [0, 0], "web": [0.1, 0.2]})
+    assert [t.line.color for t in sweep.data] == [chat, web]
+
+
+def test_prompt_set_subtitle_names_its_counts():
+    fig = plot_prompt_sets({"chat": [0.5, 0.6, 0.7], "web": [0.2, 0.3]}, positive="chat", negative="web")
+    assert "n = 3 chat, 2 web" in fig.layout.title.text
+
+
+def test_save_report_sections_title_intro_and_docs_links(dec, tmp_path):
+    from tuco_lens.plotting import ReportSection
+
+    sections = [
+        ReportSection("Per layer", intro="<p>Two prompts.</p>", figure=plot_layers(dec),
+                      guidance="<p>Dashed lines are FTC.</p>", docs="how-to/plots.md#plot_layers-components-per-layer"),
+        ReportSection("Tokens & more", figure=[plot_token_heatmap(dec, 0), token_html(dec, 0)],
+                      docs="https://example.org/page"),
+        ReportSection("Text only", intro="<p>no figure</p>"),
+    ]
+    path = save_report(sections, tmp_path / "r.html", title="My pair", intro="<p>Llama 2 and its chat model.</p>",
+                       docs_url="file:///docs/site")
+    text = path.read_text(encoding="utf-8")
+    assert text.count("plotly.js v") == 1 and not re.search(r"<script[^>]*\bsrc=", text)
+    assert text.count('class="plotly-graph-div"') == 2
+    assert "<h1>My pair</h1>" in text and "<p>Llama 2 and its chat model.</p>" in text
+    # a table of contents, each section with its anchor, intro, figure, guidance and link, in order
+    assert '<a href="#per-layer">Per layer</a>' in text and '<a href="#tokens-more">Tokens &amp; more</a>' in text
+    order = [text.index(s) for s in ('<h2 id="per-layer">', "<p>Two prompts.</p>", 'class="plotly-graph-div"',
+                                     "Dashed lines are FTC.", 'href="file:///docs/site/how-to/plots.html#plot_layers-components-per-layer"',
+                                     '<h2 id="tokens-more">', 'href="https://example.org/page"', '<h2 id="text-only">')]
+    assert order == sorted(order)
+    # without docs_url, a docs page is named, not linked
+    plain = save_report(sections[:1], tmp_path / "p.html").read_text(encoding="utf-8")
+    assert "<code>docs/how-to/plots.md#plot_layers-components-per-layer</code>" in plain and "plots.html" not in plain
+    with pytest.raises(InputError, match="same title"):
+        save_report([sections[2], sections[2]], tmp_path / "d.html")
+    with pytest.raises(InputTypeError, match="figure"):
+        save_report([ReportSection("x", figure=[3])], tmp_path / "e.html")
+
+
+def test_long_set_names_move_the_counts_to_their_own_subtitle_line():
+    fig = plot_prompt_sets({"not jailbroken": [0.5, 0.6], "jailbroken": [0.2, 0.3, 0.4]}, positive="not jailbroken",
+                           title="TuCo of jailbroken vs not jailbroken prompts")
+    assert fig.layout.title.text.endswith("<br><sup>n = 2 not jailbroken, 3 jailbroken</sup>")
+    assert layout_problems(fig) == []

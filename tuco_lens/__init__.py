@@ -7,13 +7,20 @@ a fine-tuning component (the rest), computes TuCo per prompt (Nuti, Franzmeyer, 
 ICML 2025), shows the split per layer and per token, and runs forward passes and generation
 with the fine-tuning component scaled by α.
 
+The names below are imported on first use (PEP 562), so ``import tuco_lens`` and the
+``tuco-lens`` command line start without loading torch or TransformerLens.
+
 Example:
     >>> import tuco_lens
     >>> pair = tuco_lens.load_pair("meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-7b-chat-hf")
     >>> pair.tuco(["How do I bake bread?"], chat_template=True)
 """
 
-from tuco_lens.decomposition import Decomposition
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from tuco_lens.errors import (
     AlphaError,
     IncompatiblePairError,
@@ -24,10 +31,13 @@ from tuco_lens.errors import (
     TuCoError,
     UnsupportedVersionsError,
 )
-from tuco_lens.hooks import PairedBlocks, alpha_hooks
-from tuco_lens.inputs import TokenBatch
-from tuco_lens.loading import load_model, load_pair
-from tuco_lens.pair import TuCoPair
+
+if TYPE_CHECKING:  # what the lazy names below resolve to (read by type checkers and the docs)
+    from tuco_lens.decomposition import Decomposition
+    from tuco_lens.hooks import PairedBlocks, alpha_hooks
+    from tuco_lens.inputs import TokenBatch
+    from tuco_lens.loading import load_model, load_pair
+    from tuco_lens.pair import TuCoPair
 
 __version__ = "0.1.0"
 
@@ -49,3 +59,34 @@ __all__ = [
     "MissingDependencyError",
     "__version__",
 ]
+
+#: Public name -> the module that defines it (imported on first access).
+_LAZY = {
+    "TuCoPair": "tuco_lens.pair",
+    "load_pair": "tuco_lens.loading",
+    "load_model": "tuco_lens.loading",
+    "Decomposition": "tuco_lens.decomposition",
+    "TokenBatch": "tuco_lens.inputs",
+    "PairedBlocks": "tuco_lens.hooks",
+    "alpha_hooks": "tuco_lens.hooks",
+}
+
+_SUBMODULES = frozenset(
+    "adapters analyses backend cli compatibility decomposition demo errors generation hooks inputs "
+    "loading metrics pair plotting versions".split()
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"tuco_lens.{name}")
+    else:
+        raise AttributeError(f"module 'tuco_lens' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__) | _SUBMODULES)

@@ -98,11 +98,14 @@ class Decomposition:
         ftc_head_norm: ``||ftc_head||``. ``[batch, layer, head]``
         ftc_head_bias: ``b_O^FT - b_O^PT`` per layer: with the heads it adds up to
             ``FTC_attn,l``. ``[batch, layer, d_model]``
+        special_tokens: The tokenizer's special-token strings (``<bos>``, ``<|im_start|>``...);
+            figures leave them out of prompt labels.
 
     Example:
         >>> dec = pair.decompose(["How do I bake bread?", "The history of Rome"])
         >>> dec.tuco                      # tensor([0.31, 0.12])
-        >>> dec.to_dataframe().head()     # prompt, layer, position, token, ...
+        >>> dec.to_dataframe().head()     # prompt_index, prompt, layer, position, token, ...
+        >>> dec                           # Decomposition(2 prompts × 4 layers × 9 positions, ...)
     """
 
     tuco: Float[Tensor, "batch"]
@@ -128,6 +131,7 @@ class Decomposition:
     ftc_head: Float[Tensor, "batch layer head d_model"] | None = None
     ftc_head_norm: Float[Tensor, "batch layer head"] | None = None
     ftc_head_bias: Float[Tensor, "batch layer d_model"] | None = None
+    special_tokens: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         b, p = self.tokens.shape
@@ -162,6 +166,15 @@ class Decomposition:
             raise TuCoError("Decomposition.ptc_sum / ftc_sum must both be [batch, d_model].")
         if len(self.str_tokens) != b or (self.prompts is not None and len(self.prompts) != b):
             raise TuCoError("Decomposition.str_tokens / prompts must have one entry per prompt.")
+
+    def __repr__(self) -> str:
+        """One line: the sizes, the norm and TuCo per prompt (the first eight), no tensor dumps."""
+        shown = ", ".join(f"{v:.3f}" for v in self.tuco[:8].detach().float().cpu().tolist())
+        more = f", … ({self.n_prompts - 8} more)" if self.n_prompts > 8 else ""
+        return (
+            f"Decomposition({self.n_prompts} prompt{'s' * (self.n_prompts != 1)} × {self.n_layers} layers × "
+            f"{self.tokens.shape[1]} positions, norm={self.norm!r}, tuco=[{shown}{more}])"
+        )
 
     # ---------------------------------------------------------------- shapes and views
     @property
@@ -253,7 +266,8 @@ class Decomposition:
     def to_dataframe(self) -> pd.DataFrame:
         """A tidy table: one row per prompt, layer and real (unpadded) position.
 
-        Columns: ``prompt`` (index), ``layer``, ``position`` (0 = first real token),
+        Columns: ``prompt_index`` (row of the batch), ``prompt`` (its text, as in
+        :meth:`summary`; ``None`` if unknown), ``layer``, ``position`` (0 = first real token),
         ``token``, ``is_last`` (the token TuCo is measured at), ``ptc_norm``, ``ftc_norm``,
         ``ptc_cum_norm``, ``ftc_cum_norm``, ``beta``, with ``components=True`` also
         ``ftc_attn_norm``, ``ftc_mlp_norm``, ``ftc_mlp_via_attn_norm``, and ``tuco`` (the
@@ -261,7 +275,7 @@ class Decomposition:
 
         Example:
             >>> df = dec.to_dataframe()
-            >>> df[df.is_last].pivot(index="layer", columns="prompt", values="beta")
+            >>> df[df.is_last].pivot(index="layer", columns="prompt_index", values="beta")
         """
         mask = self.attention_mask.bool().cpu()
         b_idx, p_idx = mask.nonzero(as_tuple=True)
@@ -269,8 +283,11 @@ class Decomposition:
         last = self.last_index.cpu()
         n_real = len(b_idx)
         layers = torch.arange(self.n_layers)
+        rows = b_idx.repeat_interleave(self.n_layers)
+        prompts = self.prompts if self.prompts is not None else [None] * self.n_prompts
         table = {
-            "prompt": b_idx.repeat_interleave(self.n_layers).numpy(),
+            "prompt_index": rows.numpy(),
+            "prompt": [prompts[b] for b in rows.tolist()],
             "layer": layers.repeat(n_real).numpy(),
             "position": (p_idx - first[b_idx]).repeat_interleave(self.n_layers).numpy(),
             "token": [self.str_tokens[b][p] for b, p in zip(b_idx.tolist(), p_idx.tolist()) for _ in layers],
@@ -286,9 +303,10 @@ class Decomposition:
         return pd.DataFrame(table)
 
     def summary(self) -> pd.DataFrame:
-        """One row per prompt: ``prompt`` text (if known), ``n_tokens``, ``last_token``,
-        ``tuco``, ``preco``, the L-norms of the summed components at the last token and, with
-        ``components=True``, ``tuco_share_attn/mlp/mlp_via_attn`` (:meth:`tuco_shares`).
+        """One row per prompt: ``prompt_index``, ``prompt`` text (if known), ``n_tokens``,
+        ``last_token``, ``tuco``, ``preco``, the norms of the summed components at the last
+        token and, with ``components=True``, ``tuco_share_attn/mlp/mlp_via_attn``
+        (:meth:`tuco_shares`).
 
         Example:
             >>> dec.summary().sort_values("tuco")
@@ -299,6 +317,7 @@ class Decomposition:
             shares = {f"tuco_share_{c}": v.detach().float().cpu().numpy() for c, v in self.tuco_shares().items()}
         return pd.DataFrame(
             {
+                "prompt_index": range(self.n_prompts),
                 "prompt": self.prompts if self.prompts is not None else [None] * self.n_prompts,
                 "n_tokens": self.attention_mask.sum(-1).cpu().numpy(),
                 "last_token": [toks[i] for toks, i in zip(self.str_tokens, last)],

@@ -522,6 +522,7 @@ class TuCoPair:
             prompts=batch.prompts,
             norm=norm,
             **{name: out[name] for name in _COMPONENT_FIELDS if name in out},
+            special_tokens=tuple(self.tokenizer.all_special_tokens) if self.tokenizer is not None else (),
         )
 
     def _str_tokens(self, batch: TokenBatch) -> list[list[str]]:

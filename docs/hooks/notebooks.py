@@ -7,6 +7,8 @@ renders the executed copies. The files in ``notebooks/`` are never modified.
 * A cell that raises fails the build (``CellExecutionError``), like a warning in strict mode.
 * ``stderr`` streams (progress bars of weight loading, library notices) are dropped from the
   rendered pages; they are logged at debug level (``mkdocs build -v``).
+* Formulas in markdown cells (``$...$``, ``$$...$$``) become MathML at build time, as on the
+  other pages (``pages.latex_to_mathml``): the rendered notebooks need no MathJax.
 * plotly figures come out of a kernel as ``application/vnd.plotly.v1+json`` only, which
   nbconvert cannot render: each gets a ``text/html`` twin (a ``<div>`` and a ``Plotly.newPlot``
   call, without plotly.js; ``docs/hooks/pages.py`` loads plotly.js once on the page).
@@ -21,7 +23,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -34,12 +38,30 @@ ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
 CACHE = ROOT / ".cache" / "tuco-docs-notebooks"
 PLOTLY_MIME = "application/vnd.plotly.v1+json"
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 _USED: set[str] = set()
+# Code (fenced blocks, inline spans) is kept as is; $$...$$ and $...$ outside it are formulas.
+_CODE = re.compile(r"(```.*?```|`[^`\n]*`)", re.S)
+_MATH = re.compile(r"\$\$(?P<block>.+?)\$\$|\$(?P<inline>[^$\n]+?)\$", re.S)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pages import latex_to_mathml  # noqa: E402
+
+
+def markdown_math(source: str) -> str:
+    """A markdown cell with its formulas replaced by MathML."""
+
+    def formula(match: re.Match) -> str:
+        display = match["block"] is not None
+        return latex_to_mathml(match["block"] if display else match["inline"], display)
+
+    parts = _CODE.split(source)
+    return "".join(part if k % 2 else _MATH.sub(formula, part) for k, part in enumerate(parts))
 
 
 def _fingerprint(notebook: Path) -> str:
     digest = hashlib.sha256()
-    sources = [notebook, Path(__file__)]
+    sources = [notebook, Path(__file__), Path(__file__).with_name("pages.py")]
     sources += sorted(p for p in (ROOT / "tuco_lens").rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     for path in sources:
         digest.update(str(path.relative_to(ROOT)).encode())
@@ -63,8 +85,13 @@ def _plotly_html(data: dict) -> str:
 
 
 def _clean(notebook, name: str):
-    """Drop stderr streams; give plotly outputs an HTML twin nbconvert can render."""
+    """Drop stderr streams and widget views; give plotly outputs an HTML twin nbconvert can render."""
+    # ipywidgets (the notebook extra) makes tqdm draw widget progress bars; their views need the
+    # widget manager from a CDN, so they are dropped with the widget state (the text is kept).
+    notebook.metadata.pop("widgets", None)
     for cell in notebook.cells:
+        if cell.cell_type == "markdown":
+            cell.source = markdown_math(cell.source)
         if cell.cell_type != "code":
             continue
         kept = []
@@ -73,6 +100,9 @@ def _clean(notebook, name: str):
                 log.debug("%s: dropped stderr output: %s", name, output.text.strip()[:200])
                 continue
             data = output.get("data", {})
+            if WIDGET_MIME in data:
+                log.debug("%s: dropped a widget view: %s", name, str(data.get("text/plain", ""))[:200])
+                continue
             if PLOTLY_MIME in data and "text/html" not in data:
                 data["text/html"] = _plotly_html(data[PLOTLY_MIME])
             kept.append(output)

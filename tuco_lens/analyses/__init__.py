@@ -15,6 +15,9 @@ tidy pandas tables and a ``figure()`` method returning a ``plotly.graph_objects.
 - :func:`outputco`, :func:`compare_tuco_outputco` — the OutputCo baseline next to TuCo (§5.5).
 - :func:`steer_with_cv`, :func:`alpha_accuracy` — multiple-choice accuracy under α-scaling, α
   chosen by cross-validation (§5.1, Table 3).
+- :func:`behaviour_sweep` — how often α-scaled greedy completions show a behaviour (a
+  refusal, a keyword), per α and prompt set, with every completion (§5.1-style steering of
+  generation).
 - :func:`suffix_search` — a small GCG-style adversarial-suffix search lowering the refusal
   log-probability, for models without published attack strings.
 
@@ -26,6 +29,7 @@ Example:
     >>> result.auc("chat", "web"), result.figure("chat", "web")
 """
 
+from tuco_lens.analyses.behaviour import BehaviourSweep, behaviour_sweep
 from tuco_lens.analyses.jailbreaks import (
     DEFAULT_REFUSAL_STRINGS,
     JailbreakResult,
@@ -77,6 +81,8 @@ __all__ = [
     "cv_folds",
     "choose_alpha",
     "DEFAULT_ALPHAS",
+    "behaviour_sweep",
+    "BehaviourSweep",
     "suffix_search",
     "SuffixSearchResult",
     "suffix_gradient",

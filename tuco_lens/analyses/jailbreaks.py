@@ -159,8 +159,8 @@ class JailbreakResult:
         }
         present = {k: v for k, v in groups.items() if v.size}
         heading = title or (
-            f"TuCo of jailbroken vs not jailbroken prompts (≥{self.min_non_refusals} of "
-            f"{self.n_samples} completions not refusals)"
+            "TuCo of jailbroken vs not jailbroken prompts"
+            f"<br><sup>jailbroken: ≥{self.min_non_refusals} of {self.n_samples} sampled completions are not refusals</sup>"
         )
         if len(present) == 2:
             return plot_prompt_sets(present, kind=kind, positive="not jailbroken", negative="jailbroken", title=heading)  # type: ignore[arg-type]

@@ -30,7 +30,7 @@ from tuco_lens.analyses._common import (
 from tuco_lens.analyses.outputco import outputco as _outputco
 from tuco_lens.errors import InputError, InputTypeError
 from tuco_lens.pair import TuCoPair
-from tuco_lens.plotting._util import PALETTE
+from tuco_lens.plotting._util import notebook_layout, set_colours
 
 __all__ = ["Shot", "ManyShotSweep", "many_shot_sweep", "chat_template_builder", "default_ks"]
 
@@ -76,53 +76,50 @@ class ManyShotSweep:
         return self.table.copy()
 
     def figure(self, *, log_x: bool = True, title: str | None = None) -> go.Figure:
-        """Mean TuCo (± standard error) vs k, and the behaviour rate on a second y axis.
+        """Mean TuCo (± standard error) vs k on top; the behaviour rate under it, on its own axis.
 
-        With ``log_x`` (the paper's plot) k = 0 cannot sit on the axis: its values are drawn
-        as dashed horizontal lines labelled "k = 0".
+        With ``log_x`` (the paper's spacing) the shot counts are evenly spaced categories,
+        so ``k = 0`` sits on the axis with the others; otherwise k is linear. The TuCo panel's
+        axis fits the means (it does not start at 0), so small changes stay visible.
         """
         s = self.summary
         has_rate = "behaviour_rate" in s.columns
         has_oc = "mean_outputco" in s.columns
-        fig = make_subplots(specs=[[{"secondary_y": has_rate}]])
-        on_axis = s[s["k"] > 0] if log_x else s
-        zero = s[s["k"] == 0] if log_x else s.iloc[0:0]
-        series = [("mean TuCo", "mean_tuco", "sem_tuco", PALETTE[0], False)]
-        if has_oc:
-            series.append(("mean OutputCo", "mean_outputco", "sem_outputco", PALETTE[2], False))
-        if has_rate:
-            series.append((self.behaviour_name, "behaviour_rate", "behaviour_sem", PALETTE[1], True))
-        for name, column, err, colour, secondary in series:
-            kwargs = {"secondary_y": secondary} if has_rate else {}
-            if len(on_axis):
-                fig.add_trace(
-                    go.Scatter(
-                        x=on_axis["k"], y=on_axis[column], name=name, mode="lines+markers",
-                        line_color=colour, line_dash="dot" if secondary else "solid",
-                        error_y=dict(type="data", array=on_axis[err].fillna(0.0), visible=True),
-                        customdata=on_axis["n"],
-                        hovertemplate=f"{name}<br>k = %{{x}}<br>value = %{{y:.4f}}<br>n = %{{customdata}}<extra></extra>",
-                    ),
-                    **kwargs,
-                )
-            if len(zero):
-                value = float(zero[column].iloc[0])
-                fig.add_hline(
-                    y=value, line_dash="dash", line_color=colour,
-                    annotation_text=f"k = 0: {value:.3f}", annotation_position="bottom right",
-                    **({"secondary_y": secondary} if has_rate else {}),
-                )
-        fig.update_xaxes(
-            title_text="number of shots k", type="log" if log_x and len(on_axis) else "linear",
-            tickmode="array", tickvals=list(on_axis["k"]),
+        rows = 2 if has_rate else 1
+        fig = make_subplots(
+            rows=rows, cols=1, shared_xaxes=True, vertical_spacing=0.12, row_heights=[0.6, 0.4][:rows] if has_rate else None,
+            subplot_titles=("mean TuCo" + (" and OutputCo" if has_oc else "") + " (± s.e.)",
+                            *([self.behaviour_name] if has_rate else [])),
         )
-        fig.update_yaxes(title_text="TuCo" + (" / OutputCo" if has_oc else ""), **({"secondary_y": False} if has_rate else {}))
+        x = [str(k) for k in s["k"]] if log_x else s["k"]
+        series = [("mean TuCo", "mean_tuco", "sem_tuco", 1)]
+        if has_oc:
+            series.append(("mean OutputCo", "mean_outputco", "sem_outputco", 1))
         if has_rate:
-            fig.update_yaxes(
-                title_text=self.behaviour_name, range=[-0.02, 1.02], tickmode="array",
-                tickvals=[0, 0.25, 0.5, 0.75, 1], tickformat=".0%", showgrid=False, secondary_y=True,
+            series.append((self.behaviour_name, "behaviour_rate", "behaviour_sem", 2))
+        colours = set_colours([name for name, *_ in series])
+        for name, column, err, row in series:
+            fig.add_trace(
+                go.Scatter(
+                    x=x, y=s[column], name=name, mode="lines+markers", line_color=colours[name],
+                    error_y=dict(type="data", array=s[err].fillna(0.0), visible=True),
+                    customdata=s["n"],
+                    hovertemplate=f"{name}<br>k = %{{x}}<br>value = %{{y:.4f}}<br>n = %{{customdata}}<extra></extra>",
+                ),
+                row=row, col=1,
             )
-        fig.update_layout(title=title or "Many-shot prompts: TuCo vs number of shots", legend_title_text="")
+        fig.update_xaxes(title_text="number of shots k" + (" (evenly spaced)" if log_x else ""), row=rows, col=1)
+        fig.update_xaxes(type="category" if log_x else "linear")
+        fig.update_yaxes(title_text="TuCo" + (" / OutputCo" if has_oc else ""), row=1, col=1)
+        if has_rate:
+            fig.update_yaxes(title_text="rate", range=[-0.05, 1.05], tickformat=".0%", row=2, col=1)
+        heading = title or (
+            "Many-shot prompts: TuCo vs number of shots"
+            f"<br><sup>n = {int(s['n'].max())} requests per k</sup>"
+        )
+        notebook_layout(fig, heading, height=560 if has_rate else 450)
+        for annotation in fig.layout.annotations:  # subplot titles: left-aligned, small
+            annotation.update(x=0, xanchor="left", font_size=13)
         return fig
 
 

@@ -36,7 +36,7 @@ from tuco_lens.errors import InputError
 from tuco_lens.inputs import Inputs, length_sorted_batches, to_left_padding
 from tuco_lens.metrics import roc_auc
 from tuco_lens.pair import TuCoPair
-from tuco_lens.plotting._util import PALETTE, escape
+from tuco_lens.plotting._util import escape, notebook_layout, set_colours
 
 __all__ = ["outputco", "TuCoOutputCoComparison", "compare_tuco_outputco"]
 
@@ -144,12 +144,13 @@ class TuCoOutputCoComparison:
         (± standard error) of both per set."""
         fig = make_subplots(rows=1, cols=2, subplot_titles=("per prompt", "mean per set"), column_widths=[0.55, 0.45])
         t = self.table
-        for k, name in enumerate(self.set_names):
+        colours = set_colours([*self.set_names, "mean TuCo", "mean OutputCo"])
+        for name in self.set_names:
             part = t[t["set"] == name]
             fig.add_trace(
                 go.Scatter(
                     x=part["tuco"], y=part["outputco"], mode="markers", name=escape(name),
-                    marker=dict(color=PALETTE[k % len(PALETTE)], size=6, opacity=0.7), legendgroup=name,
+                    marker=dict(color=colours[name], size=6, opacity=0.7), legendgroup=name,
                     customdata=part["index"],
                     hovertemplate="%{fullData.name} #%{customdata}<br>TuCo = %{x:.4f}<br>OutputCo = %{y:.4f}<extra></extra>",
                 ),
@@ -162,11 +163,11 @@ class TuCoOutputCoComparison:
         )
         s = self.summary
         labels = [escape(n) for n in s["set"]]
-        for metric, colour in (("tuco", PALETTE[0]), ("outputco", PALETTE[2])):
+        for metric in ("tuco", "outputco"):
             label = "TuCo" if metric == "tuco" else "OutputCo"
             fig.add_trace(
                 go.Bar(
-                    x=labels, y=s[f"mean_{metric}"], name=f"mean {label}", marker_color=colour,
+                    x=labels, y=s[f"mean_{metric}"], name=f"mean {label}", marker_color=colours[f"mean {label}"],
                     error_y=dict(type="data", array=s[f"sem_{metric}"].fillna(0.0), visible=True),
                     hovertemplate=f"%{{x}}<br>mean {label} = %{{y:.4f}}<extra></extra>",
                 ),
@@ -176,7 +177,10 @@ class TuCoOutputCoComparison:
         fig.update_yaxes(title_text="OutputCo", row=1, col=1)
         fig.update_xaxes(title_text="prompt set", row=1, col=2)
         fig.update_yaxes(title_text="mean value", row=1, col=2)
-        fig.update_layout(title=title or "TuCo vs the OutputCo baseline", barmode="group")
+        notebook_layout(fig, title or f"TuCo vs the OutputCo baseline<br><sup>n = {len(t)} prompts in {len(self.set_names)} sets</sup>")
+        fig.update_layout(barmode="group")
+        for annotation in fig.layout.annotations:  # subplot titles: left-aligned, small
+            annotation.update(font_size=13)
         return fig
 
 

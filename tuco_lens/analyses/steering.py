@@ -459,7 +459,7 @@ class SteeringResult:
             or (
                 f"Multiple-choice accuracy vs α ({self.objective}, {len(self.folds)}-fold CV)"
                 f"<br><sup>Δ = accuracy(α*) − accuracy(1) = {100 * self.delta:+.2f} points, "
-                f"n = {self.n_items}</sup>"
+                f"n = {self.n_items} items</sup>"
             ),
         )
         counts: dict[float, list[int]] = {}

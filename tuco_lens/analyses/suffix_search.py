@@ -63,6 +63,7 @@ from tuco_lens.analyses._common import check_int
 from tuco_lens.errors import InputError, InputTypeError, TuCoError
 from tuco_lens.hooks import check_alpha
 from tuco_lens.pair import TuCoPair
+from tuco_lens.plotting._util import escape, notebook_layout, set_colours, shorten
 
 __all__ = [
     "SuffixSearchResult",
@@ -144,22 +145,26 @@ class SuffixSearchResult:
         )
 
     def figure(self, title: str | None = None) -> go.Figure:
-        """The objective (summed log-probability of the target) per step."""
+        """The objective per step: the summed log-probability of the target, which the search
+        lowers (a falling line is the attack working)."""
+        target = shorten(self.target, 40)
         fig = go.Figure(
             go.Scatter(
                 x=list(range(len(self.losses))),
                 y=self.losses,
                 mode="lines+markers",
                 name="Σ log p(target)",
+                line_color=set_colours(["Σ log p(target)"])["Σ log p(target)"],
                 hovertemplate="step %{x}<br>Σ log p(target) = %{y:.4f}<extra></extra>",
             )
         )
-        fig.update_layout(
-            title=title
-            or f"Adversarial suffix search ({len(self.requests)} requests, {self.n_steps} steps)",
-            xaxis_title="step",
-            yaxis_title="Σ over requests of log p(target)",
+        heading = title or (
+            f"Suffix search: the target gets less likely ({len(self.requests)} requests, {self.n_steps} steps)"
+            f"<br><sup>target: “{escape(target)}” (lower = the suffix works)</sup>"
+            f"<br><sup>suffix found: “{escape(shorten(self.suffix_text, 60))}”</sup>"
         )
+        notebook_layout(fig, heading, legend=False)
+        fig.update_layout(xaxis_title="search step", yaxis_title="Σ log p(target) (lower = attack works)")
         return fig
 
 

@@ -25,6 +25,7 @@ from tuco_lens.analyses._common import (
 from tuco_lens.errors import InputError, InputTypeError
 from tuco_lens.pair import TuCoPair
 from tuco_lens.plotting import plot_prompt_sets
+from tuco_lens.plotting._util import escape, shorten
 
 __all__ = ["TransformationComparison", "compare_transformations", "suffix_transform", "identity"]
 
@@ -112,15 +113,19 @@ class TransformationComparison:
         """TuCo distribution per transformation (ordered by mean TuCo), AUC vs the reference in
         each trace's name."""
         s = self.summary.set_index("transformation")
-        scores = {}
-        for name in self.order:
-            label = name if name == self.reference else f"{name} (AUC {s.loc[name, 'auc_vs_reference']:.3f})"
-            scores[label] = self.scores(name)
-        return plot_prompt_sets(
-            scores,
+        fig = plot_prompt_sets(
+            {name: self.scores(name) for name in self.order},  # colours follow the names
             kind=kind,  # type: ignore[arg-type]
-            title=title or f"TuCo by prompt transformation (AUC: {self.reference} as positive)",
+            title=title or (
+                "TuCo by prompt transformation"
+                f"<br><sup>AUC in the legend: {escape(self.reference)} as positive · "
+                f"n = {len(self.scores(self.reference))} requests each</sup>"
+            ),
         )
+        for trace, name in zip(fig.data, self.order):
+            if name != self.reference:
+                trace.name = f"{escape(shorten(name))} (AUC {s.loc[name, 'auc_vs_reference']:.3f})"
+        return fig
 
 
 def compare_transformations(

@@ -1,12 +1,23 @@
-"""Pieces shared by the ``tuco-lens`` subcommands: errors and model arguments."""
+"""Pieces shared by the ``tuco-lens`` subcommands: the command table, errors and model arguments.
+
+This module imports only the standard library: the top-level parser is built from it.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-__all__ = ["CLIError", "add_model_arguments", "check_pair_arguments", "load_pair_from_args", "HELP_FORMATTER"]
+__all__ = ["CLIError", "COMMANDS", "add_model_arguments", "check_pair_arguments", "load_pair_from_args", "HELP_FORMATTER"]
 
 HELP_FORMATTER = argparse.RawDescriptionHelpFormatter
+
+#: The subcommands (module ``tuco_lens.cli.<name>``) and their one-line help, in help order.
+COMMANDS: dict[str, str] = {
+    "demo": "run the full analysis on the embedded demo pair and write a report",
+    "score": "TuCo of every prompt in a .txt or .jsonl file",
+    "steer": "generate with the fine-tuning component scaled by several alphas",
+    "app": "serve an interactive local page: analyze, steer, compare",
+}
 
 
 class CLIError(Exception):

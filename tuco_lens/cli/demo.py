@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tuco_lens.cli.common import HELP_FORMATTER
+from tuco_lens.cli.common import COMMANDS, HELP_FORMATTER
 
 __all__ = ["add_parser", "run"]
 
@@ -27,12 +27,17 @@ example:
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "demo",
-        help="run the full analysis on the embedded demo pair and write a report",
+        help=COMMANDS["demo"],
         description="Score the demo prompt sets, sweep alpha and write an HTML report (offline).",
         epilog=_EPILOG,
         formatter_class=HELP_FORMATTER,
     )
     parser.add_argument("--out", type=Path, default=Path("tuco-report"), help="output directory (default tuco-report)")
+    parser.add_argument(
+        "--docs-url", default=None,
+        help="base URL of the documentation site the report links to (default: the site built in this "
+        "checkout, site/, when run from one; otherwise pages are named, not linked)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument(
         "--threads", type=int, default=1,
@@ -50,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise CLIError(f"--threads must be a positive integer, got {args.threads}")
     torch.set_num_threads(args.threads)
-    results = run_demo(args.out, show_progress=not args.no_progress)
+    results = run_demo(args.out, docs_url=args.docs_url, show_progress=not args.no_progress)
     print(results.summary())
     print(f"report: {args.out / 'report.html'}")
     return 0

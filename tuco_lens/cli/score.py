@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from tuco_lens.analyses._common import read_jsonl, read_lines
 from tuco_lens.cli.common import (
+    COMMANDS,
     HELP_FORMATTER,
     CLIError,
     add_model_arguments,
@@ -20,7 +21,6 @@ from tuco_lens.cli.common import (
     load_pair_from_args,
 )
 from tuco_lens.errors import InputError, TuCoWarning
-from tuco_lens.inputs import length_sorted_batches
 from tuco_lens.scoring_io import (
     RESULT_COLUMNS,
     ResumableOutput,
@@ -30,7 +30,7 @@ from tuco_lens.scoring_io import (
     source_identity,
 )
 
-__all__ = ["add_parser", "read_prompts", "check_prompts", "score_records", "run_settings", "run"]
+__all__ = ["add_parser", "read_prompts", "check_prompts", "score_records", "run_settings", "run", "InputOrder"]
 
 _EPILOG = """\
 input:  .txt   one prompt per line (blank lines are skipped; "line" records the line number)
@@ -55,7 +55,7 @@ examples:
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "score",
-        help="TuCo of every prompt in a .txt or .jsonl file",
+        help=COMMANDS["score"],
         description="Compute TuCo (the paper's score, at each prompt's last token) for a file of prompts.",
         epilog=_EPILOG,
         formatter_class=HELP_FORMATTER,
@@ -105,6 +105,26 @@ def read_prompts(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+class InputOrder:
+    """Holds result rows back until every earlier prompt is done, then releases them in order.
+
+    Batches finish in length-sorted order; rows leave in the order of ``indices`` (the input
+    order), so the output file lines up with the input file. At most one chunk of rows is held.
+    """
+
+    def __init__(self, indices: list[int]) -> None:
+        self._order, self._next, self._held = indices, 0, {}
+
+    def release(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Take a batch of rows; return the rows now ready, in input order."""
+        self._held.update((row["index"], row) for row in rows)
+        ready = []
+        while self._next < len(self._order) and self._order[self._next] in self._held:
+            ready.append(self._held.pop(self._order[self._next]))
+            self._next += 1
+        return ready
+
+
 _CHUNK = 512  # prompts tokenized at once (then sorted by length and batched)
 
 
@@ -130,12 +150,16 @@ def check_prompts(pair, records: list[dict[str, Any]], *, chat_template: bool, s
 
 def score_records(pair, records: list[dict[str, Any]], *, chat_template: bool, batch_size: int, norm: str,
                   skip: set[int], show_progress: bool) -> Iterator[list[dict[str, Any]]]:
-    """TuCo of each record not in ``skip``, yielded batch by batch.
+    """TuCo of each record not in ``skip``, yielded in input order as batches finish.
 
     Prompts are tokenized :data:`_CHUNK` at a time; within a chunk, batches are length-sorted
-    (longest first) so little padding is computed.
+    (longest first) so little padding is computed, and :class:`InputOrder` holds rows back until
+    every earlier prompt is done.
     """
+    from tuco_lens.inputs import length_sorted_batches
+
     todo = [i for i in range(len(records)) if i not in skip]
+    order = InputOrder(todo)
     bar = tqdm(total=len(todo), disable=not show_progress, desc="TuCo", unit="prompt")
     for start in range(0, len(todo), _CHUNK):
         chunk = todo[start : start + _CHUNK]
@@ -150,7 +174,9 @@ def score_records(pair, records: list[dict[str, Any]], *, chat_template: bool, b
                 index = chunk[row]
                 out.append({**records[index], "index": index, "tuco": float(scores[j]), "n_tokens": int(lengths[j])})
             bar.update(len(out))
-            yield out
+            ready = order.release(out)
+            if ready:
+                yield ready
     bar.close()
 
 

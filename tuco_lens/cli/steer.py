@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
-import torch
-
-from tuco_lens.cli.common import HELP_FORMATTER, CLIError, add_model_arguments, load_pair_from_args
+from tuco_lens.cli.common import COMMANDS, HELP_FORMATTER, CLIError, add_model_arguments, load_pair_from_args
 
 __all__ = ["add_parser", "run"]
 
@@ -31,7 +29,7 @@ examples:
 def add_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "steer",
-        help="generate with the fine-tuning component scaled by several alphas",
+        help=COMMANDS["steer"],
         description="Generate from the FTC-alpha-scaled fine-tuned model for each alpha, side by side.",
         epilog=_EPILOG,
         formatter_class=HELP_FORMATTER,
@@ -69,6 +67,8 @@ def _alphas(args: argparse.Namespace) -> list[tuple[str, float | dict[str, float
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     rows = _alphas(args)
     if args.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")

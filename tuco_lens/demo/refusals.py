@@ -23,7 +23,9 @@ def refusal_rate(
     Example:
         >>> refusal_rate(pair, demo.prompt_sets()["harmful"], alpha=0.5)
     """
-    completions = pair.generate(
-        list(prompts), alpha=alpha, max_new_tokens=refusal_budget(pair), chat_template=chat_template
+    from tuco_lens.analyses import behaviour_sweep
+
+    sweep = behaviour_sweep(
+        pair, list(prompts), [alpha], is_refusal, max_new_tokens=refusal_budget(pair), chat_template=chat_template
     )
-    return sum(map(is_refusal, completions)) / len(completions)
+    return float(sweep.table["rate"].iloc[0])

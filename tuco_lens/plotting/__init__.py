@@ -11,7 +11,12 @@ Every function returns a ``plotly.graph_objects.Figure`` (or an HTML object) and
 - :func:`plot_components`: FTC per layer split into attention / MLP / MLP←attention.
 - :func:`plot_head_heatmap`: a layer × head heatmap of each head's FTC.
 - :func:`plot_top_tokens`: the tokens a part of the stream promotes and suppresses most.
-- :func:`save_report`: one offline, self-contained HTML file.
+- :func:`save_report`: one offline, self-contained HTML file, optionally in
+  :class:`ReportSection` sections (title, intro, figure, how to read it, docs link).
+- :func:`set_colours`: the colour of a named prompt set, the same in every figure.
+
+Every figure fits a 650 px notebook cell: the legend sits under the plot, labels are short
+(no special tokens), margins are small.
 
 Example:
     >>> from tuco_lens.plotting import plot_layers, plot_token_heatmap, save_report
@@ -19,10 +24,10 @@ Example:
     >>> save_report([plot_layers(dec), plot_token_heatmap(dec, 0)], "tuco.html")
 """
 
-from tuco_lens.plotting._util import DEFAULT_COLORSCALE
+from tuco_lens.plotting._util import DEFAULT_COLORSCALE, set_colours
 from tuco_lens.plotting.components import plot_components, plot_head_heatmap, plot_top_tokens
 from tuco_lens.plotting.layers import plot_layers, plot_token_heatmap
-from tuco_lens.plotting.report import save_report
+from tuco_lens.plotting.report import ReportSection, save_report
 from tuco_lens.plotting.sets import plot_alpha_sweep, plot_prompt_sets
 from tuco_lens.plotting.tokens import TokenHTML, token_html
 
@@ -37,5 +42,7 @@ __all__ = [
     "plot_head_heatmap",
     "plot_top_tokens",
     "save_report",
+    "ReportSection",
+    "set_colours",
     "DEFAULT_COLORSCALE",
 ]

@@ -1,13 +1,16 @@
-"""Shared helpers for the figure functions: validation, escaping, labels, colours."""
+"""Shared helpers for the figure functions: validation, escaping, labels, colours, layout."""
 
 from __future__ import annotations
 
+import hashlib
 import html
 import math
+import re
 from collections.abc import Sequence
 
 import numpy as np
 import plotly.colors
+import plotly.graph_objects as go
 import torch
 from torch import Tensor
 
@@ -18,6 +21,68 @@ DEFAULT_COLORSCALE = "YlOrRd"
 """Sequential scale used for β and per-token TuCo (0 = all pre-training, 1 = all fine-tuning)."""
 
 PALETTE = plotly.colors.qualitative.Plotly
+
+NOTEBOOK_WIDTH = 650
+"""Width (px) a figure must fit: a Jupyter output cell or a documentation page."""
+
+LABEL_CHARS = 28
+"""Longest prompt label in a legend or title (characters, ``…`` included)."""
+
+
+def set_colours(names: Sequence[str]) -> dict[str, str]:
+    """The colour of each named set: a fixed function of the name, not of its position.
+
+    A name's colour is the palette entry picked by a hash of the name, so ``"web"`` has the
+    same colour in every figure, notebook and report, whatever the order or company of the
+    other sets. Two names of one call that hash to the same entry are separated: in
+    alphabetical order, the later one takes the next free entry (with more names than
+    palette entries, colours repeat).
+
+    Args:
+        names: Set (or trace) names.
+
+    Returns:
+        ``{name: colour}`` in the order of ``names``.
+
+    Example:
+        >>> set_colours(["chat", "web"])["web"] == set_colours(["web", "harmful"])["web"]
+        True
+    """
+    taken: set[int] = set()
+    colours: dict[str, str] = {}
+    for name in sorted(set(map(str, names))):
+        slot = int(hashlib.md5(name.encode("utf-8"), usedforsecurity=False).hexdigest(), 16) % len(PALETTE)
+        while slot in taken and len(taken) < len(PALETTE):
+            slot = (slot + 1) % len(PALETTE)
+        taken.add(slot)
+        colours[name] = PALETTE[slot]
+    return {str(name): colours[str(name)] for name in names}
+
+
+def title_lines(text: str) -> list[str]:
+    """The visible lines of a plotly title (``<br>`` splits, tags dropped, entities decoded)."""
+    return [html.unescape(re.sub(r"<[^>]+>", "", line)) for line in re.split(r"<br\s*/?>", text)]
+
+
+def notebook_layout(fig: go.Figure, title: str, *, legend: bool = True, height: int | None = None) -> go.Figure:
+    """Title, margins and legend placement that keep the plot area wide at 650 px.
+
+    The legend goes under the plot (horizontal, wrapping), never beside it, so the plot keeps
+    the width; margins are fixed and small; the top margin grows with the title's lines.
+    """
+    lines = len(title_lines(title))
+    height = height or fig.layout.height or 450
+    top = 40 + 24 * lines
+    bottom = 60
+    plot_height = max(height - top - bottom, 100)
+    fig.update_layout(
+        title=dict(text=title, x=0, xanchor="left", xref="paper"),
+        margin=dict(l=60, r=24, t=top, b=bottom, autoexpand=True),
+        height=height,
+        showlegend=legend,
+        legend=dict(orientation="h", x=0, xanchor="left", y=-70 / plot_height, yanchor="top"),
+    )
+    return fig
 
 
 def escape(text: str) -> str:
@@ -69,14 +134,36 @@ def real_positions(dec: Decomposition, index: int) -> np.ndarray:
     return positions
 
 
-def prompt_label(dec: Decomposition, index: int, max_chars: int = 40) -> str:
-    """``"prompt i: <start of prompt>"`` (unescaped), or ``"prompt i"`` when prompts are unknown."""
+def shorten(text: str, max_chars: int = LABEL_CHARS) -> str:
+    """Whitespace collapsed, cut to ``max_chars`` with ``…``."""
+    text = " ".join(text.split())
+    return text if len(text) <= max_chars else text[: max_chars - 1].rstrip() + "…"
+
+
+def prompt_label(dec: Decomposition, index: int, max_chars: int = LABEL_CHARS) -> str:
+    """``"i: <start of the prompt>"`` (unescaped), without the tokenizer's special tokens.
+
+    ``"prompt i"`` when the prompt's text is unknown (token ids in).
+    """
     if dec.prompts is None or dec.prompts[index] is None:
         return f"prompt {index}"
-    text = " ".join(str(dec.prompts[index]).split())
-    if len(text) > max_chars:
-        text = text[: max_chars - 1] + "…"
-    return f"prompt {index}: {text}"
+    text = str(dec.prompts[index])
+    for special in sorted(dec.special_tokens, key=len, reverse=True):
+        text = text.replace(special, " ")
+    return shorten(f"{index}: {text}", max_chars)
+
+
+def check_labels(labels: Sequence[str] | None, n: int) -> list[str] | None:
+    """User labels (e.g. set names) for ``n`` drawn prompts, or :class:`InputError`."""
+    if labels is None:
+        return None
+    if isinstance(labels, str) or not isinstance(labels, Sequence):
+        raise InputTypeError(f"labels must be a list of strings (one per drawn prompt), got {type(labels).__name__}.")
+    if len(labels) != n:
+        raise InputError(f"labels has {len(labels)} entries for {n} drawn prompt(s): give one label per prompt.")
+    if len(set(map(str, labels))) != n:
+        raise InputError(f"labels must be distinct (they name the legend entries), got {list(labels)}.")
+    return [str(label) for label in labels]
 
 
 def norm_name(dec: Decomposition) -> str:

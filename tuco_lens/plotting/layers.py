@@ -15,10 +15,13 @@ from tuco_lens.plotting._util import (
     check_decomposition,
     check_index,
     check_indices,
+    check_labels,
     escape,
     norm_name,
+    notebook_layout,
     prompt_label,
     real_positions,
+    set_colours,
     to_numpy,
 )
 
@@ -29,6 +32,7 @@ def plot_layers(
     dec: Decomposition,
     prompts: int | Sequence[int] | None = None,
     *,
+    labels: Sequence[str] | None = None,
     cumulative_norms: bool = False,
     title: str | None = None,
 ) -> go.Figure:
@@ -37,7 +41,10 @@ def plot_layers(
     Top panel: ``||PTC_l||`` (solid) and ``||FTC_l||`` (dashed) per layer, or with
     ``cumulative_norms=True`` the norms of the running sums ``||Σ_{s≤l} PTC_s||`` and
     ``||Σ_{s≤l} FTC_s||``. Bottom panel: ``β_l`` (TuCo of blocks ``0..l``; its last point is
-    the prompt's TuCo), y fixed to [0, 1]. One colour and one legend group per prompt.
+    the prompt's TuCo), y fixed to [0, 1]. One colour and one legend group per prompt; the
+    legend sits under the plot. A prompt's label is the start of its text without special
+    tokens, or the name you give in ``labels`` (then coloured like that set in every figure,
+    see :func:`~tuco_lens.plotting.set_colours`).
 
     Reads ``dec.ptc_norm``, ``dec.ftc_norm`` (or the ``*_cum_norm`` tables) and ``dec.beta``,
     all ``[batch, layer, pos]``, at ``dec.last_index``.
@@ -45,6 +52,8 @@ def plot_layers(
     Args:
         dec: The decomposition.
         prompts: Prompt index or indices to draw; ``None`` draws every prompt.
+        labels: One legend label per drawn prompt, e.g. the names of the sets the prompts
+            come from.
         cumulative_norms: Plot the norms of the cumulative sums instead of per-layer norms.
         title: Figure title (a default names the norm).
 
@@ -52,15 +61,23 @@ def plot_layers(
         A two-row ``plotly.graph_objects.Figure``; three traces per prompt (PTC, FTC, β).
 
     Raises:
-        InputError: If a prompt index is out of range.
+        InputError: If a prompt index is out of range, or ``labels`` does not give one
+            distinct label per drawn prompt.
 
     Example:
         >>> dec = pair.decompose(["How do I bake bread?", "Tell me a joke"])
         >>> plot_layers(dec).show()
+        >>> plot_layers(dec, labels=["chat", "web"])
         >>> plot_layers(dec, prompts=[1], cumulative_norms=True)
     """
     dec = check_decomposition(dec)
     indices = check_indices(dec, prompts)
+    names = check_labels(labels, len(indices))
+    if names is None:
+        names = [prompt_label(dec, i) for i in indices]
+        colours = [PALETTE[k % len(PALETTE)] for k in range(len(indices))]
+    else:
+        colours = list(set_colours(names).values())
     norm = norm_name(dec)
     if cumulative_norms:
         ptc, ftc = dec.at_last_token(dec.ptc_cum_norm), dec.at_last_token(dec.ftc_cum_norm)
@@ -78,13 +95,13 @@ def plot_layers(
         shared_xaxes=True,
         vertical_spacing=0.08,
         subplot_titles=(
-            f"{'Cumulative component' if cumulative_norms else 'Component'} norms — solid: PTC, dashed: FTC",
-            "Cumulative ratio β<sub>l</sub> = TuCo of blocks 0..l",
+            f"{'norms of the running sums' if cumulative_norms else 'norms'}: PTC solid, FTC dashed",
+            "β<sub>l</sub> = TuCo of blocks 0..l",
         ),
     )
     for k, i in enumerate(indices):
-        colour = PALETTE[k % len(PALETTE)]
-        label = escape(prompt_label(dec, i))
+        colour = colours[k]
+        label = escape(names[k])
         meta = [label, escape(dec.str_tokens[i][last[i]])]
         head = "%{meta[0]}<br>last token: %{meta[1]}<br>layer %{x}<br>"
         common = dict(x=layers, legendgroup=f"prompt{i}", meta=meta, line_color=colour, mode="lines+markers")
@@ -106,12 +123,10 @@ def plot_layers(
     fig.update_xaxes(title_text="layer (block)", dtick=1 if dec.n_layers <= 40 else None, row=2, col=1)
     fig.update_yaxes(title_text=f"{norm} norm", rangemode="tozero", row=1, col=1)
     fig.update_yaxes(title_text="β<sub>l</sub>", range=[0, 1], row=2, col=1)
-    fig.update_layout(
-        title=title or f"PTC and FTC per layer at the last token ({norm} norm)",
-        legend_title_text="prompt",
-        hovermode="closest",
-        height=600,
-    )
+    notebook_layout(fig, title or f"PTC and FTC per layer at the last token ({norm})", height=600)
+    fig.update_layout(hovermode="closest")
+    for annotation in fig.layout.annotations:  # subplot titles: left-aligned, small
+        annotation.update(x=0, xanchor="left", font_size=13)
     return fig
 
 
@@ -119,6 +134,7 @@ def plot_token_heatmap(
     dec: Decomposition,
     index: int = 0,
     *,
+    label: str | None = None,
     colorscale: str | list = DEFAULT_COLORSCALE,
     title: str | None = None,
 ) -> go.Figure:
@@ -137,8 +153,10 @@ def plot_token_heatmap(
     Args:
         dec: The decomposition.
         index: Which prompt.
+        label: Name of the prompt in the subtitle (e.g. its set); default: the start of its
+            text without special tokens.
         colorscale: Any plotly colorscale.
-        title: Figure title (default: the prompt label and its TuCo).
+        title: Figure title (default: what is shown, with the prompt's label and TuCo below).
 
     Returns:
         A ``plotly.graph_objects.Figure`` with one ``Heatmap`` trace.
@@ -165,14 +183,15 @@ def plot_token_heatmap(
             zmin=0.0,
             zmax=1.0,
             colorscale=colorscale,
-            colorbar=dict(title=dict(text="β<sub>l</sub>")),
+            colorbar=dict(title=dict(text="β<sub>l</sub>"), thickness=14),
             hovertemplate="token: %{text}<br>position: %{x}<br>layer: %{y}<br>β<sub>l</sub> = %{z:.4f}<extra></extra>",
         )
     )
     tuco = float(dec.tuco[i])
+    default = f"β<sub>l</sub> per layer and token<br><sup>{escape(label or prompt_label(dec, i))} · TuCo = {tuco:.4f}</sup>"
+    notebook_layout(fig, title or default, legend=False)
     fig.update_layout(
-        title=title or f"Cumulative ratio β<sub>l</sub> per token — {escape(prompt_label(dec, i))} (TuCo = {tuco:.4f})",
         xaxis=dict(title="token", tickmode="array", tickvals=x, ticktext=labels, tickangle=-45 if len(x) > 8 else 0),
-        yaxis=dict(title="layer (cumulative through block l)", dtick=1 if dec.n_layers <= 40 else None),
+        yaxis=dict(title="layer (blocks 0..l)", dtick=1 if dec.n_layers <= 40 else None),
     )
     return fig

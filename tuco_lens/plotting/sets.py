@@ -12,7 +12,7 @@ from torch import Tensor
 from tuco_lens.decomposition import Decomposition
 from tuco_lens.errors import InputError, InputTypeError
 from tuco_lens.metrics import as_scores, roc_auc, tpr_at_fpr
-from tuco_lens.plotting._util import PALETTE, escape
+from tuco_lens.plotting._util import escape, notebook_layout, set_colours, title_lines
 
 __all__ = ["plot_prompt_sets", "plot_alpha_sweep"]
 
@@ -64,10 +64,12 @@ def plot_prompt_sets(
 ) -> go.Figure:
     """Distributions of TuCo (or any score) for several named prompt sets, with ROC AUC.
 
-    With ``positive`` and ``negative`` set, the title reports ``roc_auc(positive, negative)``
-    (the probability that a positive prompt scores higher, ties 1/2) and the TPR at 5% FPR.
-    Histograms share one set of bins and are normalised per set (fraction of the set), so
-    sets of different sizes compare.
+    With ``positive`` and ``negative`` set, the subtitle reports ``roc_auc(positive, negative)``
+    (the probability that a positive prompt scores higher, ties 1/2), the TPR at 5% FPR and
+    the size of each of the two sets. Histograms share one set of bins and are normalised per
+    set (fraction of the set), so sets of different sizes compare. Each set has the colour of
+    its name (:func:`~tuco_lens.plotting.set_colours`), the same in every figure; the
+    legend sits under the plot.
 
     Args:
         scores: ``{set name: scores}``; each value a 1-D tensor / array / list (e.g.
@@ -99,6 +101,7 @@ def plot_prompt_sets(
     axis = value_name
 
     fig = go.Figure()
+    colours = set_colours(list(sets))
     if kind == "histogram":
         everything = np.concatenate(list(sets.values()))
         finite = everything[np.isfinite(everything)]
@@ -106,8 +109,8 @@ def plot_prompt_sets(
         # Bins are left-closed: widen them a hair so the maximum falls in the last of nbins bins.
         size = (high - low) / nbins * (1 + 1e-9) if high > low else 1.0 / nbins
         bins = dict(start=low, end=low + nbins * size, size=size)
-    for k, (name, values) in enumerate(sets.items()):
-        colour = PALETTE[k % len(PALETTE)]
+    for name, values in sets.items():
+        colour = colours[name]
         label = escape(name)
         if kind == "histogram":
             fig.add_trace(
@@ -130,15 +133,16 @@ def plot_prompt_sets(
         pos, neg = pair
         auc = roc_auc(sets[pos], sets[neg])
         tpr = tpr_at_fpr(sets[pos], sets[neg], fpr=0.05)
-        heading += (
-            f"<br><sup>ROC AUC ({escape(pos)} vs {escape(neg)}) = {auc:.4f}"
-            f" · TPR at 5% FPR = {tpr:.4f} · n = {sets[pos].size} / {sets[neg].size}</sup>"
-        )
+        scores_line = f"ROC AUC ({escape(pos)} vs {escape(neg)}) = {auc:.4f} · TPR at 5% FPR = {tpr:.4f}"
+        counts = f"n = {sets[pos].size} {escape(pos)}, {sets[neg].size} {escape(neg)}"
+        fits = len(title_lines(f"{scores_line} · {counts}")[0]) <= 95  # one subtitle line at 650 px
+        heading += f"<br><sup>{scores_line} · {counts}</sup>" if fits else f"<br><sup>{scores_line}</sup><br><sup>{counts}</sup>"
     if kind == "histogram":
         fig.update_layout(barmode="overlay", xaxis_title=axis, yaxis_title="fraction of set")
     else:
         fig.update_layout(xaxis_title="prompt set", yaxis_title=axis)
-    fig.update_layout(title=heading, legend_title_text="prompt set")
+    notebook_layout(fig, heading)
+    fig.update_layout(legend_title_text="prompt set")
     return fig
 
 
@@ -154,7 +158,9 @@ def plot_alpha_sweep(
     """User metrics (refusal rate, answer probability, accuracy...) as functions of α.
 
     Points are drawn with lines in increasing α; a vertical dashed line marks α = 1 (the
-    fine-tuned model) and α = 0 is the pre-trained blocks on the fine-tuned embedding.
+    fine-tuned model) and α = 0 is the pre-trained blocks on the fine-tuned embedding. Each
+    metric has the colour of its name (name a metric after its prompt set, e.g. ``"harmful"``,
+    to colour it like that set elsewhere).
 
     Args:
         alphas: The α grid. ``[n_alpha]``
@@ -200,7 +206,8 @@ def plot_alpha_sweep(
         return array[order]
 
     fig = go.Figure()
-    for k, (name, values) in enumerate(metrics.items()):
+    colours = set_colours([str(name) for name in metrics])
+    for name, values in metrics.items():
         y = checked(values, f"metrics[{name!r}]")
         label = escape(str(name))
         error = errors.get(name)
@@ -208,7 +215,7 @@ def plot_alpha_sweep(
         fig.add_trace(
             go.Scatter(
                 x=x[order], y=y, name=label, mode="lines+markers", error_y=error_y,
-                line_color=PALETTE[k % len(PALETTE)],
+                line_color=colours[str(name)],
                 hovertemplate="%{fullData.name}<br>α = %{x:.4f}<br>value = %{y:.4f}<extra></extra>",
             )
         )
@@ -218,11 +225,11 @@ def plot_alpha_sweep(
             annotation_text="fine-tuned (α = 1)" if float(reference) == 1.0 else f"α = {float(reference):g}",
             annotation_position="top",
         )
+    notebook_layout(fig, title or "Metrics under FTC α-scaling")
     fig.update_layout(
-        title=title or "Metrics under FTC α-scaling",
         xaxis_title="α (scale of the fine-tuning component)",
         yaxis_title=yaxis_title,
-        legend_title_text="metric",
+        legend_title_text="",
         hovermode="x unified" if len(metrics) > 1 else "closest",
     )
     return fig

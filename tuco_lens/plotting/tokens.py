@@ -12,6 +12,7 @@ from tuco_lens.plotting._util import (
     DEFAULT_COLORSCALE,
     check_decomposition,
     check_indices,
+    check_labels,
     colour_at,
     prompt_label,
     real_positions,
@@ -66,6 +67,7 @@ def token_html(
     dec: Decomposition,
     index: int | Sequence[int] = 0,
     *,
+    labels: Sequence[str] | None = None,
     colorscale: str | list = DEFAULT_COLORSCALE,
 ) -> TokenHTML:
     """Each real token of one or several prompts, coloured by its per-token TuCo.
@@ -80,22 +82,27 @@ def token_html(
     Args:
         dec: The decomposition.
         index: A prompt index or a list of them (one line per prompt).
+        labels: One label per shown prompt (e.g. its set's name); default: the start of its
+            text without special tokens.
         colorscale: Any plotly colorscale.
 
     Returns:
         A :class:`TokenHTML`; it displays in Jupyter, ``.html`` is the raw fragment.
 
     Raises:
-        InputError: If an index is out of range.
+        InputError: If an index is out of range, or ``labels`` does not give one distinct
+            label per shown prompt.
 
     Example:
         >>> token_html(dec, index=[0, 1])       # in a notebook cell
+        >>> token_html(dec, index=[0, 1], labels=["chat", "web"])
         >>> open("tokens.html", "w").write(token_html(dec).html)
     """
     dec = check_decomposition(dec)
     indices = check_indices(dec, index)
+    names = check_labels(labels, len(indices)) or [prompt_label(dec, i) for i in indices]
     rows = []
-    for i in indices:
+    for i, name in zip(indices, names):
         values = to_numpy(dec.tuco_per_token[i])
         spans = []
         for p in real_positions(dec, i):
@@ -108,7 +115,7 @@ def token_html(
                 f'padding:1px 2px;margin:0 1px 0 0;border-radius:2px;border:1px solid rgba(0,0,0,0.12)">'
                 f'{html.escape(token, quote=False)}</span>'
             )
-        label = html.escape(prompt_label(dec, i), quote=False)
+        label = html.escape(name, quote=False)
         rows.append(
             '<div style="margin:6px 0">'
             f'<div style="font-size:12px;color:#444">{label} — TuCo = {float(dec.tuco[i]):.4f}</div>'
