@@ -101,7 +101,7 @@ def test_components_in_the_dataframes(split):
     dec, _, batch = split
     df = dec.to_dataframe()
     assert {"ftc_attn_norm", "ftc_mlp_norm", "ftc_mlp_via_attn_norm"} <= set(df.columns)
-    last = df[df.is_last & (df.prompt == 0)].sort_values("layer")
+    last = df[df.is_last & (df.prompt_index == 0)].sort_values("layer")
     torch.testing.assert_close(torch.tensor(last.ftc_mlp_norm.values), dec.at_last_token(dec.ftc_mlp_norm)[0].float())
     summary = dec.summary()
     torch.testing.assert_close(

@@ -72,7 +72,7 @@ def report(run):
 def test_demo_writes_report_and_tables(report):
     html = (report / "report.html").read_text()
     assert html.count("plotly.js v") == 1 and "<script src=" not in html
-    assert html.count("Plotly.newPlot") == 4 + 6  # four figures, plus six of the paper's analyses
+    assert html.count("Plotly.newPlot") == 4 + 3 + 6  # four figures, three inside the blocks, six of the paper's analyses
     scores = pd.read_csv(report / "results.csv")
     sets = demo.prompt_sets()
     for name in ("web", "chat", "harmful", "harmful_lang2"):
@@ -201,7 +201,7 @@ def test_every_section_explains_its_figure_and_links_its_docs_page(run):
     pages = _docs_pages()
     titles = [s.title for s in results.sections]
     assert titles[:4] == ["TuCo per prompt set", "Per layer, at the last token", "Per token and layer", "Steering with α"]
-    assert len(titles) == 10 and len(set(titles)) == 10
+    assert len(titles) == 11 and len(set(titles)) == 11
     for section in results.sections:
         assert section.items() and section.guidance and "<em>Here:</em>" in section.guidance, section.title
         page, _, anchor = section.docs.partition("#")
@@ -221,7 +221,7 @@ def test_every_report_figure_fits_a_notebook_cell(run):
     from figure_layout import layout_problems
 
     figures = [item for s in results.sections for item in s.items() if isinstance(item, go.Figure)]
-    assert len(figures) == 10
+    assert len(figures) == 13
     for fig in figures:
         assert layout_problems(fig, demo.load_pair().tokenizer.all_special_tokens) == [], fig.layout.title.text
 

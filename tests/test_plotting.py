@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import html
 import itertools
 import re
@@ -18,9 +19,12 @@ from tuco_lens.metrics import roc_auc, tpr_at_fpr
 from tuco_lens.plotting import (
     TokenHTML,
     plot_alpha_sweep,
+    plot_components,
+    plot_head_heatmap,
     plot_layers,
     plot_prompt_sets,
     plot_token_heatmap,
+    plot_top_tokens,
     save_report,
     token_html,
 )
@@ -413,6 +417,16 @@ def chat_dec(dec) -> Decomposition:
     return dataclasses.replace(dec, prompts=CHAT_PROMPTS, special_tokens=SPECIAL)
 
 
+@functools.lru_cache(maxsize=1)
+def component_views() -> tuple[Decomposition, object]:
+    """A decomposition with components and a logit attribution of the same prompts (chat-formatted)."""
+    pair = TuCoPair(*make_pair("llama"))
+    tokens = random_tokens(3, 7)
+    dec = pair.decompose(tokens, components=True)
+    dec = dataclasses.replace(dec, str_tokens=STR_TOKENS, prompts=CHAT_PROMPTS, special_tokens=SPECIAL)
+    return dec, pair.logit_attribution(tokens, components=True)
+
+
 # One example call per figure function of tuco_lens.plotting. A new figure function fails
 # test_every_figure_function_has_a_layout_example until it gets an entry here.
 FIGURE_EXAMPLES = {
@@ -429,6 +443,12 @@ FIGURE_EXAMPLES = {
         lambda d: plot_alpha_sweep([0, 0.5, 1, 1.5], {"harmful": [0, 0.8, 1, 0.6], "chat": [0, 0, 0, 0]}),
         lambda d: plot_alpha_sweep([0.9, 1.0], [0.3, 0.4], yaxis_title="accuracy"),
     ],
+    "plot_components": [lambda d: plot_components(component_views()[0], 0),
+                        lambda d: plot_components(component_views()[0], 1, label="chat")],
+    "plot_head_heatmap": [lambda d: plot_head_heatmap(component_views()[0], 0),
+                          lambda d: plot_head_heatmap(component_views()[0], 2, shares=True)],
+    "plot_top_tokens": [lambda d: plot_top_tokens(component_views()[1], 0),
+                        lambda d: plot_top_tokens(component_views()[1], 1, part="ftc_mlp", k=5)],
 }
 
 

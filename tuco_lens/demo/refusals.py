@@ -18,14 +18,13 @@ def refusal_budget(pair: TuCoPair) -> int:
 def refusal_rate(
     pair: TuCoPair, prompts: Sequence[str], *, alpha: Alpha = 1.0, chat_template: bool = False
 ) -> float:
-    """Share of greedy completions (α-scaled) that start with :data:`REFUSAL`.
+    """Share of greedy completions (α-scaled; α as for ``pair.generate``, per component too) that
+    start with :data:`REFUSAL` (the rule ``tuco_lens.analyses.behaviour_sweep`` applies per α).
 
     Example:
         >>> refusal_rate(pair, demo.prompt_sets()["harmful"], alpha=0.5)
     """
-    from tuco_lens.analyses import behaviour_sweep
-
-    sweep = behaviour_sweep(
-        pair, list(prompts), [alpha], is_refusal, max_new_tokens=refusal_budget(pair), chat_template=chat_template
+    completions = pair.generate(
+        list(prompts), alpha=alpha, max_new_tokens=refusal_budget(pair), chat_template=chat_template
     )
-    return float(sweep.table["rate"].iloc[0])
+    return sum(map(is_refusal, completions)) / len(completions)

@@ -20,6 +20,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from tuco_lens.analyses import BehaviourSweep, behaviour_sweep
+from tuco_lens.demo.components import ComponentFindings, component_findings
 from tuco_lens.demo.paper import MANY_SHOT_KS, PaperAnalyses, run_paper_analyses
 from tuco_lens.demo.refusals import refusal_budget
 from tuco_lens.metrics import roc_auc
@@ -27,9 +28,12 @@ from tuco_lens.pair import TuCoPair
 from tuco_lens.scoring_io import check_output_dir
 from tuco_lens.plotting import (
     ReportSection,
+    plot_components,
+    plot_head_heatmap,
     plot_layers,
     plot_prompt_sets,
     plot_token_heatmap,
+    plot_top_tokens,
     save_report,
     token_html,
 )
@@ -78,6 +82,7 @@ class DemoResults:
         samples: Sample generations: one row per (prompt, α) with ``set``, ``prompt``,
             ``alpha``, ``completion``.
         paper: The paper's analyses run on the demo world (``None`` if skipped).
+        components: The split inside the blocks (:mod:`tuco_lens.demo.components`), or ``None``.
         behaviour: The refusal sweep itself (every completion per α and set).
         sections: The report's sections, in order.
     """
@@ -88,6 +93,7 @@ class DemoResults:
     auc_harmful_vs_lang2: float
     samples: pd.DataFrame | None = None
     paper: PaperAnalyses | None = None
+    components: ComponentFindings | None = None
     behaviour: BehaviourSweep | None = None
     sections: list[ReportSection] = field(default_factory=list)
 
@@ -310,9 +316,46 @@ def report_sections(
             docs="how-to/steer.md",
         )
     )
+    if results.components is not None:
+        sections.append(_components_section(results.components))
     if results.paper is not None:
         sections += _paper_sections(results.paper)
     return sections
+
+
+def _components_section(found: ComponentFindings) -> ReportSection:
+    """Inside the blocks: which sub-block carries the refusal (docs/components.md)."""
+    dec, shares, refusal = found.decomposition, found.shares["harmful"], found.refusal
+    first = found.top_tokens.query("part == 'ftc' and rank == 1").token.iloc[0].strip()
+    only = ", ".join(f"{l}: {_pct(r)}" for l, r in found.mlp_layer_only.items())
+    table = pd.DataFrame({"greedy refusal rate on the forbidden requests": list(refusal),
+                          "": [_pct(r) for r in refusal.values()]})
+    return ReportSection(
+        "Inside the blocks: attention, MLP, heads",
+        intro=(
+            "<p>Each fine-tuning component FTC<sub>l</sub> split exactly into the fine-tuning of attention, of the MLP, "
+            "and the pre-trained MLP's answer to the changed attention (they add up to FTC<sub>l</sub>); attention further "
+            "per head. Then each sub-block's fine-tuning removed alone (α per component) on the "
+            f"{len(dec)} forbidden requests.</p>"
+        ),
+        figure=[
+            plot_components(dec, 0, label="a forbidden request"),
+            plot_head_heatmap(dec, 0, shares=True, label="a forbidden request"),
+            plot_top_tokens(found.attribution, 0, part="ftc", k=8),
+            _table(table),
+        ],
+        guidance=(
+            "Bars are the norms of the three components per layer at the last token; the heatmap gives each head's share "
+            "of TuCo; the last chart the tokens Σ FTC pushes up (blue) and down (red) in the logits. <em>Here:</em> the "
+            f"MLPs carry the largest share of TuCo on forbidden requests ({shares['mlp']:.3f} of "
+            f"{float(dec.tuco.mean()):.3f}, attention {shares['attn']:.3f}, MLP←attention {shares['mlp_via_attn']:.3f}), "
+            f"and the refusal lives there: without the MLPs' fine-tuning the model refuses "
+            f"{_pct(refusal['MLP fine-tuning removed'])}, without the attention's {_pct(refusal['attention fine-tuning removed'])}. "
+            f"It is spread over layers (MLP fine-tuning kept in one layer only, attention fine-tuned: {only}), and the "
+            f"token fine-tuning promotes most is \u201c{html.escape(first)}\u201d, the refusal's first word."
+        ),
+        docs="components.md#worked-example-where-does-the-demo-pairs-refusal-live",
+    )
 
 
 def _paper_sections(paper: PaperAnalyses) -> list[ReportSection]:
@@ -475,6 +518,7 @@ def run_demo(
     )
     if paper_analyses:
         results.paper = run_paper_analyses(pair, show_progress=show_progress)
+        results.components = component_findings(pair, sets)
     results.sections = report_sections(results, pair, sets)
     if out_dir is not None:
         _write(results, Path(out_dir), docs_url if docs_url is not None else default_docs_url())
@@ -494,6 +538,8 @@ def _write(results: DemoResults, out_dir: Path, docs_url: str | None) -> None:
     }
     if results.paper is not None:
         summary["paper_analyses"] = results.paper.summary()
+    if results.components is not None:
+        summary["components"] = results.components.summary()
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     save_report(
         results.sections,

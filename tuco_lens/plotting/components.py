@@ -13,6 +13,7 @@ from tuco_lens.plotting._util import (
     check_index,
     escape,
     norm_name,
+    notebook_layout,
     prompt_label,
     to_numpy,
 )
@@ -20,9 +21,9 @@ from tuco_lens.plotting._util import (
 __all__ = ["plot_components", "plot_head_heatmap", "plot_top_tokens"]
 
 _NAMES = {
-    "attn": "attention: A_FT(x) − A_PT(x)",
-    "mlp": "MLP: M_FT(y) − M_PT(y)",
-    "mlp_via_attn": "MLP←attention: M_PT(y) − M_PT(y′)",
+    "attn": "attention A_FT(x) − A_PT(x)",
+    "mlp": "MLP M_FT(y) − M_PT(y)",
+    "mlp_via_attn": "MLP←attention M_PT(y) − M_PT(y′)",
 }
 
 
@@ -33,7 +34,8 @@ def _with_components(dec: object, what: str) -> Decomposition:
     return dec
 
 
-def plot_components(dec: Decomposition, index: int = 0, *, title: str | None = None) -> go.Figure:
+def plot_components(dec: Decomposition, index: int = 0, *, label: str | None = None,
+                    title: str | None = None) -> go.Figure:
     """Per layer, stacked norms of FTC's three components at the last real token of one prompt.
 
     Bars: ``||FTC_attn,l||``, ``||FTC_mlp,l||`` and ``||FTC_mlp←attn,l||`` (norms do not add up;
@@ -42,6 +44,7 @@ def plot_components(dec: Decomposition, index: int = 0, *, title: str | None = N
     Args:
         dec: A decomposition with components (``pair.decompose(..., components=True)``).
         index: The prompt.
+        label: Name of the prompt in the subtitle (default: the start of its text).
         title: Figure title.
 
     Returns:
@@ -59,21 +62,18 @@ def plot_components(dec: Decomposition, index: int = 0, *, title: str | None = N
         fig.add_bar(x=layers, y=values, name=label, marker_color=colour,
                     hovertemplate=f"layer %{{x}}<br>{label}<br>%{{y:.4g}}<extra></extra>")
     total = to_numpy(dec.at_last_token(dec.ftc_norm)[i].float())
-    fig.add_scatter(x=layers, y=total, name="‖FTC_l‖ (whole block)", mode="lines+markers",
+    fig.add_scatter(x=layers, y=total, name="‖FTC_l‖, whole block", mode="lines+markers",
                     line=dict(color="black", dash="dot"), hovertemplate="layer %{x}<br>‖FTC_l‖ %{y:.4g}<extra></extra>")
-    fig.update_layout(
-        barmode="stack",
-        title=title or f"Fine-tuning component per layer, by sub-block ({norm_name(dec)} norms, last token)",
-        xaxis=dict(title="layer", tickmode="array", tickvals=layers),
-        yaxis=dict(title=f"{norm_name(dec)} norm"),
-        legend=dict(orientation="h", y=-0.25),
-        annotations=[dict(text=escape(prompt_label(dec, i)), xref="paper", yref="paper", x=0, y=1.06,
-                          showarrow=False, xanchor="left")],
-    )
+    name = escape(label or prompt_label(dec, i))
+    default = f"FTC per layer, by sub-block ({norm_name(dec)} norms, last token)<br><sup>{name}</sup>"
+    notebook_layout(fig, title or default)
+    fig.update_layout(barmode="stack", xaxis=dict(title="layer", tickmode="array", tickvals=layers),
+                      yaxis=dict(title=f"{norm_name(dec)} norm"))
     return fig
 
 
-def plot_head_heatmap(dec: Decomposition, index: int = 0, *, shares: bool = False, title: str | None = None) -> go.Figure:
+def plot_head_heatmap(dec: Decomposition, index: int = 0, *, shares: bool = False, label: str | None = None,
+                      title: str | None = None) -> go.Figure:
     """A layer × head heatmap of ``||FTC_head||`` (or each head's share of TuCo) at the last token.
 
     Args:
@@ -81,6 +81,7 @@ def plot_head_heatmap(dec: Decomposition, index: int = 0, *, shares: bool = Fals
         index: The prompt.
         shares: Colour by :meth:`~tuco_lens.Decomposition.head_shares` (signed, diverging scale)
             instead of the norms.
+        label: Name of the prompt in the subtitle (default: the start of its text).
         title: Figure title.
 
     Example:
@@ -92,17 +93,17 @@ def plot_head_heatmap(dec: Decomposition, index: int = 0, *, shares: bool = Fals
     i = check_index(dec, index)
     values = dec.head_shares()[i] if shares else dec.ftc_head_norm[i]
     z = to_numpy(values.float())
-    label = "share of TuCo" if shares else f"‖o_h^FT − o_h^PT‖ ({norm_name(dec)})"
+    what_z = "share of TuCo" if shares else f"‖o_h^FT − o_h^PT‖ ({norm_name(dec)})"
     heatmap = dict(colorscale="RdBu", zmid=0.0) if shares else dict(colorscale="YlOrRd", zmin=0.0)
     fig = go.Figure(go.Heatmap(
-        z=z, x=list(range(z.shape[1])), y=list(range(z.shape[0])), colorbar=dict(title=label), **heatmap,
-        hovertemplate="layer %{y}, head %{x}<br>" + label + ": %{z:.4g}<extra></extra>",
+        z=z, x=list(range(z.shape[1])), y=list(range(z.shape[0])), colorbar=dict(title=what_z), **heatmap,
+        hovertemplate="layer %{y}, head %{x}<br>" + what_z + ": %{z:.4g}<extra></extra>",
     ))
-    fig.update_layout(
-        title=title or f"Fine-tuning component per attention head (last token): {escape(prompt_label(dec, i))}",
-        xaxis=dict(title="head", tickmode="linear", dtick=1),
-        yaxis=dict(title="layer", tickmode="linear", dtick=1),
-    )
+    what = "share of TuCo" if shares else "‖FTC‖"
+    default = f"FTC per attention head, {what} (last token)<br><sup>{escape(label or prompt_label(dec, i))}</sup>"
+    notebook_layout(fig, title or default, legend=False)
+    fig.update_layout(xaxis=dict(title="head", tickmode="linear", dtick=1),
+                      yaxis=dict(title="layer", tickmode="linear", dtick=1))
     return fig
 
 
@@ -139,10 +140,8 @@ def plot_top_tokens(attr: LogitAttribution, index: int = 0, *, part: str = "ftc"
         orientation="h", marker_color=colours,
         hovertemplate="%{y}<br>direct effect on the logit: %{x:.4g}<extra></extra>",
     ))
-    fig.update_layout(
-        title=title or f"Tokens {part} promotes (blue) and suppresses (red), prompt {index % n}",
-        xaxis=dict(title="direct effect on the fine-tuned logit", zeroline=True),
-        yaxis=dict(title="token (id)"),
-        height=max(300, 22 * len(table) + 120),
-    )
+    default = f"Tokens {escape(part)} promotes and suppresses<br><sup>prompt {index % n}: blue promoted, red suppressed</sup>"
+    notebook_layout(fig, title or default, legend=False, height=max(300, 22 * len(table) + 140))
+    fig.update_layout(xaxis=dict(title="direct effect on the fine-tuned logit", zeroline=True),
+                      yaxis=dict(title="token (id)"))
     return fig
