@@ -7,6 +7,11 @@ with a 118-token word-level tokenizer (special tokens and a chat template includ
 ``AutoTokenizer.from_pretrained(dir)`` load it without network access. Weights are drawn with
 std 0.2 and norm weights / biases are randomized too, so conversion mistakes show up.
 
+``"llama_chatml"`` is shaped like a real small instruct checkpoint (SmolLM2-135M-Instruct: 30
+layers, d_model 576, 9 query / 3 KV heads, tied embeddings, ChatML): 16 layers, 48 wide, 6 query /
+2 KV heads, tied embeddings, and a byte-level BPE tokenizer whose BOS is the chat token
+``<|im_start|>`` and which adds no BOS by itself (``tokenizer(text)`` is just the text's tokens).
+
 A "fine-tuned" twin is made from a base checkpoint by adding Gaussian noise to the decoder
 blocks only (``perturb="blocks"``: embeddings, final norm and unembedding stay identical) or
 to every parameter (``perturb="all"``).
@@ -32,11 +37,12 @@ __all__ = [
     "INIT_STD",
     "MODEL_VOCAB_SIZE",
     "build_checkpoint",
+    "build_chatml_tokenizer",
     "build_tokenizer",
     "hf_config_for",
 ]
 
-ARCHITECTURES = ("gpt2", "llama", "llama3", "mistral", "qwen2", "gpt_neox", "gemma")
+ARCHITECTURES = ("gpt2", "llama", "llama3", "mistral", "qwen2", "gpt_neox", "gemma", "llama_chatml")
 
 SPECIAL_TOKENS = (
     "<pad>", "<bos>", "<eos>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
@@ -72,6 +78,17 @@ BYTE_LEVEL_MODEL_VOCAB_SIZE = 320
 
 #: Architectures whose tokenizer transformers 5 rebuilds as a byte-level BPE.
 _BYTE_LEVEL_ARCHS = ("qwen2",)
+
+#: ChatML special tokens (SmolLM / Qwen style): BOS opens a turn, EOS closes it and pads.
+CHATML_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CHATML_VOCAB_SIZE = 400
+CHATML_MODEL_VOCAB_SIZE = 416
 
 #: Weight init scale: larger than Hugging Face's 0.02 so activations leave the near-linear
 #: regime and conversion mistakes (activation, norm offsets...) show in the logits.
@@ -141,6 +158,45 @@ def build_tokenizer(
     return AutoTokenizer.from_pretrained(directory)
 
 
+def build_chatml_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with ChatML turns whose BOS adds itself to nothing.
+
+    Like SmolLM2's: BOS ``<|im_start|>`` (the token that opens a chat turn), EOS and padding
+    ``<|im_end|>``, unknown ``<|endoftext|>``, no post-processor (``tokenizer(text)`` adds no
+    special token), and a ChatML chat template. :data:`CHATML_VOCAB_SIZE` tokens: the 256 byte
+    symbols, the specials and merges trained on sentences and chat turns.
+
+    Example:
+        >>> tok = build_chatml_tokenizer(tmp / "tok")
+        >>> tok("the cat").input_ids == tok("the cat", add_special_tokens=False).input_ids
+        True
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=CHATML_VOCAB_SIZE,
+        special_tokens=list(CHATML_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    words = " ".join(_WORDS)
+    corpus = [words, words.capitalize(), f"user\n{words}\nassistant\n{words}\n"] * 4
+    backend.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        chat_template=CHATML_TEMPLATE,
+    )
+    tokenizer.save_pretrained(directory)
+    return AutoTokenizer.from_pretrained(directory)
+
+
 def hf_config_for(
     arch: str, vocab_size: int, tokenizer: PreTrainedTokenizerFast
 ) -> transformers.PretrainedConfig:
@@ -188,6 +244,10 @@ def hf_config_for(
         )
     if arch == "gemma":
         return transformers.GemmaConfig(**{**rms, "tie_word_embeddings": True}, head_dim=8)
+    if arch == "llama_chatml":
+        deep = dict(hidden_size=48, intermediate_size=128, num_hidden_layers=16, num_attention_heads=6,
+                    num_key_value_heads=2, tie_word_embeddings=True, rms_norm_eps=1e-5)
+        return transformers.LlamaConfig(**{**rms, **deep}, rope_theta=100000.0)
     raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
 
 
@@ -251,8 +311,11 @@ def build_checkpoint(
         _add_noise(model, noise, perturb, generator)
     else:
         byte_level = arch in _BYTE_LEVEL_ARCHS
-        tokenizer = build_tokenizer(directory, byte_level=byte_level)
-        vocab_size = BYTE_LEVEL_MODEL_VOCAB_SIZE if byte_level else MODEL_VOCAB_SIZE
+        if arch == "llama_chatml":
+            tokenizer, vocab_size = build_chatml_tokenizer(directory), CHATML_MODEL_VOCAB_SIZE
+        else:
+            tokenizer = build_tokenizer(directory, byte_level=byte_level)
+            vocab_size = BYTE_LEVEL_MODEL_VOCAB_SIZE if byte_level else MODEL_VOCAB_SIZE
         config = hf_config_for(arch, vocab_size, tokenizer)
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state alone
             torch.manual_seed(seed)

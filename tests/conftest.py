@@ -49,6 +49,7 @@ MISLEADING_NAMES = {
     "qwen2": ("google-gemma-7b", "codellama-qwen-merge"),
     "gpt_neox": ("pythia-llama-70m", "gpt2-sft"),
     "gemma": ("gemma-base", "gemma-ft"),
+    "llama_chatml": ("SmolLM2-135M", "qwen2-0.5b-instruct-lora-merged"),
 }
 
 

@@ -8,6 +8,8 @@ while tokenizing, keeps it in the KV cache, and is what ``TuCoPair.generate`` ru
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -15,14 +17,27 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tuco_lens.backend import backend_of, sample_logits
+from tuco_lens.backend import backend_of, linear_layout, sample_logits
 from tuco_lens.errors import InputError
 from tuco_lens.inputs import TokenBatch, to_left_padding
 
 __all__ = ["generate_tokens", "stop_tokens"]
 
 
+def _in_linear_layout(generate: Callable) -> Callable:
+    """Run ``generate(model, ...)`` with ``model``'s weights in the layout its forward pass reads,
+    so no decoding step copies them (:func:`tuco_lens.backend.linear_layout`)."""
+
+    @functools.wraps(generate)
+    def wrapped(model: Any, *args: Any, **kwargs: Any) -> Any:
+        with linear_layout(model):
+            return generate(model, *args, **kwargs)
+
+    return wrapped
+
+
 @torch.no_grad()
+@_in_linear_layout
 def generate_tokens(
     model: Any,
     batch: TokenBatch,

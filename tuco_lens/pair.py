@@ -10,7 +10,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tuco_lens.backend import ActivationCache, backend_of, model_kind
+from tuco_lens.backend import ActivationCache, backend_of, linear_layout, model_kind
 from tuco_lens.compatibility import check_compatible
 from tuco_lens.decomposition import Decomposition, DecompositionAccumulator, Norm, check_norm
 from tuco_lens.errors import InputError, InputTypeError
@@ -453,7 +453,7 @@ class TuCoPair:
             chat_template=chat_template,
             prepend_bos=prepend_bos,
         )
-        with self.scaled(alpha):
+        with self.scaled(alpha), linear_layout(self.pt, self.ft):  # no per-step weight copies
             out = generate_tokens(
                 self.ft,
                 batch,
