@@ -27,6 +27,7 @@ import re
 from pathlib import Path
 
 import torch
+from torch import Tensor
 import transformers
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
@@ -40,6 +41,7 @@ __all__ = [
     "build_chatml_tokenizer",
     "build_tokenizer",
     "hf_config_for",
+    "plant_massive_activation",
 ]
 
 ARCHITECTURES = ("gpt2", "llama", "llama3", "mistral", "qwen2", "gpt_neox", "gemma", "llama_chatml")
@@ -245,8 +247,11 @@ def hf_config_for(
     if arch == "gemma":
         return transformers.GemmaConfig(**{**rms, "tie_word_embeddings": True}, head_dim=8)
     if arch == "llama_chatml":
+        # Half the init scale of the 2-layer models: 16 layers at std 0.2 grow the stream to |x| ~ 40
+        # and float32 rounding to 1e-4; at 0.1 TransformerLens matches Hugging Face to 1e-5.
         deep = dict(hidden_size=48, intermediate_size=128, num_hidden_layers=16, num_attention_heads=6,
-                    num_key_value_heads=2, tie_word_embeddings=True, rms_norm_eps=1e-5)
+                    num_key_value_heads=2, tie_word_embeddings=True, rms_norm_eps=1e-5,
+                    initializer_range=INIT_STD / 2)
         return transformers.LlamaConfig(**{**rms, **deep}, rope_theta=100000.0)
     raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
 
@@ -322,6 +327,56 @@ def build_checkpoint(
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         _randomize_norms_and_biases(model, generator)
     model.eval()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def plant_massive_activation(
+    source: str | Path,
+    directory: str | Path,
+    *,
+    token_ids: tuple[int, ...],
+    value: float = 28000.0,
+    layer: int = 2,
+    channel: int = 0,
+) -> Path:
+    """Copy a Llama-architecture checkpoint, adding a massive activation (|x| ≈ ``value``).
+
+    Real models write a few huge values (≈ 28,000 in a 135M instruct model) into one channel of
+    the residual stream at the first token and at some delimiters, from an early MLP on. Here:
+    the embedding of ``token_ids`` gets a marker in ``channel`` (every other token 0 there), the
+    blocks before ``layer`` write nothing into ``channel``, and MLP neuron 0 of ``layer`` reads the
+    marker and writes about ``value`` into ``channel`` (scaled on this checkpoint's own float32
+    computation at the first marked token). Apply it with the same arguments to a pre-trained and a fine-tuned checkpoint:
+    both then carry the activation, as real fine-tunes do.
+
+    Example:
+        >>> plant_massive_activation(pt_dir, tmp / "pt-massive", token_ids=(tok.bos_token_id,))
+    """
+    directory = Path(directory)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    layers = model.model.layers
+    with torch.no_grad():
+        embed = model.model.embed_tokens.weight  # (tied embeddings: the logits of channel 0 change too)
+        embed[:, channel] = 0.0
+        embed[list(token_ids), channel] = 3.0
+        for block in layers[: layer + 1]:  # nothing else reaches the channel before the neuron
+            block.self_attn.o_proj.weight[channel] = 0.0
+        for block in layers[:layer]:
+            block.mlp.down_proj.weight[channel] = 0.0
+        mlp = layers[layer].mlp
+        for proj in (mlp.gate_proj, mlp.up_proj):
+            proj.weight[0] = 0.0
+            proj.weight[0, channel] = 4.0
+        mlp.down_proj.weight[:, 0] = 0.0
+        mlp.down_proj.weight[channel, 0] = 1.0
+        seen: dict[str, Tensor] = {}
+        handle = mlp.down_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("act", i[0]))
+        model(torch.tensor([list(token_ids)]))
+        handle.remove()
+        mlp.down_proj.weight[channel, 0] = value / float(seen["act"][0, 0, 0])
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
