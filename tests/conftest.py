@@ -30,6 +30,7 @@ HOOKED_ONLY_MODULES = [
     "test_compatibility.py",
     "test_decomposition.py",
     "test_generation.py",
+    "test_linear_layout.py",
     "test_loading.py",
     "test_offload.py",
     "test_plotting.py",

@@ -4,7 +4,8 @@ TransformerLens 3.9 copies weights into ``F.linear``'s layout on every call (``W
 in gated MLPs and the unembedding, a rearrange of the attention weights), which made generation
 an order of magnitude slower than Hugging Face's. Inside ``linear_layout`` those copies are
 no-ops; the numbers must be bit for bit the same, and every weight must be as before afterwards.
-The speed-up itself is measured by benchmarks/bench_generation.py, not here.
+The speed-up itself is measured by benchmarks/bench_generation.py, not here. HookedTransformer
+only (transformer-lens 3.x; conftest.HOOKED_ONLY_MODULES).
 """
 
 from __future__ import annotations
@@ -12,16 +13,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tuco_lens.backend import HAS_HOOKED_TRANSFORMER
-
-pytestmark = pytest.mark.skipif(not HAS_HOOKED_TRANSFORMER, reason="HookedTransformer (transformer-lens 3.x)")
-
-if HAS_HOOKED_TRANSFORMER:
-    import tuco_lens
-    from tiny_models import KINDS, make_pair, random_tokens
-    from tuco_lens.backend import _layout_plan, linear_layout
-    from tuco_lens.generation import generate_tokens
-    from tuco_lens.inputs import TokenBatch
+import tuco_lens
+from tiny_models import KINDS, make_pair, random_tokens
+from tuco_lens.backend import _layout_plan, linear_layout
+from tuco_lens.generation import generate_tokens
+from tuco_lens.inputs import TokenBatch
 
 
 def _state(model) -> dict[str, torch.Tensor]:

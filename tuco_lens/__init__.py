@@ -20,6 +20,7 @@ from tuco_lens.errors import (
     InputError,
     InputTypeError,
     ModelLoadError,
+    NonFiniteError,
     TuCoError,
     UnsupportedVersionsError,
 )
@@ -45,5 +46,6 @@ __all__ = [
     "InputTypeError",
     "AlphaError",
     "UnsupportedVersionsError",
+    "NonFiniteError",
     "__version__",
 ]

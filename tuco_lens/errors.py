@@ -16,6 +16,7 @@ __all__ = [
     "InputTypeError",
     "AlphaError",
     "UnsupportedVersionsError",
+    "NonFiniteError",
 ]
 
 
@@ -49,3 +50,10 @@ class AlphaError(TuCoError, ValueError):
 
 class UnsupportedVersionsError(TuCoError, RuntimeError):
     """The installed library versions are known to give wrong results (see the README, 'Tested versions')."""
+
+
+class NonFiniteError(TuCoError, ArithmeticError):
+    """A PTC or FTC that is not finite (inf or NaN) at a real token, e.g. a float16 overflow.
+
+    Raised instead of a TuCo computed from infinities (the ratio of two NaNs is no number).
+    """
