@@ -124,7 +124,8 @@ class TuCoPair:
             attention_mask: Mask for padded token ids (1 = real token).
             chat_template: Wrap prompts in the fine-tuned tokenizer's chat template, with the
                 generation prompt (the paper's setting for chat models).
-            prepend_bos: For plain strings; ``None`` follows ``ft.cfg.default_prepend_bos``.
+            prepend_bos: For plain strings; ``None`` follows ``ft.cfg.default_prepend_bos`` (for
+                models loaded by tuco_lens: a BOS exactly when the tokenizer adds one).
             padding_side: ``"left"`` (default; last real token at ``[:, -1]``) or ``"right"``.
 
         Example:
