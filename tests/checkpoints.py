@@ -99,6 +99,21 @@ INIT_STD = 0.2
 _BLOCK_PARAM = re.compile(r"\.(layers|h)\.\d+\.")
 
 
+def _byte_level_bpe(vocab_size: int, special_tokens: tuple[str, ...], corpus: list[str]) -> Tokenizer:
+    """A byte-level BPE (GPT-2 style: 256 byte symbols, then merges) trained on ``corpus``."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(corpus, trainer)
+    return backend
+
+
 def build_tokenizer(
     directory: str | Path, *, prepend_bos: bool = True, byte_level: bool = False
 ) -> PreTrainedTokenizerFast:
@@ -127,16 +142,7 @@ def build_tokenizer(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if byte_level:
-        backend = Tokenizer(models.BPE())
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        backend.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=BYTE_LEVEL_VOCAB_SIZE,
-            special_tokens=list(SPECIAL_TOKENS),
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        )
-        backend.train_from_iterator([" ".join(_WORDS)] * 4, trainer)
+        backend = _byte_level_bpe(BYTE_LEVEL_VOCAB_SIZE, SPECIAL_TOKENS, [" ".join(_WORDS)] * 4)
         vocab = backend.get_vocab()
     else:
         vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + tuple(dict.fromkeys(_WORDS)))}
@@ -161,7 +167,7 @@ def build_tokenizer(
 
 
 def build_chatml_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer with ChatML turns whose BOS adds itself to nothing.
+    """A byte-level BPE tokenizer with ChatML turns that adds no BOS (its BOS is a chat token).
 
     Like SmolLM2's: BOS ``<|im_start|>`` (the token that opens a chat turn), EOS and padding
     ``<|im_end|>``, unknown ``<|endoftext|>``, no post-processor (``tokenizer(text)`` adds no
@@ -175,18 +181,9 @@ def build_chatml_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=CHATML_VOCAB_SIZE,
-        special_tokens=list(CHATML_SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
     words = " ".join(_WORDS)
     corpus = [words, words.capitalize(), f"user\n{words}\nassistant\n{words}\n"] * 4
-    backend.train_from_iterator(corpus, trainer)
+    backend = _byte_level_bpe(CHATML_VOCAB_SIZE, CHATML_SPECIAL_TOKENS, corpus)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         bos_token="<|im_start|>",

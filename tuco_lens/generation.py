@@ -3,7 +3,9 @@
 TransformerLens's own ``generate`` rebuilds the attention mask from pad-token ids, which is
 ambiguous when the pad token is also BOS/EOS (GPT-2). This loop takes the mask tuco_lens built
 while tokenizing, keeps it in the KV cache, and is what ``TuCoPair.generate`` runs inside
-``pair.scaled(alpha)``; any forward hooks active on the model apply at every step.
+``pair.scaled(alpha)``; any forward hooks active on the model apply at every step. It runs with
+the model's weights in the layout its forward pass reads (:func:`tuco_lens.backend.linear_layout`),
+so a HookedTransformer does not copy every weight at every step.
 """
 
 from __future__ import annotations
