@@ -30,6 +30,7 @@ HOOKED_ONLY_MODULES = [
     "test_compatibility.py",
     "test_decomposition.py",
     "test_generation.py",
+    "test_linear_layout.py",
     "test_loading.py",
     "test_offload.py",
     "test_plotting.py",
@@ -49,6 +50,7 @@ MISLEADING_NAMES = {
     "qwen2": ("google-gemma-7b", "codellama-qwen-merge"),
     "gpt_neox": ("pythia-llama-70m", "gpt2-sft"),
     "gemma": ("gemma-base", "gemma-ft"),
+    "llama_chatml": ("SmolLM2-135M", "qwen2-0.5b-instruct-lora-merged"),
 }
 
 

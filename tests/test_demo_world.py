@@ -355,7 +355,9 @@ def test_demo_load_pair_goes_through_tuco_lens_loading(monkeypatch):
     monkeypatch.setattr(tuco_lens.loading, "load_pair",
                         lambda *a, **k: calls.append((a, k)) or "pair")
     assert demo.load_pair(dtype="float32") == "pair"
-    assert calls == [((str(demo.PT_DIR), str(demo.FT_DIR)), {"dtype": "float32"})]
+    assert calls == [((str(demo.PT_DIR), str(demo.FT_DIR)), {"default_prepend_bos": True, "dtype": "float32"})]
+    demo.load_pair(default_prepend_bos=False)  # the tokenizer's own rule, on request
+    assert calls[-1][1] == {"default_prepend_bos": False}
 
 
 def test_demo_load_pair_transformer_lens(hf_pair):

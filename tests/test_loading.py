@@ -25,6 +25,7 @@ HF_CLASS = {
     "qwen2": "Qwen2ForCausalLM",
     "gpt_neox": "GPTNeoXForCausalLM",
     "gemma": "GemmaForCausalLM",
+    "llama_chatml": "LlamaForCausalLM",
 }
 NO_PROCESSING = {
     "fold_ln": False,

@@ -28,6 +28,7 @@ from tuco_lens.errors import (
     InputTypeError,
     MissingDependencyError,
     ModelLoadError,
+    NonFiniteError,
     TuCoError,
     UnsupportedVersionsError,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "AlphaError",
     "UnsupportedVersionsError",
     "MissingDependencyError",
+    "NonFiniteError",
     "__version__",
 ]
 

@@ -23,8 +23,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +48,9 @@ try:  # transformer-lens 3.x; removed in 4.0
     from transformer_lens import loading_from_pretrained as tl_loading
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
     from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+    from transformer_lens.components import AbstractAttention, GatedMLP, Unembed
 except ImportError:  # pragma: no cover - exercised by the transformer-lens 4.x CI job
+    AbstractAttention = GatedMLP = Unembed = None  # type: ignore[assignment,misc]
     HookedTransformer = None  # type: ignore[assignment,misc]
     HookedTransformerConfig = None  # type: ignore[assignment,misc]
     tl_loading = None  # type: ignore[assignment]
@@ -67,8 +70,10 @@ __all__ = [
     "TransformerBridge",
     "backend_of",
     "bridge_from_hf",
+    "linear_layout",
     "model_kind",
     "repair_cache_keyword",
+    "repair_float64_attention",
     "sample_logits",
     "tl_loading",
 ]
@@ -256,6 +261,10 @@ class Backend:
         """An empty KV cache for :meth:`forward` during generation."""
         raise NotImplementedError
 
+    def linear_layout(self) -> contextlib.AbstractContextManager[None]:
+        """Context manager: weights stored in the layout the forward pass reads (see :func:`linear_layout`)."""
+        return contextlib.nullcontext()
+
 
 def _paired(owner: Any, key: int, make: Callable[[], Any]) -> tuple[Any, bool]:
     """The pre-trained cache attached to fine-tuned cache ``owner`` for the context ``key``."""
@@ -425,6 +434,9 @@ class HookedBackend(Backend):
     def new_generation_cache(self, batch_size: int) -> Any:
         return TransformerLensKeyValueCache.init_cache(self.model.cfg, self.model.cfg.device, batch_size)
 
+    def linear_layout(self) -> contextlib.AbstractContextManager[None]:
+        return _hooked_linear_layout(self.model)
+
 
 class BridgeBackend(Backend):
     """TransformerLens's ``TransformerBridge``: Hugging Face decoder layers with hook points.
@@ -440,6 +452,7 @@ class BridgeBackend(Backend):
     def __init__(self, model: Any):
         super().__init__(model)
         repair_cache_keyword(model)
+        repair_float64_attention(model)
 
     def resid_pre(self, block: torch.nn.Module) -> HookPoint:
         return block.hook_in
@@ -660,6 +673,171 @@ def repair_cache_keyword(bridge: TransformerBridge) -> None:
 def _caches_in(call: BlockCall) -> list[Any]:
     values = list(call.args) + list(call.kwargs.values())
     return [v for v in values if isinstance(v, transformers.Cache)]
+
+
+# --- float64 attention on TransformerBridge --------------------------------------------------
+_FLOAT64_REPAIRED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+_FLOAT64_HANDLES = "_tuco_lens_float64_handles"
+#: How far the bridge's own (float32) softmax may be from the float64 one where it is finite.
+_FLOAT32_SOFTMAX_TOLERANCE = 1e-4
+
+
+def _float64_softmax(scores: Tensor) -> Tensor:
+    """Softmax over keys in float64; a query with no visible key (all ``-inf``) gets zeros."""
+    fully_masked = torch.isneginf(scores).all(dim=-1, keepdim=True)
+    pattern = torch.softmax(scores.masked_fill(fully_masked, 0.0), dim=-1)
+    return pattern.masked_fill(fully_masked, 0.0)
+
+
+def _exact_pattern_hooks(attention: torch.nn.Module, args: tuple) -> None:
+    """Forward pre-hook of an attention bridge: for this call, recompute its pattern in float64."""
+    parameter = next(attention.parameters(), None)
+    if attention.training or parameter is None or parameter.dtype != torch.float64:
+        return
+    scores: list[Tensor] = []
+
+    def keep_scores(module: torch.nn.Module, inputs: tuple, output: Tensor) -> None:
+        scores.append(output)
+
+    def exact_pattern(module: torch.nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
+        if not scores:
+            return None
+        pattern = _float64_softmax(scores.pop())
+        finite = ~torch.isnan(output)
+        if pattern.shape != output.shape or bool(
+            ((pattern - output).abs() > _FLOAT32_SOFTMAX_TOLERANCE)[finite].any()
+        ):
+            raise UnsupportedVersionsError(
+                "The attention of this TransformerBridge computes its pattern differently from a "
+                "softmax of hook_attn_scores, so tuco_lens cannot make its float64 attention exact. "
+                f"Installed: {installed_versions()}. Load the pair in float32 "
+                "(dtype='float32'), or use backend='hooked'."
+            )
+        return pattern
+
+    # Appended: reads the scores after any hooks of yours. Prepended: your hooks see the result.
+    handles = (
+        attention.hook_attn_scores.register_forward_hook(keep_scores),
+        attention.hook_pattern.register_forward_hook(exact_pattern, prepend=True),
+    )
+    attention.__dict__.setdefault(_FLOAT64_HANDLES, []).append(handles)
+
+
+def _remove_pattern_hooks(attention: torch.nn.Module, args: tuple, output: Any) -> None:
+    """Forward hook of an attention bridge (also after an error): drop this call's hooks."""
+    stack = attention.__dict__.get(_FLOAT64_HANDLES)
+    if stack:
+        for handle in stack.pop():
+            handle.remove()
+
+
+def repair_float64_attention(bridge: TransformerBridge) -> None:
+    """Make a float64 bridge's attention exact: softmax in float64, no NaN from padding.
+
+    TransformerLens's attention bridges (3.9 and 4.3 checked) reimplement attention and compute
+    the softmax in float32 whatever the model dtype. In a float64 model that costs precision
+    (logits about 1e-5 from Hugging Face's) and, with padding, NaN: the mask value
+    ``finfo(float64).min`` becomes ``-inf`` in float32, so a query with no visible key (the
+    leading pads of a left-padded row) gets a NaN pattern, and the NaN reaches the real tokens
+    at the next layer through ``0 * NaN`` in ``pattern @ value``. For float64 bridges this
+    recomputes the pattern at ``hook_pattern`` as the float64 softmax of what reached
+    ``hook_attn_scores`` (after any hooks of yours there; your ``hook_pattern`` hooks see the
+    exact pattern). It refuses with :class:`~tuco_lens.errors.UnsupportedVersionsError` if the
+    bridge's own pattern is not a softmax of those scores. No-op for other dtypes and in training
+    mode. Done once per model; the hooks stay (they also repair ``pair.ft(...)`` called directly).
+
+    Example:
+        >>> repair_float64_attention(pair.ft)   # done by tuco_lens for every bridge it touches
+    """
+    if bridge in _FLOAT64_REPAIRED:
+        return
+    for module in bridge.modules():
+        if isinstance(module, AttentionBridge) and hasattr(module, "hook_attn_scores") and hasattr(module, "hook_pattern"):
+            module.register_forward_pre_hook(_exact_pattern_hooks)
+            module.register_forward_hook(_remove_pattern_hooks, always_call=True)
+    _FLOAT64_REPAIRED.add(bridge)
+
+
+# --- HookedTransformer weights in the layout its forward pass reads --------------------------
+_LAYOUT_DEPTH = "_tuco_lens_linear_layout_depth"
+
+
+def _layout_plan(model: Any) -> list[tuple[torch.nn.Parameter, tuple[int, ...]]]:
+    """``(parameter, order)``: the weights TransformerLens copies into ``parameter.permute(order)``
+    (made contiguous) on every call, and that order."""
+    cfg = model.cfg
+    plan: list[tuple[torch.nn.Parameter, tuple[int, ...]]] = []
+    if getattr(cfg, "load_in_4bit", False):
+        return plan
+    plain_attention = not (cfg.use_split_qkv_input or cfg.use_attn_in or cfg.use_attn_result)
+    for module in model.modules():
+        if isinstance(module, GatedMLP):  # F.linear(x, W.T.contiguous()) for each of the three
+            plan += [(module.W_gate, (1, 0)), (module.W_in, (1, 0)), (module.W_out, (1, 0))]
+        elif isinstance(module, Unembed):  # F.linear(x, W_U.T.contiguous(), b_U)
+            plan.append((module.W_U, (1, 0)))
+        elif isinstance(module, AbstractAttention) and plain_attention:
+            # Q/K/V: "head d_model d_head -> (head d_head) d_model"; O: "... -> d_model (head d_head)"
+            for name in ("W_Q", "W_K", "W_V", "_W_K", "_W_V"):
+                weight = module._parameters.get(name)
+                if weight is not None:
+                    plan.append((weight, (0, 2, 1)))
+            plan.append((module.W_O, (2, 0, 1)))
+    return plan
+
+
+def _stored_as(weight: Tensor, order: tuple[int, ...]) -> Tensor:
+    """``weight``'s values, stored so that ``weight.permute(order)`` is contiguous."""
+    inverse = tuple(sorted(range(len(order)), key=order.__getitem__))
+    return weight.permute(order).contiguous().permute(inverse)
+
+
+@contextlib.contextmanager
+def _hooked_linear_layout(model: Any) -> Iterator[None]:
+    if getattr(model, _LAYOUT_DEPTH, 0):  # already inside: nothing to do
+        setattr(model, _LAYOUT_DEPTH, getattr(model, _LAYOUT_DEPTH) + 1)
+        try:
+            yield
+        finally:
+            setattr(model, _LAYOUT_DEPTH, getattr(model, _LAYOUT_DEPTH) - 1)
+        return
+    plan = _layout_plan(model)
+    # Outside inference mode, so the weights stay ordinary tensors after the call.
+    with torch.inference_mode(False), torch.no_grad():
+        for weight, order in plan:
+            weight.data = _stored_as(weight.data, order)
+    setattr(model, _LAYOUT_DEPTH, 1)
+    try:
+        yield
+    finally:
+        setattr(model, _LAYOUT_DEPTH, 0)
+        with torch.inference_mode(False), torch.no_grad():
+            for weight, _ in plan:
+                weight.data = weight.data.contiguous()
+
+
+@contextlib.contextmanager
+def linear_layout(*models: Any) -> Iterator[None]:
+    """Store the models' weights, for the duration, in the layout their forward pass reads.
+
+    TransformerLens 3.9's ``HookedTransformer`` copies weights into the ``[out, in]`` layout of
+    ``F.linear`` on every call (``W.T.contiguous()`` for each gated-MLP weight and the
+    unembedding, a rearrange of ``W_Q``/``W_K``/``W_V``/``W_O`` in attention). One decoding
+    step computes one token per row, so these copies cost more than the arithmetic: generation
+    ran an order of magnitude slower than the Hugging Face model. Inside this context the
+    weights are stored in that layout (same values, same shapes; only the strides change), so
+    each copy is a no-op and the numbers are bit for bit the same. On exit the weights are
+    contiguous again. Costs one copy of the weights on entry and one on exit: worth it for many
+    forward passes (generation), not for one. Re-entrant; a no-op for a ``TransformerBridge``
+    (Hugging Face layers read their weights in place). ``pair.generate`` uses it.
+
+    Example:
+        >>> with linear_layout(pair.pt, pair.ft), pair.scaled(0.5):
+        ...     out = pair.ft.generate("Once upon a time", max_new_tokens=40)
+    """
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            stack.enter_context(backend_of(model).linear_layout())
+        yield
 
 
 def bridge_from_hf(

@@ -25,7 +25,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tuco_lens.errors import InputError, TuCoError
+from tuco_lens.errors import InputError, NonFiniteError, TuCoError
 from tuco_lens.inputs import last_real_index
 
 __all__ = ["COMPONENTS", "Decomposition", "DecompositionAccumulator", "Norm", "vector_norm", "ratio"]
@@ -368,6 +368,9 @@ class DecompositionAccumulator:
         self.ftc_total: Tensor | None = None
         self.first_stream: Tensor | None = None
         self.last_stream: Tensor | None = None
+        # Per layer: whether a component is inf/NaN at a real token (checked once, at the end).
+        self._non_finite: list[Tensor] = []
+        self._model_dtype: torch.dtype | None = None
         b = attention_mask.shape[0]
         if positions == "all":
             shape = (b, n_layers, n_pos)
@@ -421,6 +424,7 @@ class DecompositionAccumulator:
             self.last_stream = self._at_last(ft).to(device)
         ptc = (pt - x).to(device)
         ftc = (ft - pt).to(device)
+        self._record_non_finite(ptc, ftc, resid_pre.dtype)
         if self.ptc_total is None:
             self.ptc_total, self.ftc_total = ptc, ftc  # fresh tensors, made above
         else:
@@ -433,11 +437,28 @@ class DecompositionAccumulator:
             self.tables["ftc_cum_norm"][:, layer] = vector_norm(self.ftc_total, self.norm)
         self.next_layer += 1
 
+    def _record_non_finite(self, ptc: Tensor, ftc: Tensor, model_dtype: torch.dtype) -> None:
+        bad = ~(torch.isfinite(ptc).all(-1) & torch.isfinite(ftc).all(-1))  # [batch, pos] or [batch]
+        if self.positions == "all":
+            bad &= self.mask.bool()
+        self._non_finite.append(bad.any())
+        self._model_dtype = model_dtype
+
     def _check_complete(self) -> None:
         if self.next_layer != self.n_layers:
             raise TuCoError(
                 f"Only {self.next_layer} of {self.n_layers} layers were decomposed. Was the "
                 "forward pass stopped early (stop_at_layer) or a block skipped?"
+            )
+        flags = torch.stack(self._non_finite)
+        if bool(flags.any()):
+            layer = int(flags.nonzero()[0, 0])
+            raise NonFiniteError(
+                f"PTC/FTC of layer {layer} are not finite (inf or NaN) at a real token, so no TuCo "
+                f"can be computed; the {self._model_dtype} forward pass produced them. In float16 "
+                "this is an overflow of a massive activation (|x| in the tens of thousands at the "
+                "first token, normal in real models; float16's largest value is 65504): load the "
+                "pair with dtype='bfloat16' or 'float32'."
             )
 
     def last_token_sums(self) -> tuple[Float[Tensor, "batch d_model"], Float[Tensor, "batch d_model"]]:

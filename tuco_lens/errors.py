@@ -23,6 +23,7 @@ __all__ = [
     "TuCoWarning",
     "DoubledBOSWarning",
     "ChatTemplateTwiceWarning",
+    "NonFiniteError",
 ]
 
 
@@ -95,3 +96,10 @@ class DoubledBOSWarning(TuCoWarning):
 
 class ChatTemplateTwiceWarning(TuCoWarning):
     """``chat_template=True`` on prompts that already look formatted by the chat template."""
+
+
+class NonFiniteError(TuCoError, ArithmeticError):
+    """A PTC or FTC that is not finite (inf or NaN) at a real token, e.g. a float16 overflow.
+
+    Raised instead of a TuCo computed from infinities (the ratio of two NaNs is no number).
+    """

@@ -3,13 +3,17 @@
 TransformerLens's own ``generate`` rebuilds the attention mask from pad-token ids, which is
 ambiguous when the pad token is also BOS/EOS (GPT-2). This loop takes the mask tuco_lens built
 while tokenizing, keeps it in the KV cache, and is what ``TuCoPair.generate`` runs inside
-``pair.scaled(alpha)``; any forward hooks active on the model apply at every step.
+``pair.scaled(alpha)``; any forward hooks active on the model apply at every step. It runs with
+the model's weights in the layout its forward pass reads (:func:`tuco_lens.backend.linear_layout`),
+so a HookedTransformer does not copy every weight at every step.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -18,14 +22,27 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tuco_lens.backend import backend_of, sample_logits
+from tuco_lens.backend import backend_of, linear_layout, sample_logits
 from tuco_lens.errors import InputError, InputTypeError
 from tuco_lens.inputs import TokenBatch, to_left_padding
 
 __all__ = ["generate_tokens", "stop_tokens", "check_sampling", "check_eos_token_id"]
 
 
+def _in_linear_layout(generate: Callable) -> Callable:
+    """Run ``generate(model, ...)`` with ``model``'s weights in the layout its forward pass reads,
+    so no decoding step copies them (:func:`tuco_lens.backend.linear_layout`)."""
+
+    @functools.wraps(generate)
+    def wrapped(model: Any, *args: Any, **kwargs: Any) -> Any:
+        with linear_layout(model):
+            return generate(model, *args, **kwargs)
+
+    return wrapped
+
+
 @torch.no_grad()
+@_in_linear_layout
 def generate_tokens(
     model: Any,
     batch: TokenBatch,

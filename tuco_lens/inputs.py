@@ -5,8 +5,8 @@ Every public entry point of tuco_lens (``decompose``, ``tuco``, ``run_with_alpha
 input are handled in exactly one place:
 
 * strings are tokenized one by one with the fine-tuned model's own ``to_tokens`` (so the
-  tokens are what ``model.to_tokens(prompt)`` gives, BOS included by TransformerLens's
-  rule), or wrapped in the fine-tuned tokenizer's chat template with the generation
+  tokens are what ``model.to_tokens(prompt)`` gives: a BOS when ``cfg.default_prepend_bos``,
+  which :func:`tuco_lens.load_model` sets to whether the model's own tokenizer adds one), or wrapped in the fine-tuned tokenizer's chat template with the generation
   prompt, then padded (left by default) with an explicit attention mask;
 * token tensors are checked (integer dtype, ids inside the vocabulary, mask shape and
   values, at least one real token per row); a tensor that looks padded but comes with no
@@ -140,7 +140,8 @@ def prepare_batch(
         chat_template: Wrap each prompt as a user turn in the tokenizer's chat template with
             the generation prompt (as the TuCo paper does). Strings only.
         prepend_bos: Whether to prepend BOS to plain strings; ``None`` follows the model's
-            ``cfg.default_prepend_bos`` like ``model.to_tokens``, except that a prompt already
+            ``cfg.default_prepend_bos`` like ``model.to_tokens`` (for models loaded by
+            tuco_lens: whether their own tokenizer adds a BOS), except that a prompt already
             starting with the BOS token's text (a prompt formatted by hand or by a chat
             template) gets no second BOS. Ignored with the chat template, whose text decides BOS.
         padding_side: Where padding goes when prompts have different lengths.

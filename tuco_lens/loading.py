@@ -46,7 +46,7 @@ from tuco_lens.errors import InputError, InputTypeError, ModelLoadError
 if TYPE_CHECKING:
     from tuco_lens.pair import TuCoPair
 
-__all__ = ["load_model", "load_pair", "resolve_dtype", "check_device"]
+__all__ = ["load_model", "load_pair", "resolve_dtype", "check_device", "tokenizer_adds_bos"]
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -280,6 +280,52 @@ def _resolve_tokenizer(
         raise ModelLoadError(message) from error
 
 
+def tokenizer_adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether ``tokenizer(text)`` puts the BOS token in front of the text by itself.
+
+    This is the BOS rule of the models tuco_lens loads: plain strings get a BOS exactly when
+    the model's own tokenizer adds one (Llama 2/3, Mistral, Gemma: yes; GPT-2, GPT-NeoX, Qwen2,
+    ChatML models such as SmolLM, whose BOS ``<|im_start|>`` opens a chat turn: no). It sets
+    ``cfg.default_prepend_bos``, which ``TuCoPair`` and ``model.to_tokens`` follow. Call it on
+    the original Hugging Face tokenizer: a TransformerLens model's ``model.tokenizer`` is a copy
+    loaded with ``add_bos_token=True``.
+
+    Example:
+        >>> tokenizer_adds_bos(AutoTokenizer.from_pretrained("./my-llama-2-sft"))
+        True
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    with_special = list(tokenizer("a")["input_ids"])
+    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    return with_special[:1] == [bos] and plain[:1] != [bos]
+
+
+def _follow_tokenizer_bos(model: HookedTransformer, tokenizer: Any, kwargs: dict[str, Any]) -> None:
+    """Set an official model's ``default_prepend_bos`` from its original tokenizer.
+
+    TransformerLens loaded a BOS-adding copy of the tokenizer; the original is reloaded from the
+    same place (the local cache that loading just filled; nothing is downloaded).
+    """
+    if tokenizer is None:
+        source = getattr(model.tokenizer, "name_or_path", None) if model.tokenizer is not None else None
+        if not source:
+            return
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True, **kwargs)
+        except Exception as error:  # an unusual cache layout: keep TransformerLens's rule, say so
+            warnings.warn(
+                f"could not reload the original tokenizer {source!r} ({error}), so plain strings "
+                f"follow TransformerLens's default_prepend_bos={model.cfg.default_prepend_bos}; pass "
+                "default_prepend_bos=... to load_model / load_pair to choose",
+                UserWarning,
+                stacklevel=4,
+            )
+            return
+    model.cfg.default_prepend_bos = tokenizer_adds_bos(tokenizer)
+
+
 def _attach_tokenizer(
     model: HookedTransformer, tokenizer: PreTrainedTokenizerBase, padding_side: str | None
 ) -> None:
@@ -314,7 +360,11 @@ def _convert(
     backend: str = "hooked",
 ) -> Any:
     """Build a HookedTransformer (or, with ``backend="bridge"``, a TransformerBridge that takes
-    ``hf_model`` over) from a Hugging Face causal LM, using the model's own config."""
+    ``hf_model`` over) from a Hugging Face causal LM, using the model's own config.
+
+    ``default_prepend_bos=None`` follows the tokenizer (:func:`tokenizer_adds_bos`)."""
+    if default_prepend_bos is None and tokenizer is not None:
+        default_prepend_bos = tokenizer_adds_bos(tokenizer)
     if backend == "bridge":
         return _bridge(hf_model, tokenizer, name=name, device=device, dtype=dtype,
                        processing=processing, default_prepend_bos=default_prepend_bos,
@@ -686,12 +736,13 @@ def load_model(
         route, source = "hub", tl_loading.get_official_model_name(source)
 
     if route == "official":
+        given_tokenizer = _resolve_tokenizer(tokenizer, None)
         try:
             model = HookedTransformer.from_pretrained_no_processing(
                 source,
                 device=device,
                 dtype=dtype or torch.float32,
-                tokenizer=_resolve_tokenizer(tokenizer, None),
+                tokenizer=given_tokenizer,
                 **processing,
                 **hf_model_kwargs,
                 **from_pretrained_kwargs,
@@ -700,6 +751,10 @@ def load_model(
             raise ModelLoadError(
                 f"could not load the TransformerLens model {source!r}: {error}"
             ) from error
+        if "default_prepend_bos" not in from_pretrained_kwargs:
+            tokenizer_kwargs = {k: v for k, v in hf_model_kwargs.items() if k in _TOKENIZER_KWARGS}
+            tokenizer_kwargs.pop("local_files_only", None)
+            _follow_tokenizer_bos(model, given_tokenizer, tokenizer_kwargs)
         setattr(model, PROCESSING_ATTR, _applicable(model.cfg, processing))
         return model
 

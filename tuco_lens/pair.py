@@ -11,7 +11,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tuco_lens.attribution import FrozenNorm, LogitAttribution, OutputComparison, kl_per_token
-from tuco_lens.backend import ActivationCache, backend_of, model_kind
+from tuco_lens.backend import ActivationCache, backend_of, linear_layout, model_kind
 from tuco_lens.compatibility import check_compatible
 from tuco_lens.components import ComponentAccumulator, mixer_for
 from tuco_lens.decomposition import COMPONENTS, Decomposition, DecompositionAccumulator, Norm, check_norm
@@ -133,7 +133,8 @@ class TuCoPair:
             attention_mask: Mask for padded token ids (1 = real token).
             chat_template: Wrap prompts in the fine-tuned tokenizer's chat template, with the
                 generation prompt (the paper's setting for chat models).
-            prepend_bos: For plain strings; ``None`` follows ``ft.cfg.default_prepend_bos``.
+            prepend_bos: For plain strings; ``None`` follows ``ft.cfg.default_prepend_bos`` (for
+                models loaded by tuco_lens: a BOS exactly when the tokenizer adds one).
             padding_side: ``"left"`` (default; last real token at ``[:, -1]``) or ``"right"``.
 
         Example:
@@ -643,7 +644,7 @@ class TuCoPair:
             chat_template=chat_template,
             prepend_bos=prepend_bos,
         )
-        with self.scaled(alpha):
+        with self.scaled(alpha), linear_layout(self.pt, self.ft):  # no per-step weight copies
             out = generate_tokens(
                 self.ft,
                 batch,

@@ -24,8 +24,11 @@ Example:
 
 Chat-formatted prompts already start with ``<bos>`` (the chat template renders it, as Llama chat
 templates do): tokenize them with ``add_special_tokens=False`` (transformers) or
-``prepend_bos=False`` (TransformerLens). The tokenizer never adds BOS by itself; ``"web"`` prompts
-are plain text for which TransformerLens prepends BOS by default.
+``prepend_bos=False`` (TransformerLens). The tokenizer never adds BOS by itself, but the
+pre-trained model saw every page as ``<bos> page <eos>``: :func:`load_pair` therefore sets
+``default_prepend_bos=True``, so ``"web"`` prompts (plain text) are scored with the BOS the model was
+trained with. (tuco_lens's own rule follows the tokenizer, which for this pair would add none; see
+the README, "Faithfulness to the paper".)
 """
 
 from __future__ import annotations
@@ -91,9 +94,13 @@ def _check_dirs() -> None:
 def load_pair(**kwargs: Any) -> Any:
     """Load the demo pair with :func:`tuco_lens.loading.load_pair`.
 
+    Plain strings get a BOS (``default_prepend_bos=True``), as in pre-training (``<bos> page
+    <eos>``), although the demo tokenizer adds none by itself; pass ``default_prepend_bos=False``
+    for the tokenizer's own rule.
+
     Args:
         **kwargs: Passed on to :func:`tuco_lens.loading.load_pair` (``device``, ``dtype``,
-            processing flags...).
+            ``backend``, processing flags...).
 
     Returns:
         What :func:`tuco_lens.loading.load_pair` returns for ``(PT_DIR, FT_DIR)``.
@@ -108,7 +115,7 @@ def load_pair(**kwargs: Any) -> Any:
     _check_dirs()
     from tuco_lens.loading import load_pair as _load_pair
 
-    return _load_pair(str(PT_DIR), str(FT_DIR), **kwargs)
+    return _load_pair(str(PT_DIR), str(FT_DIR), **{"default_prepend_bos": True, **kwargs})
 
 
 def load_hf_pair() -> tuple[Any, Any, Any]:

@@ -25,7 +25,17 @@ from tuco_lens.plotting._util import (
     to_numpy,
 )
 
-__all__ = ["plot_layers", "plot_token_heatmap"]
+__all__ = ["MASSIVE_NORM_RATIO", "plot_layers", "plot_token_heatmap"]
+
+#: ``plot_layers`` draws its norms on a log axis when the largest per-layer norm exceeds this
+#: many times their median (a massive activation at the scored token).
+MASSIVE_NORM_RATIO = 100.0
+
+
+def _has_massive_norm(norms: np.ndarray) -> bool:
+    """Whether the largest positive norm exceeds :data:`MASSIVE_NORM_RATIO` times their median."""
+    positive = norms[np.isfinite(norms) & (norms > 0)]
+    return positive.size > 0 and float(positive.max()) > MASSIVE_NORM_RATIO * float(np.median(positive))
 
 
 def plot_layers(
@@ -34,6 +44,7 @@ def plot_layers(
     *,
     labels: Sequence[str] | None = None,
     cumulative_norms: bool = False,
+    log_norms: bool | None = None,
     title: str | None = None,
 ) -> go.Figure:
     """PTC/FTC norms per layer and the cumulative ratio β_l, at the last real token.
@@ -46,6 +57,15 @@ def plot_layers(
     tokens, or the name you give in ``labels`` (then coloured like that set in every figure,
     see :func:`~tuco_lens.plotting.set_colours`).
 
+    Massive activations: real models write a few huge values (|x| ≈ 10^3-10^4) into the stream
+    at the first token and at some delimiters, such as the newline that ends a ChatML generation
+    prompt. When the scored token is one of them, one layer's norm is hundreds of times the
+    others' and a linear axis flattens every other layer to zero; the norm axis is then
+    logarithmic (``log_norms=None``: when the largest per-layer norm ``||PTC_l||`` or
+    ``||FTC_l||`` of the drawn prompts exceeds :data:`MASSIVE_NORM_RATIO` times their median,
+    whichever norms the top panel draws). On a log axis exact zeros (blocks the fine-tune left
+    unchanged) are not drawn.
+
     Reads ``dec.ptc_norm``, ``dec.ftc_norm`` (or the ``*_cum_norm`` tables) and ``dec.beta``,
     all ``[batch, layer, pos]``, at ``dec.last_index``.
 
@@ -55,6 +75,7 @@ def plot_layers(
         labels: One legend label per drawn prompt, e.g. the names of the sets the prompts
             come from.
         cumulative_norms: Plot the norms of the cumulative sums instead of per-layer norms.
+        log_norms: Logarithmic norm axis: ``True``, ``False``, or ``None`` (automatic, above).
         title: Figure title (a default names the norm).
 
     Returns:
@@ -121,7 +142,13 @@ def plot_layers(
             row=2, col=1,
         )
     fig.update_xaxes(title_text="layer (block)", dtick=1 if dec.n_layers <= 40 else None, row=2, col=1)
-    fig.update_yaxes(title_text=f"{norm} norm", rangemode="tozero", row=1, col=1)
+    if log_norms is None:  # decided on the per-layer norms, whichever are drawn
+        per_layer = [to_numpy(dec.at_last_token(t))[indices] for t in (dec.ptc_norm, dec.ftc_norm)]
+        log_norms = _has_massive_norm(np.concatenate(per_layer, axis=None))
+    if log_norms:
+        fig.update_yaxes(title_text=f"{norm} norm (log scale)", type="log", row=1, col=1)
+    else:
+        fig.update_yaxes(title_text=f"{norm} norm", rangemode="tozero", row=1, col=1)
     fig.update_yaxes(title_text="β<sub>l</sub>", range=[0, 1], row=2, col=1)
     notebook_layout(fig, title or f"PTC and FTC per layer at the last token ({norm})", height=600)
     fig.update_layout(hovermode="closest")
