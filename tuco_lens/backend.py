@@ -24,6 +24,8 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import inspect
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -70,6 +72,7 @@ __all__ = [
     "TransformerBridge",
     "backend_of",
     "bridge_from_hf",
+    "fast_attention",
     "linear_layout",
     "model_kind",
     "repair_cache_keyword",
@@ -263,6 +266,10 @@ class Backend:
 
     def linear_layout(self) -> contextlib.AbstractContextManager[None]:
         """Context manager: weights stored in the layout the forward pass reads (see :func:`linear_layout`)."""
+        return contextlib.nullcontext()
+
+    def fast_attention(self) -> contextlib.AbstractContextManager[None]:
+        """Context manager: Hugging Face's own attention where no hook needs more (see :func:`fast_attention`)."""
         return contextlib.nullcontext()
 
 
@@ -523,6 +530,52 @@ class BridgeBackend(Backend):
             kwargs["hidden_states"] = x
         return self.block_output(block(*args, **kwargs))
 
+    def supports_last_token_path(self) -> bool:
+        # Standard blocks around an attention module whose keys and values reach a cache's
+        # ``update`` (the call itself is checked at every call; anything unknown runs in full).
+        return all(
+            type(block).__name__ in ("BlockBridge", "ParallelBlockBridge")
+            and type(getattr(block, "attn", None)).__name__ in _FAST_ATTENTION_BRIDGES
+            for block in self.blocks
+        )
+
+    def call_pt_block_at_last_token(self, block: torch.nn.Module, call: BlockCall, x: Tensor) -> Tensor:
+        """A block's output at the last position only, reading keys and values at every position.
+
+        As for a HookedTransformer (:meth:`HookedBackend.call_pt_block_at_last_token`): the
+        Hugging Face layer first runs on the other positions until its attention hands its keys
+        and values to the cache (a cache that records them and stops the layer there: no query
+        attends, no MLP runs), then on the last position with a cache holding those keys and
+        values, its mask row, rotary embedding and position id. Rows must be left padded.
+        Returns ``[batch, 1, d_model]``, or the full ``[batch, pos, d_model]`` output (the
+        ordinary call) for a layer argument the split does not know.
+        """
+        arguments = _layer_arguments(block, call)
+        cache_name = None if arguments is None else next((k for k in _CACHE_KEYWORDS if k in arguments), None)
+        if cache_name is None:
+            return self.call_pt_block(block, 0, call, x, 0)
+        if arguments[cache_name] is not None:
+            raise TuCoError("The last-token path cannot run with a KV cache.")
+        n = x.shape[1]
+        if n > 1:
+            prefix = _positions_of(arguments, slice(0, n - 1), slice(0, n - 1), n)
+            recorder = _KeysValuesRecorder()
+            if prefix is None:
+                return self.call_pt_block(block, 0, call, x, 0)
+            try:
+                block(**{**prefix, "hidden_states": x[:, :-1], cache_name: recorder})
+            except _KeysValuesRecorded:
+                pass
+            if recorder.recorded is None:  # the layer never handed keys to its cache
+                return self.call_pt_block(block, 0, call, x, 0)
+            cache = _PrefixCache(*recorder.recorded)
+        else:
+            cache = None
+        last = _positions_of(arguments, slice(n - 1, n), slice(0, n), n)
+        if last is None:
+            return self.call_pt_block(block, 0, call, x, 0)
+        return self.block_output(block(**{**last, "hidden_states": x[:, -1:], cache_name: cache}))
+
     def is_parallel(self, block: torch.nn.Module) -> bool:
         return "hook_resid_mid" not in block.hook_aliases
 
@@ -619,6 +672,9 @@ class BridgeBackend(Backend):
     def new_generation_cache(self, batch_size: int) -> Any:
         return transformers.DynamicCache(config=self._hf_config())
 
+    def fast_attention(self) -> contextlib.AbstractContextManager[None]:
+        return _bridge_fast_attention(self.model)
+
 
 def _check_grown(layer: int, call: BlockCall, ft_lengths: list[int], pt_lengths: list[int]) -> None:
     """Raise if a KV cache did not grow by the positions of ``call`` (see ``check_cache_advanced``)."""
@@ -673,6 +729,209 @@ def repair_cache_keyword(bridge: TransformerBridge) -> None:
 def _caches_in(call: BlockCall) -> list[Any]:
     values = list(call.args) + list(call.kwargs.values())
     return [v for v in values if isinstance(v, transformers.Cache)]
+
+
+# --- the last-token path on TransformerBridge --------------------------------------------------
+class _KeysValuesRecorded(Exception):
+    """Raised by :class:`_KeysValuesRecorder` once the layer's keys and values are known."""
+
+
+class _KeysValuesRecorder(transformers.DynamicCache):
+    """A cache that records the keys and values a layer's attention hands it, then stops the layer."""
+
+    recorded: tuple[Tensor, Tensor] | None = None
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> Any:
+        self.recorded = (key_states, value_states)
+        raise _KeysValuesRecorded
+
+
+class _PrefixCache(transformers.DynamicCache):
+    """A cache whose every layer holds the given keys and values; new ones are appended, not stored."""
+
+    def __init__(self, keys: Tensor, values: Tensor) -> None:
+        super().__init__()
+        self.prefix = (keys, values)
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> Any:
+        keys, values = self.prefix
+        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+
+
+def _layer_arguments(block: torch.nn.Module, call: BlockCall) -> dict[str, Any] | None:
+    """The recorded call of a bridge block as ``{parameter name: value}`` of its Hugging Face layer."""
+    signature = inspect.signature(block.original_component.forward)
+    try:
+        bound = signature.bind(*call.args, **call.kwargs)
+    except TypeError:
+        return None
+    arguments: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            arguments.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                return None
+        elif name != "hidden_states":
+            arguments[name] = value
+    return arguments
+
+
+def _positions_of(arguments: dict[str, Any], rows: slice, keys: slice, n: int) -> dict[str, Any] | None:
+    """The layer arguments for the query positions ``rows`` (keys at ``keys``) of an ``n``-position
+    call, or None if an argument holds positions the split does not know how to cut."""
+    out: dict[str, Any] = {}
+    for name, value in arguments.items():
+        if name in _CACHE_KEYWORDS or not isinstance(value, (Tensor, tuple, list, dict)):
+            out[name] = value
+        elif name == "attention_mask" and isinstance(value, Tensor) and value.ndim == 4 and value.shape[-2:] == (n, n):
+            out[name] = value[..., rows, keys]
+        elif name == "position_embeddings" and isinstance(value, tuple) and all(
+            isinstance(t, Tensor) and t.ndim >= 2 and t.shape[-2] == n for t in value
+        ):
+            out[name] = tuple(t[..., rows, :] for t in value)
+        elif name == "position_ids" and isinstance(value, Tensor) and value.shape[-1] == n:
+            out[name] = value[..., rows]
+        elif name == "cache_position" and isinstance(value, Tensor) and value.ndim == 1 and value.shape[0] == n:
+            out[name] = value[rows]
+        else:
+            return None
+    return out
+
+
+# --- Hugging Face's own attention (SDPA) on TransformerBridge ---------------------------------
+# Attention bridges that recompute attention themselves, eagerly (scores and pattern
+# materialised, so that hook_attn_scores / hook_pattern can fire), around a Hugging Face
+# attention module that computes the same function with the model's configured implementation.
+_FAST_ATTENTION_BRIDGES = (
+    "PositionEmbeddingsAttentionBridge", "JointQKVAttentionBridge", "JointQKVPositionEmbeddingsAttentionBridge",
+)
+_FAST_STATE = "_tuco_lens_fast_attention"
+_FAST_LOCK = threading.Lock()
+_CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value", "layer_past")
+# Config flags under which the bridge's attention computes something the Hugging Face module does not.
+_BRIDGE_ONLY_ATTENTION_FLAGS = ("use_split_qkv_input", "use_attn_in", "use_attn_result")
+
+
+@dataclass
+class _FastAttentionState:
+    """Per bridge, while a :func:`fast_attention` context is open: the threads inside (with their
+    nesting depth) and, per attention module, the hook points only its eager path fires."""
+
+    threads: dict[int, int]
+    eager_only_points: dict[torch.nn.Module, list[HookPoint]]
+
+
+def _has_hooks(module: torch.nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def _eager_only_points(attention: torch.nn.Module) -> list[HookPoint]:
+    """Hook points of an attention bridge that Hugging Face's own forward does not fire.
+
+    The Hugging Face module calls its own sub-modules (for Llama-style attention the bridge's
+    ``q``/``k``/``v``/``o`` projections, hook points included) but none of the bridge's
+    attention-internal hook points (``hook_attn_scores``, ``hook_pattern``, ``hook_rot_q``, ...);
+    fused-QKV models (GPT-2) also skip the bridge's split ``q``/``k``/``v``/``o``.
+    """
+    reached = {id(m) for m in attention.original_component.modules()}
+    reached |= {id(attention.hook_in), id(attention.hook_out)}
+    return [m for m in attention.modules() if isinstance(m, HookPoint) and id(m) not in reached]
+
+
+def _takes_cache_keyword(module: torch.nn.Module) -> bool:
+    return "cache" in inspect.signature(module.forward).parameters
+
+
+def _fast_path_allowed(attention: torch.nn.Module, state: _FastAttentionState) -> bool:
+    """This call may run Hugging Face's attention: this thread is inside the context, no hook
+    needs the eager path, and no option computes attention the bridge's own way."""
+    cfg = attention.config
+    return (
+        threading.get_ident() in state.threads
+        and not attention.training
+        and not getattr(attention, "compatibility_mode", False)
+        and not any(getattr(cfg, flag, False) for flag in _BRIDGE_ONLY_ATTENTION_FLAGS)
+        and not any(_has_hooks(point) for point in state.eager_only_points[attention])
+    )
+
+
+def _dispatching_forward(attention: torch.nn.Module, state: _FastAttentionState) -> Callable:
+    """The attention's ``forward`` inside the context: Hugging Face's own, or the bridge's eager one."""
+    eager = type(attention).forward.__get__(attention)
+    cache_keyword = _takes_cache_keyword(attention.original_component)
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if not _fast_path_allowed(attention, state):
+            return eager(*args, **kwargs)
+        if cache_keyword and "past_key_values" in kwargs and "cache" not in kwargs:
+            kwargs["cache"] = kwargs.pop("past_key_values")  # undo repair_cache_keyword for Hugging Face
+        # TransformerLens's minimal wrapper: hook_in, the Hugging Face module, hook_out.
+        return AttentionBridge.forward(attention, *args, **kwargs)
+
+    return forward
+
+
+@contextlib.contextmanager
+def _bridge_fast_attention(model: Any) -> Iterator[None]:
+    me = threading.get_ident()
+    with _FAST_LOCK:
+        state = model.__dict__.get(_FAST_STATE)
+        if state is None:
+            attentions = [
+                m for m in model.modules()
+                if type(m).__name__ in _FAST_ATTENTION_BRIDGES and "forward" not in m.__dict__
+                and getattr(m, "original_component", None) is not None
+            ]
+            state = _FastAttentionState({}, {m: _eager_only_points(m) for m in attentions})
+            for attention in attentions:  # not setattr: a bridge passes that on to the wrapped module
+                attention.__dict__["forward"] = _dispatching_forward(attention, state)
+            model.__dict__[_FAST_STATE] = state
+        state.threads[me] = state.threads.get(me, 0) + 1
+    try:
+        yield
+    finally:
+        with _FAST_LOCK:
+            state.threads[me] -= 1
+            if not state.threads[me]:
+                del state.threads[me]
+            if not state.threads:
+                for attention in state.eager_only_points:
+                    attention.__dict__.pop("forward", None)
+                del model.__dict__[_FAST_STATE]
+
+
+@contextlib.contextmanager
+def fast_attention(*models: Any) -> Iterator[None]:
+    """Run the models' attention with Hugging Face's own implementation (SDPA) where nothing needs more.
+
+    A ``TransformerBridge``'s attention modules recompute attention eagerly (the ``batch × heads
+    × pos × pos`` scores and pattern in memory) so that ``hook_attn_scores`` and ``hook_pattern``
+    can fire. Inside this context, for forward passes of the entering thread, each attention
+    module instead runs the wrapped Hugging Face module with the model's configured attention
+    implementation (``config._attn_implementation``: SDPA for models loaded by tuco_lens), as a
+    plain ``transformers`` forward does; the projections' hook points (``hook_q``, ``hook_k``,
+    ``hook_v``, ``hook_z`` on Llama-style attention) still fire. A module falls back to the
+    bridge's eager attention, call by call, when any hook is on a hook point only that path fires
+    (``hook_attn_scores``, ``hook_pattern``, ``hook_rot_q``/``hook_rot_k``, the fused-QKV models'
+    split ``hook_q``/``hook_k``/``hook_v``/``hook_z``: ``run_with_cache``, ``run_with_hooks`` or a
+    permanent hook there), in training mode, in compatibility mode, with ``use_split_qkv_input``,
+    ``use_attn_in`` or ``use_attn_result``, and for float64 models (whose pattern
+    :func:`repair_float64_attention` recomputes). Equal to the eager attention within float
+    rounding (tested on every architecture). Re-entrant and thread-aware; a no-op for
+    HookedTransformers. ``pair.tuco``, ``decompose``, ``run_with_alpha``, ``generate``,
+    ``logit_attribution`` and ``compare_outputs`` use it.
+
+    Example:
+        >>> with fast_attention(pair.pt, pair.ft):
+        ...     logits = pair.ft(tokens)          # SDPA, unless a pattern hook asks for more
+    """
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            stack.enter_context(backend_of(model).fast_attention())
+        yield
 
 
 # --- float64 attention on TransformerBridge --------------------------------------------------
