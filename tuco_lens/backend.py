@@ -29,7 +29,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import transformers
@@ -250,13 +250,15 @@ class Backend:
         tokens: Tensor,
         attention_mask: Tensor,
         *,
-        logits: bool = True,
+        logits: bool | Literal["last"] = True,
         cache: Any = None,
     ) -> Tensor | None:
         """One forward pass (``cache`` from :meth:`new_generation_cache` for generation).
 
         ``attention_mask`` covers every position so far (``[batch, cached + new]`` with a
-        cache), ``tokens`` only the new ones; ``logits=False`` may stop before the unembedding.
+        cache), ``tokens`` only the new ones. ``logits=True`` returns the logits of every new
+        position; ``"last"`` those of the last position at least (``[batch, 1 or new, d_vocab]``:
+        take ``[:, -1]``); ``False`` nothing, and may stop before the unembedding.
         """
         raise NotImplementedError
 
@@ -662,12 +664,20 @@ class BridgeBackend(Backend):
         return [BlockCall(call.args, dict(call.kwargs)) for _ in self.blocks]
 
     def forward(self, tokens, attention_mask, *, logits=True, cache=None):
+        # Logits at the last position only where no more are asked for (Hugging Face's
+        # logits_to_keep, as its generate does): the unembedding of every position is a sizeable
+        # part of a forward pass.
+        keep = {} if logits is True or not self._keeps_logits() else {"logits_to_keep": 1}
         if cache is None:
             # No cache is built (an HF model would otherwise allocate one per forward pass).
-            return self.model(tokens, attention_mask=attention_mask, use_cache=False, return_type="logits" if logits else None)
+            out = self.model(tokens, attention_mask=attention_mask, use_cache=False, return_type="logits", **keep)
+            return out if logits else None
         return self.model(
-            tokens, attention_mask=attention_mask, past_key_values=cache, use_cache=True, return_type="logits"
+            tokens, attention_mask=attention_mask, past_key_values=cache, use_cache=True, return_type="logits", **keep
         )
+
+    def _keeps_logits(self) -> bool:
+        return "logits_to_keep" in inspect.signature(self.model.original_model.forward).parameters
 
     def new_generation_cache(self, batch_size: int) -> Any:
         return transformers.DynamicCache(config=self._hf_config())

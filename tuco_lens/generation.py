@@ -89,9 +89,9 @@ def generate_tokens(
     new_tokens = tokens
     for _ in tqdm(range(max_new_tokens), disable=not show_progress, desc="generate"):
         if cache is None:
-            logits = backend.forward(tokens, mask)
+            logits = backend.forward(tokens, mask, logits="last")
         else:
-            logits = backend.forward(new_tokens, mask, cache=cache)
+            logits = backend.forward(new_tokens, mask, logits="last", cache=cache)
         final = logits[:, -1, :]
         if do_sample:
             next_token = sample_logits(final, top_k=top_k, top_p=top_p, temperature=temperature, tokens=tokens)

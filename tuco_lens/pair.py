@@ -273,7 +273,9 @@ class TuCoPair:
         Cheaper than :meth:`decompose`: only the sums at the last token are accumulated, and for
         standard architectures the pre-trained blocks compute their query, output projection
         and MLP at the last token only (keys and values at every position), which equals the
-        full computation (tested). Arguments as in :meth:`decompose`.
+        full computation (tested; both backends). On a TransformerBridge every verb also runs
+        Hugging Face's own attention (SDPA) unless a hook needs the attention pattern
+        (:func:`tuco_lens.backend.fast_attention`). Arguments as in :meth:`decompose`.
 
         Example:
             >>> pair.tuco(["How do I bake bread?", "The history of Rome"], chat_template=True)
