@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import threading
 import weakref
@@ -72,7 +73,7 @@ __all__ = [
     "TransformerBridge",
     "backend_of",
     "bridge_from_hf",
-    "fast_attention",
+    "native_modules",
     "linear_layout",
     "model_kind",
     "repair_cache_keyword",
@@ -270,8 +271,8 @@ class Backend:
         """Context manager: weights stored in the layout the forward pass reads (see :func:`linear_layout`)."""
         return contextlib.nullcontext()
 
-    def fast_attention(self) -> contextlib.AbstractContextManager[None]:
-        """Context manager: Hugging Face's own attention where no hook needs more (see :func:`fast_attention`)."""
+    def native_modules(self) -> contextlib.AbstractContextManager[None]:
+        """Context manager: Hugging Face's own attention and norms where no hook needs more (see :func:`native_modules`)."""
         return contextlib.nullcontext()
 
 
@@ -537,7 +538,7 @@ class BridgeBackend(Backend):
         # ``update`` (the call itself is checked at every call; anything unknown runs in full).
         return all(
             type(block).__name__ in ("BlockBridge", "ParallelBlockBridge")
-            and type(getattr(block, "attn", None)).__name__ in _FAST_ATTENTION_BRIDGES
+            and type(getattr(block, "attn", None)).__name__ in _NATIVE_ATTENTION
             for block in self.blocks
         )
 
@@ -677,13 +678,18 @@ class BridgeBackend(Backend):
         )
 
     def _keeps_logits(self) -> bool:
-        return "logits_to_keep" in inspect.signature(self.model.original_model.forward).parameters
+        return _takes_logits_to_keep(type(self.model.original_model).forward)
 
     def new_generation_cache(self, batch_size: int) -> Any:
         return transformers.DynamicCache(config=self._hf_config())
 
-    def fast_attention(self) -> contextlib.AbstractContextManager[None]:
-        return _bridge_fast_attention(self.model)
+    def native_modules(self) -> contextlib.AbstractContextManager[None]:
+        return _bridge_native_modules(self.model)
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_logits_to_keep(forward: Callable) -> bool:
+    return "logits_to_keep" in inspect.signature(forward).parameters
 
 
 def _check_grown(layer: int, call: BlockCall, ft_lengths: list[int], pt_lengths: list[int]) -> None:
@@ -810,27 +816,30 @@ def _positions_of(arguments: dict[str, Any], rows: slice, keys: slice, n: int) -
     return out
 
 
-# --- Hugging Face's own attention (SDPA) on TransformerBridge ---------------------------------
-# Attention bridges that recompute attention themselves, eagerly (scores and pattern
-# materialised, so that hook_attn_scores / hook_pattern can fire), around a Hugging Face
-# attention module that computes the same function with the model's configured implementation.
-_FAST_ATTENTION_BRIDGES = (
+# --- Hugging Face's own attention (SDPA) and norms on TransformerBridge ------------------------
+# Bridge modules that recompute, besides or instead of the Hugging Face module they wrap, what
+# their internal hook points need: the attention bridges recompute attention eagerly (scores and
+# pattern materialised for hook_attn_scores / hook_pattern), the norm bridges the scale and the
+# normalised stream (hook_scale / hook_normalized). Inside native_modules they run the wrapped
+# module's own forward where no hook needs more.
+_NATIVE_ATTENTION = (
     "PositionEmbeddingsAttentionBridge", "JointQKVAttentionBridge", "JointQKVPositionEmbeddingsAttentionBridge",
 )
-_FAST_STATE = "_tuco_lens_fast_attention"
-_FAST_LOCK = threading.Lock()
+_NATIVE_NORMS = ("NormalizationBridge", "RMSNormalizationBridge")
+_NATIVE_STATE = "_tuco_lens_native_modules"
+_NATIVE_LOCK = threading.Lock()
 _CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value", "layer_past")
 # Config flags under which the bridge's attention computes something the Hugging Face module does not.
 _BRIDGE_ONLY_ATTENTION_FLAGS = ("use_split_qkv_input", "use_attn_in", "use_attn_result")
 
 
 @dataclass
-class _FastAttentionState:
-    """Per bridge, while a :func:`fast_attention` context is open: the threads inside (with their
-    nesting depth) and, per attention module, the hook points only its eager path fires."""
+class _NativeState:
+    """Per bridge, while a :func:`native_modules` context is open: the threads inside (with their
+    nesting depth) and, per module run natively, the hook points only the bridge's path fires."""
 
     threads: dict[int, int]
-    eager_only_points: dict[torch.nn.Module, list[HookPoint]]
+    bridge_only_points: dict[torch.nn.Module, list[HookPoint]]
 
 
 def _has_hooks(module: torch.nn.Module) -> bool:
@@ -838,109 +847,117 @@ def _has_hooks(module: torch.nn.Module) -> bool:
                 or module._backward_pre_hooks)
 
 
-def _eager_only_points(attention: torch.nn.Module) -> list[HookPoint]:
-    """Hook points of an attention bridge that Hugging Face's own forward does not fire.
+def _bridge_only_points(module: torch.nn.Module) -> list[HookPoint]:
+    """Hook points of a bridge module that the wrapped Hugging Face module's forward does not fire.
 
     The Hugging Face module calls its own sub-modules (for Llama-style attention the bridge's
-    ``q``/``k``/``v``/``o`` projections, hook points included) but none of the bridge's
-    attention-internal hook points (``hook_attn_scores``, ``hook_pattern``, ``hook_rot_q``, ...);
+    ``q``/``k``/``v``/``o`` projections, hook points included) but none of the bridge's internal
+    hook points (``hook_attn_scores``, ``hook_pattern``, ``hook_rot_q``, ``hook_scale``, ...);
     fused-QKV models (GPT-2) also skip the bridge's split ``q``/``k``/``v``/``o``.
     """
-    reached = {id(m) for m in attention.original_component.modules()}
-    reached |= {id(attention.hook_in), id(attention.hook_out)}
-    return [m for m in attention.modules() if isinstance(m, HookPoint) and id(m) not in reached]
+    reached = {id(m) for m in module.original_component.modules()}
+    reached |= {id(module.hook_in), id(module.hook_out)}
+    return [m for m in module.modules() if isinstance(m, HookPoint) and id(m) not in reached]
 
 
-def _takes_cache_keyword(module: torch.nn.Module) -> bool:
-    return "cache" in inspect.signature(module.forward).parameters
-
-
-def _fast_path_allowed(attention: torch.nn.Module, state: _FastAttentionState) -> bool:
-    """This call may run Hugging Face's attention: this thread is inside the context, no hook
-    needs the eager path, and no option computes attention the bridge's own way."""
-    cfg = attention.config
+def _native_allowed(module: torch.nn.Module, state: _NativeState) -> bool:
+    """This call may run the Hugging Face module: this thread is inside the context, no hook needs
+    the bridge's path, and no option computes the module the bridge's own way."""
+    cfg = module.config
     return (
         threading.get_ident() in state.threads
-        and not attention.training
-        and not getattr(attention, "compatibility_mode", False)
+        and not module.training
+        and not getattr(module, "compatibility_mode", False)
         and not any(getattr(cfg, flag, False) for flag in _BRIDGE_ONLY_ATTENTION_FLAGS)
-        and not any(_has_hooks(point) for point in state.eager_only_points[attention])
+        and not any(_has_hooks(point) for point in state.bridge_only_points[module])
     )
 
 
-def _dispatching_forward(attention: torch.nn.Module, state: _FastAttentionState) -> Callable:
-    """The attention's ``forward`` inside the context: Hugging Face's own, or the bridge's eager one."""
-    eager = type(attention).forward.__get__(attention)
-    cache_keyword = _takes_cache_keyword(attention.original_component)
+def _dispatching_forward(module: torch.nn.Module, state: _NativeState) -> Callable:
+    """The module's ``forward`` inside the context: the Hugging Face module's, or the bridge's."""
+    bridge = type(module).forward.__get__(module)
+    wrapped = module.original_component
+    if type(module).__name__ in _NATIVE_NORMS:
+
+        def forward(hidden_states: Tensor, **kwargs: Any) -> Tensor:
+            if not _native_allowed(module, state):
+                return bridge(hidden_states, **kwargs)
+            return module.hook_out(wrapped(module.hook_in(hidden_states), **kwargs))
+
+        return forward
+    cache_keyword = "cache" in inspect.signature(wrapped.forward).parameters
 
     def forward(*args: Any, **kwargs: Any) -> Any:
-        if not _fast_path_allowed(attention, state):
-            return eager(*args, **kwargs)
+        if not _native_allowed(module, state):
+            return bridge(*args, **kwargs)
         if cache_keyword and "past_key_values" in kwargs and "cache" not in kwargs:
             kwargs["cache"] = kwargs.pop("past_key_values")  # undo repair_cache_keyword for Hugging Face
         # TransformerLens's minimal wrapper: hook_in, the Hugging Face module, hook_out.
-        return AttentionBridge.forward(attention, *args, **kwargs)
+        return AttentionBridge.forward(module, *args, **kwargs)
 
     return forward
 
 
 @contextlib.contextmanager
-def _bridge_fast_attention(model: Any) -> Iterator[None]:
+def _bridge_native_modules(model: Any) -> Iterator[None]:
     me = threading.get_ident()
-    with _FAST_LOCK:
-        state = model.__dict__.get(_FAST_STATE)
+    with _NATIVE_LOCK:
+        state = model.__dict__.get(_NATIVE_STATE)
         if state is None:
-            attentions = [
+            modules = [
                 m for m in model.modules()
-                if type(m).__name__ in _FAST_ATTENTION_BRIDGES and "forward" not in m.__dict__
+                if type(m).__name__ in _NATIVE_ATTENTION + _NATIVE_NORMS and "forward" not in m.__dict__
                 and getattr(m, "original_component", None) is not None
             ]
-            state = _FastAttentionState({}, {m: _eager_only_points(m) for m in attentions})
-            for attention in attentions:  # not setattr: a bridge passes that on to the wrapped module
-                attention.__dict__["forward"] = _dispatching_forward(attention, state)
-            model.__dict__[_FAST_STATE] = state
+            state = _NativeState({}, {m: _bridge_only_points(m) for m in modules})
+            for module in modules:  # not setattr: a bridge passes that on to the wrapped module
+                module.__dict__["forward"] = _dispatching_forward(module, state)
+            model.__dict__[_NATIVE_STATE] = state
         state.threads[me] = state.threads.get(me, 0) + 1
     try:
         yield
     finally:
-        with _FAST_LOCK:
+        with _NATIVE_LOCK:
             state.threads[me] -= 1
             if not state.threads[me]:
                 del state.threads[me]
             if not state.threads:
-                for attention in state.eager_only_points:
-                    attention.__dict__.pop("forward", None)
-                del model.__dict__[_FAST_STATE]
+                for module in state.bridge_only_points:
+                    module.__dict__.pop("forward", None)
+                del model.__dict__[_NATIVE_STATE]
 
 
 @contextlib.contextmanager
-def fast_attention(*models: Any) -> Iterator[None]:
-    """Run the models' attention with Hugging Face's own implementation (SDPA) where nothing needs more.
+def native_modules(*models: Any) -> Iterator[None]:
+    """Run a bridge's attention and norms with Hugging Face's own code where nothing needs more.
 
     A ``TransformerBridge``'s attention modules recompute attention eagerly (the ``batch × heads
     × pos × pos`` scores and pattern in memory) so that ``hook_attn_scores`` and ``hook_pattern``
-    can fire. Inside this context, for forward passes of the entering thread, each attention
-    module instead runs the wrapped Hugging Face module with the model's configured attention
-    implementation (``config._attn_implementation``: SDPA for models loaded by tuco_lens), as a
-    plain ``transformers`` forward does; the projections' hook points (``hook_q``, ``hook_k``,
-    ``hook_v``, ``hook_z`` on Llama-style attention) still fire. A module falls back to the
-    bridge's eager attention, call by call, when any hook is on a hook point only that path fires
-    (``hook_attn_scores``, ``hook_pattern``, ``hook_rot_q``/``hook_rot_k``, the fused-QKV models'
-    split ``hook_q``/``hook_k``/``hook_v``/``hook_z``: ``run_with_cache``, ``run_with_hooks`` or a
-    permanent hook there), in training mode, in compatibility mode, with ``use_split_qkv_input``,
-    ``use_attn_in`` or ``use_attn_result``, and for float64 models (whose pattern
-    :func:`repair_float64_attention` recomputes). Equal to the eager attention within float
-    rounding (tested on every architecture). Re-entrant and thread-aware; a no-op for
+    can fire, and its norm modules recompute their scale for ``hook_scale`` /
+    ``hook_normalized``. Inside this context, for forward passes of the entering thread, these
+    modules instead run the Hugging Face module they wrap, as a plain ``transformers`` forward
+    does: attention with the model's configured implementation (``config._attn_implementation``:
+    SDPA for models loaded by tuco_lens), norms with their own forward. The hook points the
+    Hugging Face module reaches still fire: the modules' ``hook_in`` / ``hook_out`` and, on
+    Llama-style attention, the projections' ``hook_q``, ``hook_k``, ``hook_v``, ``hook_z``. A
+    module falls back to the bridge's own computation, call by call, when any hook is on a hook
+    point only that path fires (``hook_attn_scores``, ``hook_pattern``, ``hook_rot_q`` /
+    ``hook_rot_k``, ``hook_scale``, ``hook_normalized``, the fused-QKV models' split ``hook_q`` /
+    ``hook_k`` / ``hook_v`` / ``hook_z``: ``run_with_cache``, ``run_with_hooks`` or a permanent hook
+    there), in training mode, in compatibility mode, with ``use_split_qkv_input``, ``use_attn_in``
+    or ``use_attn_result``, and in float64 models' attention (whose pattern
+    :func:`repair_float64_attention` recomputes). Equal to the bridge's own computation within
+    float rounding (tested on every architecture). Re-entrant and thread-aware; a no-op for
     HookedTransformers. ``pair.tuco``, ``decompose``, ``run_with_alpha``, ``generate``,
     ``logit_attribution`` and ``compare_outputs`` use it.
 
     Example:
-        >>> with fast_attention(pair.pt, pair.ft):
+        >>> with native_modules(pair.pt, pair.ft):
         ...     logits = pair.ft(tokens)          # SDPA, unless a pattern hook asks for more
     """
     with contextlib.ExitStack() as stack:
         for model in models:
-            stack.enter_context(backend_of(model).fast_attention())
+            stack.enter_context(backend_of(model).native_modules())
         yield
 
 

@@ -6,8 +6,8 @@ while tokenizing, keeps it in the KV cache, and is what ``TuCoPair.generate`` ru
 ``pair.scaled(alpha)``; any forward hooks active on the model apply at every step. It runs with
 the model's weights in the layout its forward pass reads (:func:`tuco_lens.backend.linear_layout`),
 so a HookedTransformer does not copy every weight at every step, and a TransformerBridge with
-Hugging Face's own attention (:func:`tuco_lens.backend.fast_attention`) unless a hook needs the
-attention pattern.
+Hugging Face's own attention and norms (:func:`tuco_lens.backend.native_modules`) unless a hook
+needs the bridge's own computation (e.g. the attention pattern).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tuco_lens.backend import backend_of, fast_attention, linear_layout, sample_logits
+from tuco_lens.backend import backend_of, native_modules, linear_layout, sample_logits
 from tuco_lens.errors import InputError, InputTypeError
 from tuco_lens.inputs import TokenBatch, to_left_padding
 
@@ -34,11 +34,11 @@ __all__ = ["generate_tokens", "stop_tokens", "check_sampling", "check_eos_token_
 def _fast_forward_passes(generate: Callable) -> Callable:
     """Run ``generate(model, ...)`` with ``model``'s weights in the layout its forward pass reads,
     so no decoding step copies them (:func:`tuco_lens.backend.linear_layout`), and with Hugging
-    Face's own attention on a bridge (:func:`tuco_lens.backend.fast_attention`)."""
+    Face's own attention and norms on a bridge (:func:`tuco_lens.backend.native_modules`)."""
 
     @functools.wraps(generate)
     def wrapped(model: Any, *args: Any, **kwargs: Any) -> Any:
-        with linear_layout(model), fast_attention(model):
+        with linear_layout(model), native_modules(model):
             return generate(model, *args, **kwargs)
 
     return wrapped

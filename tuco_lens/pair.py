@@ -11,7 +11,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tuco_lens.attribution import FrozenNorm, LogitAttribution, OutputComparison, kl_per_token
-from tuco_lens.backend import ActivationCache, backend_of, fast_attention, linear_layout, model_kind
+from tuco_lens.backend import ActivationCache, backend_of, native_modules, linear_layout, model_kind
 from tuco_lens.compatibility import check_compatible
 from tuco_lens.components import ComponentAccumulator, mixer_for
 from tuco_lens.decomposition import COMPONENTS, Decomposition, DecompositionAccumulator, Norm, check_norm
@@ -274,8 +274,8 @@ class TuCoPair:
         standard architectures the pre-trained blocks compute their query, output projection
         and MLP at the last token only (keys and values at every position), which equals the
         full computation (tested; both backends). On a TransformerBridge every verb also runs
-        Hugging Face's own attention (SDPA) unless a hook needs the attention pattern
-        (:func:`tuco_lens.backend.fast_attention`). Arguments as in :meth:`decompose`.
+        Hugging Face's own attention (SDPA) and norms unless a hook needs the attention pattern
+        (:func:`tuco_lens.backend.native_modules`). Arguments as in :meth:`decompose`.
 
         Example:
             >>> pair.tuco(["How do I bake bread?", "The history of Rome"], chat_template=True)
@@ -314,7 +314,7 @@ class TuCoPair:
                 self.pt, self.ft, acc.add, writes=False, pt_last_only=last_only, offload_pt=self.offload_pt,
                 parts=parts,
             )
-            with torch.no_grad(), fast_attention(self.pt, self.ft), paired:
+            with torch.no_grad(), native_modules(self.pt, self.ft), paired:
                 self.backend.forward(sub.tokens, sub.attention_mask, logits=False)
             yield rows, cols, acc
 
@@ -425,7 +425,7 @@ class TuCoPair:
         tokens, mask = batch.tokens, batch.attention_mask
         pt_backend = backend_of(self.pt)
         device = pt_backend.input_device()
-        with fast_attention(self.pt, self.ft):
+        with native_modules(self.pt, self.ft):
             ft_logits = self.backend.forward(tokens, mask)
             pt_logits = pt_backend.forward(tokens.to(device), mask.to(device)).to(ft_logits.device)
             with self.scaled(0.0):
@@ -484,7 +484,7 @@ class TuCoPair:
         acc = DecompositionAccumulator(self.n_layers, mask, norm, "all", dtype)
         pt_backend = backend_of(self.pt)
         calls = self.backend.block_calls(batch.tokens, mask)
-        with fast_attention(self.pt):
+        with native_modules(self.pt):
             for layer in range(self.n_layers):
                 x = streams[layer]
                 call = calls[layer]
@@ -604,7 +604,7 @@ class TuCoPair:
             prepend_bos=prepend_bos,
             padding_side=padding_side,
         )
-        with fast_attention(self.pt, self.ft), self.scaled(alpha):
+        with native_modules(self.pt, self.ft), self.scaled(alpha):
             return self.backend.forward(batch.tokens, batch.attention_mask)
 
     def generate(
@@ -649,7 +649,7 @@ class TuCoPair:
             prepend_bos=prepend_bos,
         )
         # no per-step weight copies (HookedTransformer), Hugging Face's attention (TransformerBridge)
-        with self.scaled(alpha), linear_layout(self.pt, self.ft), fast_attention(self.pt, self.ft):
+        with self.scaled(alpha), linear_layout(self.pt, self.ft), native_modules(self.pt, self.ft):
             out = generate_tokens(
                 self.ft,
                 batch,

@@ -1,11 +1,12 @@
-"""TransformerBridge fast paths: Hugging Face's own attention and the last-token path.
+"""TransformerBridge fast paths: Hugging Face's own attention and norms, and the last-token path.
 
-``tuco_lens.backend.fast_attention`` runs each attention bridge's wrapped Hugging Face module
-(SDPA for models loaded by tuco_lens) instead of the bridge's eager recomputation, unless a hook
-needs the eager path; ``BridgeBackend.call_pt_block_at_last_token`` runs a pre-trained layer at the
-last position only (keys and values at every position). Both are checked here against the plain
-computation on every architecture; ``test_reference.py`` checks the verbs that use them against
-the independent Hugging Face reference, with and without the fast attention.
+``tuco_lens.backend.native_modules`` runs each attention and norm bridge's wrapped Hugging Face
+module (attention with SDPA for models loaded by tuco_lens) instead of the bridge's own
+recomputation, unless a hook needs the bridge's path; ``BridgeBackend.call_pt_block_at_last_token``
+runs a pre-trained layer at the last position only (keys and values at every position). Both are
+checked here against the plain computation on every architecture; ``test_reference.py`` checks
+the verbs that use them against the independent Hugging Face reference, with and without the
+native attention.
 
 Tolerances (float32 models): 1e-5 absolute on logits and block outputs at real tokens (SDPA and
 the eager softmax sum in a different order: about 2e-6 seen on these models), 1e-6 on TuCo.
@@ -26,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tuco_lens
 from hf_reference import reference_decomposition
-from tuco_lens.backend import BlockCall, BridgeBackend, fast_attention
+from tuco_lens.backend import BlockCall, BridgeBackend, native_modules
 
 PROMPTS = ["the cat sat on the mat", "hello", "a dog and a bird went to the river today"]
 TOL = dict(atol=1e-5, rtol=0)
@@ -69,7 +70,7 @@ def test_fast_forward_equals_the_bridge_attention(bridge):
     with torch.no_grad(), hugging_face_attention_calls(pair.ft) as calls:
         eager = pair.ft(batch.tokens, attention_mask=batch.attention_mask)
         assert calls == []
-        with fast_attention(pair.ft):
+        with native_modules(pair.ft):
             fast = pair.ft(batch.tokens, attention_mask=batch.attention_mask)
         assert len(calls) == pair.n_layers
     torch.testing.assert_close(fast[real], eager[real], **TOL)
@@ -87,7 +88,7 @@ def test_a_pattern_hook_gets_the_eager_pattern(bridge):
 
     with torch.no_grad():
         eager = pair.ft(batch.tokens, attention_mask=batch.attention_mask)
-        with fast_attention(pair.ft), hugging_face_attention_calls(pair.ft) as calls:
+        with native_modules(pair.ft), hugging_face_attention_calls(pair.ft) as calls:
             got = pair.ft.run_with_hooks(
                 batch.tokens, attention_mask=batch.attention_mask, fwd_hooks=[("blocks.0.attn.hook_pattern", keep)]
             )
@@ -101,13 +102,41 @@ def test_a_pattern_hook_gets_the_eager_pattern(bridge):
     torch.testing.assert_close(got[real], eager[real], **TOL)
 
 
+def test_norms_run_natively_unless_their_hooks_are_used(bridge, monkeypatch):
+    arch, pair = bridge
+    batch = pair.tokenize(PROMPTS)
+    real = batch.attention_mask.bool()
+    norm_class = type(pair.ft.blocks[0].ln1)
+    bridge_calls, scales = [], []
+    bridge_forward = norm_class.forward
+
+    def counting(self, *args, **kwargs):
+        bridge_calls.append(self)
+        return bridge_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(norm_class, "forward", counting)
+    with torch.no_grad():
+        plain = pair.ft(batch.tokens, attention_mask=batch.attention_mask)
+        assert len(bridge_calls) >= pair.n_layers + 1
+        bridge_calls.clear()
+        with native_modules(pair.ft):
+            native = pair.ft(batch.tokens, attention_mask=batch.attention_mask)
+            assert bridge_calls == []  # every norm ran Hugging Face's own forward
+            hooked = pair.ft.run_with_hooks(batch.tokens, attention_mask=batch.attention_mask,
+                                            fwd_hooks=[("blocks.0.ln1.hook_scale", lambda t, hook: scales.append(t))])
+    assert bridge_calls == [pair.ft.blocks[0].ln1]  # only the hooked norm took the bridge's path
+    assert len(scales) == 1 and tuple(scales[0].shape) == (*batch.tokens.shape, 1)
+    torch.testing.assert_close(native[real], plain[real], **TOL)
+    torch.testing.assert_close(hooked[real], plain[real], **TOL)
+
+
 def test_other_threads_keep_the_bridge_attention(bridge):
     arch, pair = bridge
     tokens = pair.tokenize(PROMPTS[:1]).tokens
     inside, done = threading.Event(), threading.Event()
 
     def hold():
-        with fast_attention(pair.ft):
+        with native_modules(pair.ft):
             inside.set()
             done.wait(30)
 
@@ -175,7 +204,7 @@ def _first_block_call(pair, batch) -> tuple[BlockCall, torch.Tensor]:
 def test_last_token_block_equals_the_full_block(bridge, attention):
     arch, pair = bridge
     batch = pair.tokenize(PROMPTS)  # left padded: the last position is every row's last real token
-    context = fast_attention(pair.pt, pair.ft) if attention == "fast" else contextlib.nullcontext()
+    context = native_modules(pair.pt, pair.ft) if attention == "fast" else contextlib.nullcontext()
     with torch.no_grad(), context:
         call, x = _first_block_call(pair, batch)
         block = pair.pt.blocks[0]
