@@ -97,8 +97,8 @@ def test_score_other_errors(dirs, tmp_path, capsys):
     assert "both --pt and --ft are required" in capsys.readouterr().err
     assert main(["score", "--pt", dirs[0], "--ft", str(tmp_path / "nowhere"), "--prompts", str(prompts)]) == 2
     assert "nowhere" in capsys.readouterr().err
-    assert main(["score", "--pt", dirs[0], "--ft", dirs[1], "--prompts", str(prompts), "--out", str(tmp_path / "x.parquet")]) == 2
-    assert "--out must end in .csv or .jsonl" in capsys.readouterr().err
+    assert main(["score", "--pt", dirs[0], "--ft", dirs[1], "--prompts", str(prompts), "--out", str(tmp_path / "x.xlsx")]) == 2
+    assert "--out must end in .csv or .jsonl or .parquet" in capsys.readouterr().err
     assert main(["score", "--pt", dirs[0], "--ft", dirs[1], "--prompts", str(prompts), "--batch-size", "0"]) == 2
     assert "--batch-size must be a positive integer" in capsys.readouterr().err
 
