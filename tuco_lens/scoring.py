@@ -537,6 +537,7 @@ class _Job:
                     f"rerun it with the --shard count and number of processes it was started with, or pass "
                     f"--overwrite to start again"
                 )
+            self._check_other_parts(path, parts)
             if self._final_is_complete(path, run):
                 self._note(result, f"{path} is complete ({n} prompts): nothing to do")
                 result.complete = True
@@ -584,6 +585,19 @@ class _Job:
             if part not in keep:
                 for extra in (part, part.with_name(part.name + ".run.json")):
                     extra.unlink(missing_ok=True)
+
+    def _check_other_parts(self, path: Path, parts: list[range]) -> None:
+        """Refuse, before any model loads, to add a part to parts computed with other settings."""
+        for rows in parts:
+            record_path = _part_path(path, rows).with_name(_part_path(path, rows).name + ".run.json")
+            if len(rows) and record_path.exists():
+                changes = _part_record(self.settings, self.records, rows).changes_from(RunRecord.read(record_path))
+                if changes:
+                    raise ResumeMismatchError(
+                        f"the part {record_path.name.removesuffix('.run.json')!r} of {str(path)!r} was computed with "
+                        f"other prompts or settings than this run: {'; '.join(changes)}. The merged output would mix "
+                        "rows of both; choose a new --out, or pass --overwrite to start again"
+                    )
 
     def _final_is_complete(self, path: Path, run: RunRecord) -> bool:
         """Whether ``path`` holds every prompt with this run's settings; refuse other settings or a partial file.
