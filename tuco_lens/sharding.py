@@ -171,16 +171,19 @@ def current_process() -> ProcessInfo:
     """
     if _launched_world_size() <= 1:
         return ProcessInfo()
+    import torch
     from accelerate import PartialState
 
-    state = PartialState()
+    # accelerate takes the CPU route (gloo) only when asked to: with cpu=True
+    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    state = PartialState(cpu=cpu)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
     return ProcessInfo(
         rank=state.process_index,
         world_size=state.num_processes,
         local_rank=state.local_process_index,
         local_world_size=local_world,
-        device=str(state.device),
+        device="cpu" if state.device.type == "cpu" else str(state.device),
     )
 
 
