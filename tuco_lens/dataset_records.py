@@ -53,7 +53,7 @@ def _pick_split(dataset: Any, split: str | None, source: str) -> Any:
     return dataset[split]
 
 
-def _load(source: str, split: str | None, config: str | None, cache_dir: str | None) -> Any:
+def _load(source: str, split: str | None, config: str | None, cache_dir: str | None, limit: int | None) -> Any:
     datasets = _import_datasets()
     path = Path(source).expanduser()
     if path.is_dir():
@@ -73,6 +73,8 @@ def _load(source: str, split: str | None, config: str | None, cache_dir: str | N
         loaded = datasets.load_dataset(FILE_BUILDERS[path.suffix], data_files=str(path), cache_dir=cache_dir)
         return _pick_split(loaded, split, source)
     try:
+        if limit is not None:  # the first rows only: stream them instead of downloading the whole split
+            return datasets.load_dataset(source, config, split=split or "train", streaming=True).take(limit)
         return datasets.load_dataset(source, config, split=split or "train")
     except Exception as error:  # the hub, its network and its many errors
         raise InputError(f"could not load the dataset {source!r} (split {split or 'train'!r}): {error}") from error
@@ -109,15 +111,18 @@ def read_dataset(
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise InputError(f"limit must be a positive integer, got {limit!r}")
     with tempfile.TemporaryDirectory(prefix="tuco-lens-dataset-") as cache:
-        dataset = _load(source, split, config, cache)
-        if field not in dataset.column_names:
+        dataset = _load(source, split, config, cache, limit)
+        if limit is not None and hasattr(dataset, "select"):
+            dataset = dataset.select(range(min(limit, len(dataset))))
+        columns = dataset.column_names
+        if columns is None:  # a streamed dataset without declared features: its first row's keys
+            columns = list(next(iter(dataset), {}))
+        if field not in columns:
             raise InputError(
-                f"the dataset {source!r} has no column {field!r}; its columns are {dataset.column_names}: "
+                f"the dataset {source!r} has no column {field!r}; its columns are {columns}: "
                 "choose the prompt column with --field"
             )
-        if limit is not None:
-            dataset = dataset.select(range(min(limit, len(dataset))))
-        if field != "prompt" and "prompt" in dataset.column_names:
+        if field != "prompt" and "prompt" in columns:
             raise InputError(
                 f"the dataset {source!r} has a 'prompt' column besides the prompt column {field!r}: "
                 "rename one of them (dataset.rename_column) first"

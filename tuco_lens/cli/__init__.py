@@ -1,4 +1,4 @@
-"""The ``tuco-lens`` command: ``demo``, ``score``, ``steer`` and ``app``.
+"""The ``tuco-lens`` command: ``demo``, ``score``, ``steer``, ``app``, ``top`` and ``reproduce``.
 
 Each subcommand lives in its own module; this one builds the parser and turns
 :class:`CLIError` (bad files, bad arguments) and :class:`~tuco_lens.errors.TuCoError` into a
@@ -29,6 +29,8 @@ examples:
   tuco-lens score --pt gpt2 --ft ./my-gpt2-sft --prompts prompts.txt --out scores.csv
   tuco-lens steer --pt ./base --ft ./chat --prompt "Tell me a story" --alpha 0 0.5 1 1.5
   tuco-lens app --demo                          # interactive local page (needs tuco_lens[app])
+  tuco-lens top --scores scores.parquet --k 20 --out top.html   # highest / lowest TuCo prompts
+  tuco-lens reproduce owt-hh --pt meta-llama/Llama-2-7b-hf --ft meta-llama/Llama-2-7b-chat-hf --out owt-hh
 
 Run "tuco-lens COMMAND --help" for the options of each command.
 """
@@ -36,7 +38,7 @@ Run "tuco-lens COMMAND --help" for the options of each command.
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``tuco-lens`` (one subparser per command)."""
-    from tuco_lens.cli import app, demo, score, steer
+    from tuco_lens.cli import app, demo, reproduce, score, steer, top
 
     parser = argparse.ArgumentParser(
         prog="tuco-lens",
@@ -48,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"tuco_lens {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (demo, score, steer, app):
+    for module in (demo, score, steer, app, top, reproduce):
         module.add_parser(commands)
     return parser
 
