@@ -28,12 +28,15 @@ from tuco_lens.hooks import PairedBlocks, alpha_hooks
 from tuco_lens.inputs import TokenBatch
 from tuco_lens.loading import load_model, load_pair
 from tuco_lens.pair import TuCoPair
+from tuco_lens.scoring import ScoringResult, score_prompts
 
 __version__ = "0.1.0"
 
 __all__ = [
     "TuCoPair",
     "load_pair",
+    "score_prompts",
+    "ScoringResult",
     "load_model",
     "Decomposition",
     "TokenBatch",

@@ -61,7 +61,7 @@ PER_TOKEN_COLUMNS = ("tokens", "tuco_per_token")
 SCORE_SUFFIXES = (".csv", ".jsonl", ".parquet")
 #: Prompts tokenized at once (then sorted by length and batched).
 CHUNK = 512
-_POLL_SECONDS = 0.5
+_POLL_SECONDS = 0.1
 
 
 # ------------------------------------------------------------------------------ records
