@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from tuco_lens.cli.common import HELP_FORMATTER, CLIError, add_model_arguments, check_pair_arguments
+from tuco_lens.cli.common import COMMANDS, HELP_FORMATTER, CLIError, add_model_arguments, check_pair_arguments
 
 __all__ = ["add_parser", "run"]
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tuco_lens.cli.common import HELP_FORMATTER, CLIError
+from tuco_lens.cli.common import COMMANDS, HELP_FORMATTER, CLIError
 
 __all__ = ["add_parser", "run"]
 
