@@ -87,7 +87,7 @@ def test_score_rows_come_in_input_order_whatever_the_lengths(dirs, pair, tmp_pat
 
 
 def test_input_order_releases_rows_once_every_earlier_row_is_done():
-    from tuco_lens.cli.score import InputOrder
+    from tuco_lens.scoring import InputOrder
 
     order = InputOrder([0, 2, 3, 5])
     assert order.release([{"index": 3}, {"index": 5}]) == []          # 0 and 2 not done yet
@@ -174,8 +174,8 @@ def test_score_other_errors(dirs, tmp_path, capsys):
     assert "both --pt and --ft are required" in capsys.readouterr().err
     assert main(["score", "--pt", dirs[0], "--ft", str(tmp_path / "nowhere"), "--prompts", str(prompts)]) == 2
     assert "nowhere" in capsys.readouterr().err
-    assert main(["score", "--pt", dirs[0], "--ft", dirs[1], "--prompts", str(prompts), "--out", str(tmp_path / "x.parquet")]) == 2
-    assert "--out must end in .csv or .jsonl" in capsys.readouterr().err
+    assert main(["score", "--pt", dirs[0], "--ft", dirs[1], "--prompts", str(prompts), "--out", str(tmp_path / "x.xlsx")]) == 2
+    assert "--out must end in .csv or .jsonl or .parquet" in capsys.readouterr().err
     assert main(["score", "--pt", dirs[0], "--ft", dirs[1], "--prompts", str(prompts), "--batch-size", "0"]) == 2
     assert "--batch-size must be a positive integer" in capsys.readouterr().err
 

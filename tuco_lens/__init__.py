@@ -39,12 +39,15 @@ if TYPE_CHECKING:  # what the lazy names below resolve to (read by type checkers
     from tuco_lens.inputs import TokenBatch
     from tuco_lens.loading import load_model, load_pair
     from tuco_lens.pair import TuCoPair
+    from tuco_lens.scoring import ScoringResult, score_prompts
 
 __version__ = "0.1.0"
 
 __all__ = [
     "TuCoPair",
     "load_pair",
+    "score_prompts",
+    "ScoringResult",
     "load_model",
     "Decomposition",
     "TokenBatch",
@@ -71,11 +74,14 @@ _LAZY = {
     "TokenBatch": "tuco_lens.inputs",
     "PairedBlocks": "tuco_lens.hooks",
     "alpha_hooks": "tuco_lens.hooks",
+    "score_prompts": "tuco_lens.scoring",
+    "ScoringResult": "tuco_lens.scoring",
 }
 
 _SUBMODULES = frozenset(
-    "adapters analyses backend cli compatibility decomposition demo errors generation hooks inputs "
-    "loading metrics pair plotting versions".split()
+    "adapters analyses app attribution backend cli compatibility components corpus_view dataset_records "
+    "decomposition demo errors generation hooks inputs loading metrics pair plotting ray_data reproduce "
+    "scoring scoring_io sharding versions".split()
 )
 
 

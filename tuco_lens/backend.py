@@ -171,6 +171,27 @@ class Backend:
         """Whether the pre-trained blocks can run at the last position only (exactly)."""
         return False
 
+    def device_map(self) -> dict[str, Any] | None:
+        """The accelerate ``device_map`` the model was loaded with (``hf_device_map``), if any."""
+        return None
+
+    def placement(self) -> dict[str, str] | None:
+        """Where :meth:`device_map` puts each parameter (``name -> device``); ``None`` without a map.
+
+        Two maps written differently but placing every parameter alike give the same placement.
+        """
+        mapping = self.device_map()
+        if not mapping:
+            return None
+        placed = {}
+        for name, _ in self._mapped_model().named_parameters():
+            owners = [k for k in mapping if k == "" or name == k or name.startswith(k + ".")]
+            placed[name] = str(mapping[max(owners, key=len)]) if owners else "?"
+        return placed
+
+    def _mapped_model(self) -> torch.nn.Module:
+        return self.model
+
     # -- calling a pre-trained block on the fine-tuned stream --------------------
     def check_call(self, layer: int, call: BlockCall, key: int) -> None:
         """Validate a recorded call (e.g. that the paired pre-trained KV cache is in step)."""
@@ -475,6 +496,12 @@ class BridgeBackend(Backend):
 
     def _hf_config(self) -> Any:
         return self.model.original_model.config
+
+    def device_map(self) -> dict[str, Any] | None:
+        return getattr(self.model.original_model, "hf_device_map", None)
+
+    def _mapped_model(self) -> torch.nn.Module:
+        return self.model.original_model
 
     def check_call(self, layer: int, call: BlockCall, key: int) -> None:
         for ft_cache in _caches_in(call):

@@ -18,7 +18,7 @@ import warnings
 from typing import Any
 
 import torch
-from tuco_lens.backend import model_kind
+from tuco_lens.backend import backend_of, model_kind
 
 from tuco_lens.errors import IncompatiblePairError, InputTypeError
 
@@ -217,6 +217,23 @@ def _block_devices(model: Model) -> list[set[Any]]:
     return [{p.device for p in block.parameters()} for block in model.blocks]
 
 
+def _map_difference(pt: Model, ft: Model) -> str | None:
+    """The first parameter the two models' accelerate device maps place differently, as a message."""
+    placed_pt, placed_ft = backend_of(pt).placement(), backend_of(ft).placement()
+    if placed_pt == placed_ft:
+        return None
+    if placed_pt is None or placed_ft is None:
+        which = "fine-tuned" if placed_pt is None else "pre-trained"
+        detail = f"only the {which} model was loaded with a device_map"
+    else:
+        name = next(n for n in placed_pt if placed_pt[n] != placed_ft.get(n))
+        detail = f"the pre-trained model puts {name!r} on {placed_pt[name]}, the fine-tuned on {placed_ft.get(name)}"
+    return (
+        f"device map differs: {detail}; load both with the same map: tuco_lens.load_pair(pt, ft, "
+        "device_map=...) gives the fine-tuned model the map the pre-trained one got."
+    )
+
+
 def _placement_differences(
     pt: Model, ft: Model, offload_pt: bool = False
 ) -> list[str]:
@@ -231,6 +248,8 @@ def _placement_differences(
             "(load_pair(..., device='cuda') or model.to('cuda')), or keep the pre-trained model "
             "on the CPU with TuCoPair(pt, ft, offload_pt=True)."
         )
+    elif _map_difference(pt, ft):
+        messages.append(_map_difference(pt, ft))
     else:
         split = [
             (layer, a, b)

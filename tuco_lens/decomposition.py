@@ -206,12 +206,18 @@ class Decomposition:
         """
         if not self.has_components:
             raise InputError("tuco_shares() needs pair.decompose(..., components=True).")
+        return {c: self._share(getattr(self, f"ftc_{c}_sum")) for c in COMPONENTS}
+
+    def _share(self, part: Float[Tensor, "batch ... d_model"]) -> Float[Tensor, "batch ..."]:
+        """``<part, g> / (||Σ PTC|| + ||Σ FTC||)`` with ``g`` the gradient of ``||Σ FTC||``."""
         from tuco_lens.components import norm_gradient
 
         g = norm_gradient(self.ftc_sum, self.norm)
         denom = vector_norm(self.ptc_sum, self.norm) + vector_norm(self.ftc_sum, self.norm)
         denom = denom.clamp_min(torch.finfo(denom.dtype).tiny)
-        return {c: (getattr(self, f"ftc_{c}_sum") * g).sum(-1) / denom for c in COMPONENTS}
+        extra = part.ndim - 2
+        g, denom = g.reshape(g.shape[0], *[1] * extra, -1), denom.reshape(-1, *[1] * extra)
+        return (part * g).sum(-1) / denom
 
     def head_shares(self) -> Float[Tensor, "batch layer head"]:
         """Each head's share of TuCo, as in :meth:`tuco_shares` (with the output biases' share,
@@ -219,11 +225,7 @@ class Decomposition:
         """
         if self.ftc_head is None:
             raise InputError("head_shares() needs pair.decompose(..., components=True) with heads.")
-        from tuco_lens.components import norm_gradient
-
-        g = norm_gradient(self.ftc_sum, self.norm)
-        denom = vector_norm(self.ptc_sum, self.norm) + vector_norm(self.ftc_sum, self.norm)
-        return (self.ftc_head * g[:, None, None, :]).sum(-1) / denom.clamp_min(torch.finfo(denom.dtype).tiny)[:, None, None]
+        return self._share(self.ftc_head)
 
     @property
     def preco(self) -> Float[Tensor, "batch"]:

@@ -36,6 +36,7 @@ from tuco_lens.backend import (
     HAS_HOOKED_TRANSFORMER,
     HookedTransformer,
     HookedTransformerConfig,
+    backend_of,
     bridge_from_hf,
     model_kind,
     tl_loading,
@@ -833,6 +834,7 @@ def load_pair(
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
     tokenizer: PreTrainedTokenizerBase | str | os.PathLike | None = None,
+    device_map: str | dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> TuCoPair:
     """Load a pre-trained / fine-tuned pair the same way and wrap it in a ``TuCoPair``.
@@ -848,6 +850,14 @@ def load_pair(
         device: Device for both models.
         dtype: Dtype for both models.
         tokenizer: One tokenizer for both models (default: each model's own).
+        device_map: For models too large for one device, on the ``TransformerBridge`` backend
+            (chosen automatically when ``backend`` is ``"auto"``): an accelerate device map
+            (``"auto"``, ``"balanced"``, ``"sequential"`` or a dict module -> device) for
+            checkpoint directories and hub ids. The pre-trained model is loaded with it and the
+            fine-tuned model with **the map the pre-trained one got**, so block ``l`` of both
+            sits on the same device (``"auto"`` alone could place the second model differently,
+            as the first one fills the GPUs). Ready models with different maps are refused by
+            :class:`~tuco_lens.TuCoPair`. The HookedTransformer counterpart is ``n_devices``.
         **kwargs: Further :func:`load_model` arguments, applied to both.
 
     Returns:
@@ -861,8 +871,13 @@ def load_pair(
     Example:
         >>> pair = load_pair("./llama-base", "./llama-2-chat-sft", dtype="bfloat16")
         >>> pair = load_pair("meta-llama/Llama-2-7b-hf", "./my-lora-adapter")  # PEFT adapter
+        >>> pair = load_pair("meta-llama/Llama-2-70b-hf", "meta-llama/Llama-2-70b-chat-hf",
+        ...                  dtype="bfloat16", device_map="auto")          # over every GPU
     """
     from tuco_lens.pair import TuCoPair
+
+    if device_map is not None:
+        return _load_pair_with_device_map(pt, ft, device_map, device=device, dtype=dtype, tokenizer=tokenizer, **kwargs)
 
     for source in (pt, ft):  # fail on a bad source before loading anything
         _route(source)
@@ -872,4 +887,37 @@ def load_pair(
     options = dict(device=device, dtype=dtype, tokenizer=tokenizer, **kwargs)
     pt_model = load_model(pt, **options)
     ft_model = load_model(ft, **options, **({"adapter_base": pt} if ft_is_adapter else {}))
+    return TuCoPair(pt_model, ft_model)
+
+
+def _load_pair_with_device_map(pt: Any, ft: Any, device_map: str | dict[str, Any], **kwargs: Any) -> TuCoPair:
+    """``load_pair`` with one accelerate device map for both models (see :func:`load_pair`)."""
+    from tuco_lens.pair import TuCoPair
+
+    if kwargs.get("device") is not None:
+        raise InputError("give either device=... or device_map=..., not both (the map says where each block goes)")
+    backend = kwargs.pop("backend", "auto")
+    if backend == "hooked":
+        raise InputError(
+            "device_map is a TransformerBridge option: use backend='bridge' (or 'auto'), or n_devices=N "
+            "to split HookedTransformers over N GPUs"
+        )
+    if "n_devices" in kwargs:
+        raise InputError("give either n_devices (HookedTransformer) or device_map (TransformerBridge), not both")
+    hf_kwargs = dict(kwargs.pop("hf_model_kwargs", None) or {})
+    if "device_map" in hf_kwargs and hf_kwargs["device_map"] != device_map:
+        raise InputError(
+            f"device_map={device_map!r} and hf_model_kwargs['device_map']={hf_kwargs['device_map']!r} differ: "
+            "give the map once, as device_map=..."
+        )
+    for source in (pt, ft):
+        if _route(source) not in ("local", "hub", "official"):
+            raise InputError(
+                "device_map applies when loading a checkpoint directory or hub id; ready models and "
+                "adapters keep their own placement (load them with the same map yourself)"
+            )
+    pt_model = load_model(pt, backend="bridge", hf_model_kwargs={**hf_kwargs, "device_map": device_map}, **kwargs)
+    got = backend_of(pt_model).device_map()
+    ft_map = dict(got) if got else device_map  # the map the pre-trained model actually got
+    ft_model = load_model(ft, backend="bridge", hf_model_kwargs={**hf_kwargs, "device_map": ft_map}, **kwargs)
     return TuCoPair(pt_model, ft_model)

@@ -77,12 +77,18 @@ _OVERWRITE_HINT = "choose a new --out, or pass --overwrite to start again"
 
 
 # ------------------------------------------------------------------------------ paths
-def check_output_file(path: str | os.PathLike, *, inputs: Sequence[str | os.PathLike] = ()) -> Path:
+def check_output_file(
+    path: str | os.PathLike,
+    *,
+    inputs: Sequence[str | os.PathLike] = (),
+    suffixes: Sequence[str] = OUTPUT_SUFFIXES,
+) -> Path:
     """Validate an output file path before anything runs; return it as a ``Path``.
 
     Args:
         path: The output file (``.csv`` or ``.jsonl``).
         inputs: Input files the output must not overwrite.
+        suffixes: The extensions accepted (``tuco_lens.scoring`` adds ``.parquet``).
 
     Raises:
         OutputError: an unknown extension, a directory, a missing or unwritable parent
@@ -93,8 +99,8 @@ def check_output_file(path: str | os.PathLike, *, inputs: Sequence[str | os.Path
         PosixPath('scores.csv')
     """
     path = Path(path).expanduser()
-    if path.suffix not in OUTPUT_SUFFIXES:
-        raise OutputError(f"--out must end in .csv or .jsonl, got {str(path)!r}")
+    if path.suffix not in suffixes:
+        raise OutputError(f"--out must end in {' or '.join(suffixes)}, got {str(path)!r}")
     if path.is_dir():
         raise OutputError(f"--out {str(path)!r} is a directory; name a file in it, e.g. {str(path / 'scores.csv')!r}")
     parent = path.parent
@@ -412,9 +418,11 @@ def _lines(data: bytes, start: int = 0, first_line: int = 1) -> Iterator[tuple[i
 class _Table:
     """How the rows of one output file look, and how to check one against the prompts."""
 
-    def __init__(self, fmt: str, columns: Sequence[str], records: Sequence[Mapping[str, Any]]) -> None:
+    def __init__(
+        self, fmt: str, columns: Sequence[str], records: Sequence[Mapping[str, Any]], computed: Sequence[str] = ()
+    ) -> None:
         self.fmt, self.columns, self.records = fmt, list(columns), records
-        self.fields = [c for c in self.columns if c not in RESULT_COLUMNS]
+        self.fields = [c for c in self.columns if c not in RESULT_COLUMNS and c not in computed]
 
     # -- records of the file ----------------------------------------------------------
     def records_of(self, data: bytes, start: int, first_line: int) -> Iterator[tuple[int, int, list | dict | str]]:
@@ -547,6 +555,8 @@ class ResumableOutput:
         records: The input records, one per prompt (``prompt`` and any other input fields).
         run: What this run computes with (:meth:`RunRecord.for_run`).
         overwrite: Start again even if the output holds rows.
+        computed_columns: Further result columns after the input fields (e.g. ``tokens`` and
+            ``tuco_per_token`` of ``--per-token``): written, but not compared with the records.
 
     Raises:
         ResumeMismatchError: the output was computed with other prompts or settings.
@@ -565,20 +575,22 @@ class ResumableOutput:
         run: RunRecord,
         *,
         overwrite: bool = False,
+        computed_columns: Sequence[str] = (),
     ) -> None:
         self.path = Path(path)
         self.format = self.path.suffix.lstrip(".")
         if "." + self.format not in OUTPUT_SUFFIXES:
             raise OutputError(f"--out must end in .csv or .jsonl, got {str(self.path)!r}")
         fields = list(dict.fromkeys(k for r in records for k in r if k != "prompt"))
-        clash = [k for k in fields if k in RESULT_COLUMNS]
+        clash = [k for k in fields if k in RESULT_COLUMNS or k in computed_columns]
         if clash:
-            raise OutputError(f"input fields {clash} clash with the output columns {list(RESULT_COLUMNS)}; rename them")
-        self.columns = [*RESULT_COLUMNS, "prompt", *fields]
+            taken = [*RESULT_COLUMNS, *computed_columns]
+            raise OutputError(f"input fields {clash} clash with the output columns {taken}; rename them")
+        self.columns = [*RESULT_COLUMNS, "prompt", *fields, *computed_columns]
         self.records, self.run, self.overwrite = records, run, overwrite
         self.record_path = self.path.with_name(self.path.name + ".run.json")
         self.lock = OutputLock(self.path)
-        self.table = _Table(self.format, self.columns, records)
+        self.table = _Table(self.format, self.columns, records, computed_columns)
         self.done: set[int] = set()
         self.notes: list[str] = []
         self._fd: int | None = None

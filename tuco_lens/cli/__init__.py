@@ -1,4 +1,4 @@
-"""The ``tuco-lens`` command: ``demo``, ``score``, ``steer`` and ``app``.
+"""The ``tuco-lens`` command: ``demo``, ``score``, ``steer``, ``app``, ``top`` and ``reproduce``.
 
 Each subcommand lives in its own module (``tuco_lens.cli.<command>``), imported only when that
 command is given, so ``tuco-lens --help`` and ``tuco-lens --version`` start at once: building
@@ -32,6 +32,8 @@ examples:
   tuco-lens score --pt gpt2 --ft ./my-gpt2-sft --prompts prompts.txt --out scores.csv
   tuco-lens steer --pt ./base --ft ./chat --prompt "Tell me a story" --alpha 0 0.5 1 1.5
   tuco-lens app --demo                          # interactive local page (needs tuco_lens[app])
+  tuco-lens top --scores scores.parquet --k 20 --out top.html   # highest / lowest TuCo prompts
+  tuco-lens reproduce owt-hh --pt meta-llama/Llama-2-7b-hf --ft meta-llama/Llama-2-7b-chat-hf --out owt-hh
 
 Run "tuco-lens COMMAND --help" for the options of each command.
 """

@@ -17,6 +17,8 @@ COMMANDS: dict[str, str] = {
     "score": "TuCo of every prompt in a .txt or .jsonl file",
     "steer": "generate with the fine-tuning component scaled by several alphas",
     "app": "serve an interactive local page: analyze, steer, compare",
+    "top": "page of the highest- and lowest-TuCo prompts of a score table",
+    "reproduce": "reproduce a result of the paper (owt-hh: Table 1, web text vs chat)",
 }
 
 

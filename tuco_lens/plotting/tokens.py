@@ -20,7 +20,7 @@ from tuco_lens.plotting._util import (
     to_numpy,
 )
 
-__all__ = ["TokenHTML", "token_html"]
+__all__ = ["TokenHTML", "token_html", "tokens_row", "tokens_block"]
 
 
 @dataclass(frozen=True)
@@ -104,23 +104,52 @@ def token_html(
     rows = []
     for i, name in zip(indices, names):
         values = to_numpy(dec.tuco_per_token[i])
-        spans = []
-        for p in real_positions(dec, i):
-            value = float(values[p])
-            rgb = colour_at(value, colorscale)
-            token = dec.str_tokens[i][p]
-            tip = html.escape(f"position {p}: {token!r} — per-token TuCo {value:.4f}", quote=True)
-            spans.append(
-                f'<span title="{tip}" style="background-color:rgb{rgb};color:{text_colour(rgb)};'
-                f'padding:1px 2px;margin:0 1px 0 0;border-radius:2px;border:1px solid rgba(0,0,0,0.12)">'
-                f'{html.escape(token, quote=False)}</span>'
-            )
-        label = html.escape(name, quote=False)
+        positions = real_positions(dec, i)
         rows.append(
-            '<div style="margin:6px 0">'
-            f'<div style="font-size:12px;color:#444">{label} — TuCo = {float(dec.tuco[i]):.4f}</div>'
-            f'<div style="font-family:monospace;white-space:pre-wrap;line-height:1.7">{"".join(spans)}</div>'
-            "</div>"
+            tokens_row(
+                [dec.str_tokens[i][p] for p in positions], [float(values[p]) for p in positions],
+                label=name, tuco=float(dec.tuco[i]), positions=[int(p) for p in positions],
+                colorscale=colorscale,
+            )
         )
-    body = _colour_bar(colorscale) + "".join(rows)
-    return TokenHTML(f'<div class="tuco-lens-tokens">{body}</div>')
+    return tokens_block(rows, colorscale)
+
+
+def tokens_row(
+    tokens: Sequence[str],
+    values: Sequence[float],
+    *,
+    label: str,
+    tuco: float,
+    positions: Sequence[int] | None = None,
+    colorscale: str | list = DEFAULT_COLORSCALE,
+) -> str:
+    """One prompt as HTML: a heading (``label — TuCo = ...``, escaped) and its tokens coloured by ``values``.
+
+    The building block of :func:`token_html`, for per-token values that come from elsewhere (a
+    score table written with ``--per-token``). ``positions`` label the tooltips (default 0, 1, ...).
+
+    Example:
+        >>> tokens_block([tokens_row(["<bos>", "hi"], [0.0, 0.4], label="prompt 3", tuco=0.4)])
+    """
+    positions = list(range(len(tokens))) if positions is None else positions
+    spans = []
+    for p, token, value in zip(positions, tokens, values):
+        rgb = colour_at(float(value), colorscale)
+        tip = html.escape(f"position {p}: {token!r} — per-token TuCo {float(value):.4f}", quote=True)
+        spans.append(
+            f'<span title="{tip}" style="background-color:rgb{rgb};color:{text_colour(rgb)};'
+            f'padding:1px 2px;margin:0 1px 0 0;border-radius:2px;border:1px solid rgba(0,0,0,0.12)">'
+            f'{html.escape(token, quote=False)}</span>'
+        )
+    return (
+        '<div style="margin:6px 0">'
+        f'<div style="font-size:12px;color:#444">{html.escape(label, quote=False)} — TuCo = {tuco:.4f}</div>'
+        f'<div style="font-family:monospace;white-space:pre-wrap;line-height:1.7">{"".join(spans)}</div>'
+        "</div>"
+    )
+
+
+def tokens_block(rows: Sequence[str], colorscale: str | list = DEFAULT_COLORSCALE) -> TokenHTML:
+    """Rows from :func:`tokens_row` under one colour bar, as a :class:`TokenHTML`."""
+    return TokenHTML(f'<div class="tuco-lens-tokens">{_colour_bar(colorscale)}{"".join(rows)}</div>')
