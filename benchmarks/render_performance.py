@@ -28,6 +28,7 @@ DENOMINATORS = {
     "hf_all": "plain `transformers` forward, logits at every position",
     "hf_generate": "plain `transformers` `generate`, greedy, KV cache: its decode step",
 }
+MB = 1e6
 PAIR_LABELS = {"llama10m": "10M Llama-style", "smollm30": "30 layers, d 576, GQA (SmolLM2-135M shape)"}
 
 
@@ -169,7 +170,7 @@ def render(results: dict) -> str:
             f"| {OPERATIONS[row['op']]} | {row['kind']} | ≤ {row['goal']}× | {BACKENDS[row['backend']]} | "
             f"{fmt(row['worst'], row['goal'])} | {row['where']} | {verdict(row)} |"
         )
-    lines += ["", *misses_text(rows, backends), ""]
+    lines += ["", *misses_text(rows, backends), "", *causes_text(results, backends)]
     lines += time_tables(results, backends)
     lines += why_section(results, backends)
     lines += generation_tables(results, backends)
@@ -191,6 +192,47 @@ def misses_text(rows: list[dict], backends: list[str]) -> list[str]:
         out.append(f"- {OPERATIONS[r['op']]} ({r['kind']}) on {BACKENDS[r['backend']]}: {fmt(r['worst'])} at "
                    f"{r['where']} against ≤ {r['goal']}× ({verdict(r)}).")
     return out
+
+
+def causes_text(results: dict, backends: list[str]) -> list[str]:
+    """The misses' causes, in numbers from the same run, and which backend to use for long prompts."""
+    out = ["### Causes, and what to use", ""]
+    times = [e for e in results["times"] if all(f"{b}:forward" in e["times_s"] for b in backends)]
+    for b in backends:
+        if not times:
+            break
+        own = max(times, key=lambda e: ratio(e["times_s"], f"{b}:forward", "hf_last"))
+        add_tuco = max(ratio(e["times_s"], f"{b}:tuco", f"{b}:forward") for e in times)
+        add_dec = max(ratio(e["times_s"], f"{b}:decompose", f"{b}:forward") for e in times)
+        what = ("TransformerLens's re-implementation of the blocks, whose attention materialises the "
+                "`batch × heads × pos × pos` scores and pattern (no SDPA)" if b == "hooked" else
+                "Hugging Face's layers with hook points, run with Hugging Face's attention (SDPA) and norms")
+        out.append(f"- **{BACKENDS[b]}.** Its own forward pass ({what}) costs up to "
+                   f"{ratio(own['times_s'], f'{b}:forward', 'hf_last'):.2f}× the plain one ({shape(own)}). "
+                   f"What tuco_lens adds on top of it is at most {add_tuco:.2f}× for `tuco` (arithmetic limit about "
+                   f"1.1×: pre-trained keys and values at every position) and {add_dec:.2f}× for `decompose` "
+                   f"(limit about 2×: every pre-trained block at every position), over every shape measured.")
+    mem = [e for e in results["memory"] if "hooked:forward" in e["peak_bytes"]]
+    if mem and "bridge" in backends:
+        e = max(mem, key=lambda e: e["length"])
+        p = e["peak_bytes"]
+        out.append(f"- **Long prompts.** At {shape(e)} the HookedTransformer forward alone holds "
+                   f"{p['hooked:forward'] / MB:.0f} MB against the plain forward's {p['hf_last'] / MB:.0f} MB (its "
+                   "attention pattern, not anything tuco_lens keeps: `tuco` adds "
+                   f"{(p['hooked:tuco'] - p['hooked:forward']) / MB:.0f} MB to it). That attention is TransformerLens's "
+                   "own and its `hook_pattern` contract needs the full pattern, so tuco_lens does not chunk it. "
+                   "**For long prompts use the bridge** (`tuco_lens.load_pair(pt, ft, backend=\"bridge\")`, also on "
+                   f"transformer-lens 3.9): there `tuco` peaks at {p['bridge:tuco'] / p['hf_last']:.2f}× and `decompose` "
+                   f"at {p['bridge:decompose'] / p['hf_last']:.2f}× the plain forward's memory at the same shape.")
+    if results["generation"]:
+        n_max = max(decode_ratio(e["times_s"], f"{b}:loop", "hf_generate", e["new_tokens"])
+                    for e in results["generation"] for b in backends)
+        out.append("- **Generation.** A decode step of `pair.generate(α)` runs every layer twice (the fine-tuned "
+                   "block and the pre-trained block on the same stream, each with its own KV cache): about 2× "
+                   f"tuco_lens's own loop on the fine-tuned model alone, which itself costs up to {n_max:.2f}× Hugging "
+                   "Face `generate`'s decode step (per-step Python and hook points on these small models, where one "
+                   "step is a few milliseconds).")
+    return out + [""]
 
 
 def time_tables(results: dict, backends: list[str]) -> list[str]:
