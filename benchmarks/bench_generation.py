@@ -54,8 +54,10 @@ SENTENCES = ["The history of Rome began on seven hills", "Tell me a story about 
              "How do I bake bread at home?", "What is the capital of France?"]
 
 
-def build_pair_dirs(root: Path) -> tuple[Path, Path]:
-    """Write the random pre-trained model, its noisy twin and a byte-level tokenizer to ``root``."""
+def build_pair_dirs(root: Path, config: dict = SMOLLM2_135M, noise: float = 0.1) -> tuple[Path, Path]:
+    """Write a random Llama-architecture pre-trained model (``config``: ``LlamaConfig`` fields), its
+    twin with ``noise · std · N(0, 1)`` added to every block parameter and a byte-level tokenizer
+    to ``root/pt`` and ``root/ft``."""
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -69,13 +71,13 @@ def build_pair_dirs(root: Path) -> tuple[Path, Path]:
         pad_token="<|im_end|>", unk_token="<|endoftext|>",
     )
     torch.manual_seed(0)
-    pt = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMOLLM2_135M)).eval()
+    pt = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).eval()
     dirs = root / "pt", root / "ft"
     pt.save_pretrained(dirs[0])
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for param in pt.model.layers.parameters():
-            param.add_(0.1 * param.std() * torch.randn(param.shape, generator=generator))
+            param.add_(noise * param.std() * torch.randn(param.shape, generator=generator))
     pt.save_pretrained(dirs[1])
     for d in dirs:
         tokenizer.save_pretrained(d)

@@ -4,7 +4,7 @@
 Usage::
 
     python benchmarks/bench_tuco.py [--quick] [--out benchmarks/results/DATE.json]
-                                    [--markdown docs/performance.md] [--self-check]
+                                    [--markdown hooked-grid.md] [--self-check]
 
 Builds two benchmark pairs in place from ``HookedTransformerConfig`` (no download, no file):
 
@@ -1063,7 +1063,7 @@ def main(argv=None) -> None:
         results["goals"] = goal_verdicts(results)
         results["meta"].setdefault("budget_min", 25.0 if not results["meta"]["quick"] else None)
         results["notes"] = make_notes(results)
-        write_markdown(results, args.markdown or Path("docs/performance.md"))
+        write_markdown(results, args.markdown or Path("hooked-grid.md"))
         return
 
     start = time.time()

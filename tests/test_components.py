@@ -118,7 +118,16 @@ def test_component_alpha_corners_are_bit_exact(loaded, corner):
     block = pair.run_with_alpha(PROMPTS, corner)
     heads = torch.full((pair.n_layers, pair.ft.cfg.n_heads), corner)
     for alpha in ({"attn": corner, "mlp": corner}, {"attn": corner, "mlp": corner, "heads": heads}):
-        assert torch.equal(pair.run_with_alpha(PROMPTS, alpha), block)
+        got = pair.run_with_alpha(PROMPTS, alpha)
+        if "heads" in alpha and arch == "gpt2" and pair.backend.name == "TransformerBridge":
+            # GPT-2's per-head split reads hook_z, which only the bridge's eager attention fires
+            # (fused QKV), while the block-level run uses SDPA (tuco_lens.backend.native_modules):
+            # the same numbers within float32 rounding of the attention, 1e-5, at real tokens (the
+            # padding rows of a left-padded batch attend to nothing and differ between the two).
+            real = pair.tokenize(PROMPTS).attention_mask.bool()
+            torch.testing.assert_close(got[real], block[real], atol=1e-5, rtol=0)
+        else:
+            assert torch.equal(got, block)
 
 
 @pytest.mark.parametrize("attn,mlp", [(0.5, -0.25), (1.0, 0.0), (0.0, 1.0), (1.5, 0.75)])

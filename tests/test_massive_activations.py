@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 
 import tuco_lens
 from checkpoints import plant_massive_activation
+from tuco_lens.backend import native_modules
 from tuco_lens.errors import NonFiniteError
 from tuco_lens.plotting import plot_layers, plot_token_heatmap
 
@@ -66,7 +67,8 @@ def test_low_precision_sums_equal_their_exact_value(pairs, dtype):
         assert x.dtype == LOW[dtype]
         layers.append((x.double(), pt_post.double(), ft_post.double()))
 
-    with torch.no_grad(), tuco_lens.PairedBlocks(pair.pt, pair.ft, record, writes=False):
+    # the components of the same forward pass as decompose's (its attention implementation included)
+    with torch.no_grad(), native_modules(pair.pt, pair.ft), tuco_lens.PairedBlocks(pair.pt, pair.ft, record, writes=False):
         pair.backend.forward(batch.tokens, batch.attention_mask, logits=False)
     ptc = torch.stack([pt - x for x, pt, _ in layers], 1)  # [batch, layer, pos, d_model], exact
     ftc = torch.stack([ft - pt for _, pt, ft in layers], 1)

@@ -3,9 +3,13 @@
 Checkpoints are written to temporary directories with misleading names and loaded through
 ``tuco_lens.load_pair``, like a user's local fine-tune, as HookedTransformers and as
 TransformerBridges (the same tests, both backends; only the bridge on transformer-lens 4.x).
+On a bridge the verbs run Hugging Face's own attention (SDPA) and the last-token path;
+``test_bridge_attention_paths_match_reference`` also runs them with the bridge's eager attention.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -89,3 +93,44 @@ def test_generation_matches_reference_greedy(loaded, alpha):
     ref = reference_greedy_generate(hf_pt, hf_ft, batch.tokens, batch.attention_mask, alpha=alpha, max_new_tokens=6)
     got = pair.generate(PROMPTS, alpha=alpha, max_new_tokens=6, stop_at_eos=False, return_type="tokens")
     assert torch.equal(got, ref)
+
+
+@contextlib.contextmanager
+def _attention_path(pair, attention):
+    """``"fast"``: tuco_lens's default (Hugging Face's own attention, SDPA, on a bridge); ``"eager"``:
+    a no-op hook on every ``hook_pattern`` of both models, which keeps the bridge's eager attention.
+    Yields the number of Hugging Face attention calls so far (a list that grows)."""
+    calls, handles = [], []
+    for model in (pair.pt, pair.ft):
+        for block in model.blocks:
+            handles.append(block.attn.original_component.register_forward_hook(lambda *a: calls.append(1)))
+            if attention == "eager":
+                handles.append(block.attn.hook_pattern.register_forward_hook(lambda *a: None))
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("attention", ["fast", "eager"])
+def test_bridge_attention_paths_match_reference(loaded, attention):
+    """Both attention paths of a bridge, and its last-token path (``pair.tuco``), against the reference."""
+    arch, pair, hf_pt, hf_ft = loaded
+    if pair.backend.name != "TransformerBridge":
+        pytest.skip("a HookedTransformer has one attention path (TransformerLens's own)")
+    batch = pair.tokenize(PROMPTS)
+    ref = reference_decomposition(hf_pt, hf_ft, batch.tokens, batch.attention_mask)
+    ref_logits = reference_alpha_logits(hf_pt, hf_ft, batch.tokens, batch.attention_mask, alpha=0.5)
+    ref_tokens = reference_greedy_generate(hf_pt, hf_ft, batch.tokens, batch.attention_mask, alpha=0.5, max_new_tokens=4)
+    real = batch.attention_mask.bool()
+    with _attention_path(pair, attention) as calls:
+        torch.testing.assert_close(pair.tuco(PROMPTS).double(), ref["tuco"], **TOL)
+        dec = pair.decompose(PROMPTS)
+        logits = pair.run_with_alpha(PROMPTS, 0.5)
+        tokens = pair.generate(PROMPTS, alpha=0.5, max_new_tokens=4, stop_at_eos=False, return_type="tokens")
+    assert (len(calls) > 0) == (attention == "fast")
+    torch.testing.assert_close(dec.tuco.double(), ref["tuco"], **TOL)
+    torch.testing.assert_close(dec.beta.double(), ref["beta"], equal_nan=True, **TOL)
+    torch.testing.assert_close(logits[real], ref_logits[real], **TOL)
+    assert torch.equal(tokens, ref_tokens)

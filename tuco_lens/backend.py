@@ -24,10 +24,13 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import transformers
@@ -70,6 +73,7 @@ __all__ = [
     "TransformerBridge",
     "backend_of",
     "bridge_from_hf",
+    "native_modules",
     "linear_layout",
     "model_kind",
     "repair_cache_keyword",
@@ -268,13 +272,15 @@ class Backend:
         tokens: Tensor,
         attention_mask: Tensor,
         *,
-        logits: bool = True,
+        logits: bool | Literal["last"] = True,
         cache: Any = None,
     ) -> Tensor | None:
         """One forward pass (``cache`` from :meth:`new_generation_cache` for generation).
 
         ``attention_mask`` covers every position so far (``[batch, cached + new]`` with a
-        cache), ``tokens`` only the new ones; ``logits=False`` may stop before the unembedding.
+        cache), ``tokens`` only the new ones. ``logits=True`` returns the logits of every new
+        position; ``"last"`` those of the last position at least (``[batch, 1 or new, d_vocab]``:
+        take ``[:, -1]``); ``False`` nothing, and may stop before the unembedding.
         """
         raise NotImplementedError
 
@@ -284,6 +290,10 @@ class Backend:
 
     def linear_layout(self) -> contextlib.AbstractContextManager[None]:
         """Context manager: weights stored in the layout the forward pass reads (see :func:`linear_layout`)."""
+        return contextlib.nullcontext()
+
+    def native_modules(self) -> contextlib.AbstractContextManager[None]:
+        """Context manager: Hugging Face's own attention and norms where no hook needs more (see :func:`native_modules`)."""
         return contextlib.nullcontext()
 
 
@@ -550,6 +560,52 @@ class BridgeBackend(Backend):
             kwargs["hidden_states"] = x
         return self.block_output(block(*args, **kwargs))
 
+    def supports_last_token_path(self) -> bool:
+        # Standard blocks around an attention module whose keys and values reach a cache's
+        # ``update`` (the call itself is checked at every call; anything unknown runs in full).
+        return all(
+            type(block).__name__ in ("BlockBridge", "ParallelBlockBridge")
+            and type(getattr(block, "attn", None)).__name__ in _NATIVE_ATTENTION
+            for block in self.blocks
+        )
+
+    def call_pt_block_at_last_token(self, block: torch.nn.Module, call: BlockCall, x: Tensor) -> Tensor:
+        """A block's output at the last position only, reading keys and values at every position.
+
+        As for a HookedTransformer (:meth:`HookedBackend.call_pt_block_at_last_token`): the
+        Hugging Face layer first runs on the other positions until its attention hands its keys
+        and values to the cache (a cache that records them and stops the layer there: no query
+        attends, no MLP runs), then on the last position with a cache holding those keys and
+        values, its mask row, rotary embedding and position id. Rows must be left padded.
+        Returns ``[batch, 1, d_model]``, or the full ``[batch, pos, d_model]`` output (the
+        ordinary call) for a layer argument the split does not know.
+        """
+        arguments = _layer_arguments(block, call)
+        cache_name = None if arguments is None else next((k for k in _CACHE_KEYWORDS if k in arguments), None)
+        if cache_name is None:
+            return self.call_pt_block(block, 0, call, x, 0)
+        if arguments[cache_name] is not None:
+            raise TuCoError("The last-token path cannot run with a KV cache.")
+        n = x.shape[1]
+        if n > 1:
+            prefix = _positions_of(arguments, slice(0, n - 1), slice(0, n - 1), n)
+            recorder = _KeysValuesRecorder()
+            if prefix is None:
+                return self.call_pt_block(block, 0, call, x, 0)
+            try:
+                block(**{**prefix, "hidden_states": x[:, :-1], cache_name: recorder})
+            except _KeysValuesRecorded:
+                pass
+            if recorder.recorded is None:  # the layer never handed keys to its cache
+                return self.call_pt_block(block, 0, call, x, 0)
+            cache = _PrefixCache(*recorder.recorded)
+        else:
+            cache = None
+        last = _positions_of(arguments, slice(n - 1, n), slice(0, n), n)
+        if last is None:
+            return self.call_pt_block(block, 0, call, x, 0)
+        return self.block_output(block(**{**last, "hidden_states": x[:, -1:], cache_name: cache}))
+
     def is_parallel(self, block: torch.nn.Module) -> bool:
         return "hook_resid_mid" not in block.hook_aliases
 
@@ -636,15 +692,31 @@ class BridgeBackend(Backend):
         return [BlockCall(call.args, dict(call.kwargs)) for _ in self.blocks]
 
     def forward(self, tokens, attention_mask, *, logits=True, cache=None):
+        # Logits at the last position only where no more are asked for (Hugging Face's
+        # logits_to_keep, as its generate does): the unembedding of every position is a sizeable
+        # part of a forward pass.
+        keep = {} if logits is True or not self._keeps_logits() else {"logits_to_keep": 1}
         if cache is None:
             # No cache is built (an HF model would otherwise allocate one per forward pass).
-            return self.model(tokens, attention_mask=attention_mask, use_cache=False, return_type="logits" if logits else None)
+            out = self.model(tokens, attention_mask=attention_mask, use_cache=False, return_type="logits", **keep)
+            return out if logits else None
         return self.model(
-            tokens, attention_mask=attention_mask, past_key_values=cache, use_cache=True, return_type="logits"
+            tokens, attention_mask=attention_mask, past_key_values=cache, use_cache=True, return_type="logits", **keep
         )
+
+    def _keeps_logits(self) -> bool:
+        return _takes_logits_to_keep(type(self.model.original_model).forward)
 
     def new_generation_cache(self, batch_size: int) -> Any:
         return transformers.DynamicCache(config=self._hf_config())
+
+    def native_modules(self) -> contextlib.AbstractContextManager[None]:
+        return _bridge_native_modules(self.model)
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_logits_to_keep(forward: Callable) -> bool:
+    return "logits_to_keep" in inspect.signature(forward).parameters
 
 
 def _check_grown(layer: int, call: BlockCall, ft_lengths: list[int], pt_lengths: list[int]) -> None:
@@ -700,6 +772,220 @@ def repair_cache_keyword(bridge: TransformerBridge) -> None:
 def _caches_in(call: BlockCall) -> list[Any]:
     values = list(call.args) + list(call.kwargs.values())
     return [v for v in values if isinstance(v, transformers.Cache)]
+
+
+# --- the last-token path on TransformerBridge --------------------------------------------------
+class _KeysValuesRecorded(Exception):
+    """Raised by :class:`_KeysValuesRecorder` once the layer's keys and values are known."""
+
+
+class _KeysValuesRecorder(transformers.DynamicCache):
+    """A cache that records the keys and values a layer's attention hands it, then stops the layer."""
+
+    recorded: tuple[Tensor, Tensor] | None = None
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> Any:
+        self.recorded = (key_states, value_states)
+        raise _KeysValuesRecorded
+
+
+class _PrefixCache(transformers.DynamicCache):
+    """A cache whose every layer holds the given keys and values; new ones are appended, not stored."""
+
+    def __init__(self, keys: Tensor, values: Tensor) -> None:
+        super().__init__()
+        self.prefix = (keys, values)
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> Any:
+        keys, values = self.prefix
+        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+
+
+def _layer_arguments(block: torch.nn.Module, call: BlockCall) -> dict[str, Any] | None:
+    """The recorded call of a bridge block as ``{parameter name: value}`` of its Hugging Face layer."""
+    signature = inspect.signature(block.original_component.forward)
+    try:
+        bound = signature.bind(*call.args, **call.kwargs)
+    except TypeError:
+        return None
+    arguments: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            arguments.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                return None
+        elif name != "hidden_states":
+            arguments[name] = value
+    return arguments
+
+
+def _positions_of(arguments: dict[str, Any], rows: slice, keys: slice, n: int) -> dict[str, Any] | None:
+    """The layer arguments for the query positions ``rows`` (keys at ``keys``) of an ``n``-position
+    call, or None if an argument holds positions the split does not know how to cut."""
+    out: dict[str, Any] = {}
+    for name, value in arguments.items():
+        if name in _CACHE_KEYWORDS or not isinstance(value, (Tensor, tuple, list, dict)):
+            out[name] = value
+        elif name == "attention_mask" and isinstance(value, Tensor) and value.ndim == 4 and value.shape[-2:] == (n, n):
+            out[name] = value[..., rows, keys]
+        elif name == "position_embeddings" and isinstance(value, tuple) and all(
+            isinstance(t, Tensor) and t.ndim >= 2 and t.shape[-2] == n for t in value
+        ):
+            out[name] = tuple(t[..., rows, :] for t in value)
+        elif name == "position_ids" and isinstance(value, Tensor) and value.shape[-1] == n:
+            out[name] = value[..., rows]
+        elif name == "cache_position" and isinstance(value, Tensor) and value.ndim == 1 and value.shape[0] == n:
+            out[name] = value[rows]
+        else:
+            return None
+    return out
+
+
+# --- Hugging Face's own attention (SDPA) and norms on TransformerBridge ------------------------
+# Bridge modules that recompute, besides or instead of the Hugging Face module they wrap, what
+# their internal hook points need: the attention bridges recompute attention eagerly (scores and
+# pattern materialised for hook_attn_scores / hook_pattern), the norm bridges the scale and the
+# normalised stream (hook_scale / hook_normalized). Inside native_modules they run the wrapped
+# module's own forward where no hook needs more.
+_NATIVE_ATTENTION = (
+    "PositionEmbeddingsAttentionBridge", "JointQKVAttentionBridge", "JointQKVPositionEmbeddingsAttentionBridge",
+)
+_NATIVE_NORMS = ("NormalizationBridge", "RMSNormalizationBridge")
+_NATIVE_STATE = "_tuco_lens_native_modules"
+_NATIVE_LOCK = threading.Lock()
+_CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value", "layer_past")
+# Config flags under which the bridge's attention computes something the Hugging Face module does not.
+_BRIDGE_ONLY_ATTENTION_FLAGS = ("use_split_qkv_input", "use_attn_in", "use_attn_result")
+
+
+@dataclass
+class _NativeState:
+    """Per bridge, while a :func:`native_modules` context is open: the threads inside (with their
+    nesting depth) and, per module run natively, the hook points only the bridge's path fires."""
+
+    threads: dict[int, int]
+    bridge_only_points: dict[torch.nn.Module, list[HookPoint]]
+
+
+def _has_hooks(module: torch.nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def _bridge_only_points(module: torch.nn.Module) -> list[HookPoint]:
+    """Hook points of a bridge module that the wrapped Hugging Face module's forward does not fire.
+
+    The Hugging Face module calls its own sub-modules (for Llama-style attention the bridge's
+    ``q``/``k``/``v``/``o`` projections, hook points included) but none of the bridge's internal
+    hook points (``hook_attn_scores``, ``hook_pattern``, ``hook_rot_q``, ``hook_scale``, ...);
+    fused-QKV models (GPT-2) also skip the bridge's split ``q``/``k``/``v``/``o``.
+    """
+    reached = {id(m) for m in module.original_component.modules()}
+    reached |= {id(module.hook_in), id(module.hook_out)}
+    return [m for m in module.modules() if isinstance(m, HookPoint) and id(m) not in reached]
+
+
+def _native_allowed(module: torch.nn.Module, state: _NativeState) -> bool:
+    """This call may run the Hugging Face module: this thread is inside the context, no hook needs
+    the bridge's path, and no option computes the module the bridge's own way."""
+    cfg = module.config
+    return (
+        threading.get_ident() in state.threads
+        and not module.training
+        and not getattr(module, "compatibility_mode", False)
+        and not any(getattr(cfg, flag, False) for flag in _BRIDGE_ONLY_ATTENTION_FLAGS)
+        and not any(_has_hooks(point) for point in state.bridge_only_points[module])
+    )
+
+
+def _dispatching_forward(module: torch.nn.Module, state: _NativeState) -> Callable:
+    """The module's ``forward`` inside the context: the Hugging Face module's, or the bridge's."""
+    bridge = type(module).forward.__get__(module)
+    wrapped = module.original_component
+    if type(module).__name__ in _NATIVE_NORMS:
+
+        def forward(hidden_states: Tensor, **kwargs: Any) -> Tensor:
+            if not _native_allowed(module, state):
+                return bridge(hidden_states, **kwargs)
+            return module.hook_out(wrapped(module.hook_in(hidden_states), **kwargs))
+
+        return forward
+    cache_keyword = "cache" in inspect.signature(wrapped.forward).parameters
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if not _native_allowed(module, state):
+            return bridge(*args, **kwargs)
+        if cache_keyword and "past_key_values" in kwargs and "cache" not in kwargs:
+            kwargs["cache"] = kwargs.pop("past_key_values")  # undo repair_cache_keyword for Hugging Face
+        # TransformerLens's minimal wrapper: hook_in, the Hugging Face module, hook_out.
+        return AttentionBridge.forward(module, *args, **kwargs)
+
+    return forward
+
+
+@contextlib.contextmanager
+def _bridge_native_modules(model: Any) -> Iterator[None]:
+    me = threading.get_ident()
+    with _NATIVE_LOCK:
+        state = model.__dict__.get(_NATIVE_STATE)
+        if state is None:
+            modules = [
+                m for m in model.modules()
+                if type(m).__name__ in _NATIVE_ATTENTION + _NATIVE_NORMS and "forward" not in m.__dict__
+                and getattr(m, "original_component", None) is not None
+            ]
+            state = _NativeState({}, {m: _bridge_only_points(m) for m in modules})
+            for module in modules:  # not setattr: a bridge passes that on to the wrapped module
+                module.__dict__["forward"] = _dispatching_forward(module, state)
+            model.__dict__[_NATIVE_STATE] = state
+        state.threads[me] = state.threads.get(me, 0) + 1
+    try:
+        yield
+    finally:
+        with _NATIVE_LOCK:
+            state.threads[me] -= 1
+            if not state.threads[me]:
+                del state.threads[me]
+            if not state.threads:
+                for module in state.bridge_only_points:
+                    module.__dict__.pop("forward", None)
+                del model.__dict__[_NATIVE_STATE]
+
+
+@contextlib.contextmanager
+def native_modules(*models: Any) -> Iterator[None]:
+    """Run a bridge's attention and norms with Hugging Face's own code where nothing needs more.
+
+    A ``TransformerBridge``'s attention modules recompute attention eagerly (the ``batch × heads
+    × pos × pos`` scores and pattern in memory) so that ``hook_attn_scores`` and ``hook_pattern``
+    can fire, and its norm modules recompute their scale for ``hook_scale`` /
+    ``hook_normalized``. Inside this context, for forward passes of the entering thread, these
+    modules instead run the Hugging Face module they wrap, as a plain ``transformers`` forward
+    does: attention with the model's configured implementation (``config._attn_implementation``:
+    SDPA for models loaded by tuco_lens), norms with their own forward. The hook points the
+    Hugging Face module reaches still fire: the modules' ``hook_in`` / ``hook_out`` and, on
+    Llama-style attention, the projections' ``hook_q``, ``hook_k``, ``hook_v``, ``hook_z``. A
+    module falls back to the bridge's own computation, call by call, when any hook is on a hook
+    point only that path fires (``hook_attn_scores``, ``hook_pattern``, ``hook_rot_q`` /
+    ``hook_rot_k``, ``hook_scale``, ``hook_normalized``, the fused-QKV models' split ``hook_q`` /
+    ``hook_k`` / ``hook_v`` / ``hook_z``: ``run_with_cache``, ``run_with_hooks`` or a permanent hook
+    there), in training mode, in compatibility mode, with ``use_split_qkv_input``, ``use_attn_in``
+    or ``use_attn_result``, and in float64 models' attention (whose pattern
+    :func:`repair_float64_attention` recomputes). Equal to the bridge's own computation within
+    float rounding (tested on every architecture). Re-entrant and thread-aware; a no-op for
+    HookedTransformers. ``pair.tuco``, ``decompose``, ``run_with_alpha``, ``generate``,
+    ``logit_attribution`` and ``compare_outputs`` use it.
+
+    Example:
+        >>> with native_modules(pair.pt, pair.ft):
+        ...     logits = pair.ft(tokens)          # SDPA, unless a pattern hook asks for more
+    """
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            stack.enter_context(backend_of(model).native_modules())
+        yield
 
 
 # --- float64 attention on TransformerBridge --------------------------------------------------

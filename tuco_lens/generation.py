@@ -5,7 +5,9 @@ ambiguous when the pad token is also BOS/EOS (GPT-2). This loop takes the mask t
 while tokenizing, keeps it in the KV cache, and is what ``TuCoPair.generate`` runs inside
 ``pair.scaled(alpha)``; any forward hooks active on the model apply at every step. It runs with
 the model's weights in the layout its forward pass reads (:func:`tuco_lens.backend.linear_layout`),
-so a HookedTransformer does not copy every weight at every step.
+so a HookedTransformer does not copy every weight at every step, and a TransformerBridge with
+Hugging Face's own attention and norms (:func:`tuco_lens.backend.native_modules`) unless a hook
+needs the bridge's own computation (e.g. the attention pattern).
 """
 
 from __future__ import annotations
@@ -22,27 +24,28 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tuco_lens.backend import backend_of, linear_layout, sample_logits
+from tuco_lens.backend import backend_of, native_modules, linear_layout, sample_logits
 from tuco_lens.errors import InputError, InputTypeError
 from tuco_lens.inputs import TokenBatch, to_left_padding
 
 __all__ = ["generate_tokens", "stop_tokens", "check_sampling", "check_eos_token_id"]
 
 
-def _in_linear_layout(generate: Callable) -> Callable:
+def _fast_forward_passes(generate: Callable) -> Callable:
     """Run ``generate(model, ...)`` with ``model``'s weights in the layout its forward pass reads,
-    so no decoding step copies them (:func:`tuco_lens.backend.linear_layout`)."""
+    so no decoding step copies them (:func:`tuco_lens.backend.linear_layout`), and with Hugging
+    Face's own attention and norms on a bridge (:func:`tuco_lens.backend.native_modules`)."""
 
     @functools.wraps(generate)
     def wrapped(model: Any, *args: Any, **kwargs: Any) -> Any:
-        with linear_layout(model):
+        with linear_layout(model), native_modules(model):
             return generate(model, *args, **kwargs)
 
     return wrapped
 
 
 @torch.no_grad()
-@_in_linear_layout
+@_fast_forward_passes
 def generate_tokens(
     model: Any,
     batch: TokenBatch,
@@ -86,9 +89,9 @@ def generate_tokens(
     new_tokens = tokens
     for _ in tqdm(range(max_new_tokens), disable=not show_progress, desc="generate"):
         if cache is None:
-            logits = backend.forward(tokens, mask)
+            logits = backend.forward(tokens, mask, logits="last")
         else:
-            logits = backend.forward(new_tokens, mask, cache=cache)
+            logits = backend.forward(new_tokens, mask, logits="last", cache=cache)
         final = logits[:, -1, :]
         if do_sample:
             next_token = sample_logits(final, top_k=top_k, top_p=top_p, temperature=temperature, tokens=tokens)

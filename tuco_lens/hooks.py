@@ -95,10 +95,11 @@ def supports_last_token_path(model: Model) -> bool:
     """Whether the pre-trained blocks of ``model`` can run at the last position only, exactly.
 
     True for HookedTransformers with standard attention blocks and learned absolute or rotary
-    positions (GPT-2, Llama, Mistral, Qwen2, GPT-NeoX, Gemma, ...); False for variants whose
+    positions (GPT-2, Llama, Mistral, Qwen2, GPT-NeoX, Gemma, ...), and for TransformerBridges
+    whose blocks are standard decoder layers around those architectures' attention (a layer
+    call with an argument the split does not know then runs in full); False for variants whose
     attention inputs or keys are built differently (split QKV inputs, shortformer, ALiBi,
-    clipped or 4-bit QKV, post-norm blocks) and for TransformerBridge models, which then take
-    the full path.
+    clipped or 4-bit QKV, post-norm blocks), which take the full path.
 
     Example:
         >>> supports_last_token_path(pair.pt)

@@ -11,7 +11,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tuco_lens.attribution import FrozenNorm, LogitAttribution, OutputComparison, kl_per_token
-from tuco_lens.backend import ActivationCache, backend_of, linear_layout, model_kind
+from tuco_lens.backend import ActivationCache, backend_of, native_modules, linear_layout, model_kind
 from tuco_lens.compatibility import check_compatible
 from tuco_lens.components import ComponentAccumulator, mixer_for
 from tuco_lens.decomposition import COMPONENTS, Decomposition, DecompositionAccumulator, Norm, check_norm
@@ -273,7 +273,9 @@ class TuCoPair:
         Cheaper than :meth:`decompose`: only the sums at the last token are accumulated, and for
         standard architectures the pre-trained blocks compute their query, output projection
         and MLP at the last token only (keys and values at every position), which equals the
-        full computation (tested). Arguments as in :meth:`decompose`.
+        full computation (tested; both backends). On a TransformerBridge every verb also runs
+        Hugging Face's own attention (SDPA) and norms unless a hook needs the attention pattern
+        (:func:`tuco_lens.backend.native_modules`). Arguments as in :meth:`decompose`.
 
         Example:
             >>> pair.tuco(["How do I bake bread?", "The history of Rome"], chat_template=True)
@@ -312,7 +314,7 @@ class TuCoPair:
                 self.pt, self.ft, acc.add, writes=False, pt_last_only=last_only, offload_pt=self.offload_pt,
                 parts=parts,
             )
-            with torch.no_grad(), paired:
+            with torch.no_grad(), native_modules(self.pt, self.ft), paired:
                 self.backend.forward(sub.tokens, sub.attention_mask, logits=False)
             yield rows, cols, acc
 
@@ -421,12 +423,13 @@ class TuCoPair:
             inputs, attention_mask=attention_mask, chat_template=chat_template, prepend_bos=prepend_bos
         )
         tokens, mask = batch.tokens, batch.attention_mask
-        ft_logits = self.backend.forward(tokens, mask)
         pt_backend = backend_of(self.pt)
         device = pt_backend.input_device()
-        pt_logits = pt_backend.forward(tokens.to(device), mask.to(device)).to(ft_logits.device)
-        with self.scaled(0.0):
-            alpha0 = self.backend.forward(tokens, mask)
+        with native_modules(self.pt, self.ft):
+            ft_logits = self.backend.forward(tokens, mask)
+            pt_logits = pt_backend.forward(tokens.to(device), mask.to(device)).to(ft_logits.device)
+            with self.scaled(0.0):
+                alpha0 = self.backend.forward(tokens, mask)
         pad = ~mask.bool().to(ft_logits.device)
         kl_pt = kl_per_token(ft_logits, pt_logits).masked_fill(pad, float("nan"))
         kl_0 = kl_per_token(ft_logits, alpha0).masked_fill(pad, float("nan"))
@@ -481,12 +484,13 @@ class TuCoPair:
         acc = DecompositionAccumulator(self.n_layers, mask, norm, "all", dtype)
         pt_backend = backend_of(self.pt)
         calls = self.backend.block_calls(batch.tokens, mask)
-        for layer in range(self.n_layers):
-            x = streams[layer]
-            call = calls[layer]
-            with placed(pt_backend.blocks[layer], x.device, self.offload_pt) as (block, device):
-                pt_post = self.backend.call_pt_block(block, layer, call, x.to(device), 0)
-            acc.add(layer, x, pt_post, streams[layer + 1])
+        with native_modules(self.pt):
+            for layer in range(self.n_layers):
+                x = streams[layer]
+                call = calls[layer]
+                with placed(pt_backend.blocks[layer], x.device, self.offload_pt) as (block, device):
+                    pt_post = self.backend.call_pt_block(block, layer, call, x.to(device), 0)
+                acc.add(layer, x, pt_post, streams[layer + 1])
         out = {"tuco": acc.tuco()}
         out["ptc_sum"], out["ftc_sum"] = acc.last_token_sums()
         out.update(acc.per_position_tables())
@@ -600,7 +604,7 @@ class TuCoPair:
             prepend_bos=prepend_bos,
             padding_side=padding_side,
         )
-        with self.scaled(alpha):
+        with native_modules(self.pt, self.ft), self.scaled(alpha):
             return self.backend.forward(batch.tokens, batch.attention_mask)
 
     def generate(
@@ -644,7 +648,8 @@ class TuCoPair:
             chat_template=chat_template,
             prepend_bos=prepend_bos,
         )
-        with self.scaled(alpha), linear_layout(self.pt, self.ft):  # no per-step weight copies
+        # no per-step weight copies (HookedTransformer), Hugging Face's attention (TransformerBridge)
+        with self.scaled(alpha), linear_layout(self.pt, self.ft), native_modules(self.pt, self.ft):
             out = generate_tokens(
                 self.ft,
                 batch,
