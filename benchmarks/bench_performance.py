@@ -59,6 +59,7 @@ import transformers  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generation import SMOLLM2_135M, build_pair_dirs  # noqa: E402
+from bench_tuco import naive_tuco, timed  # noqa: E402  (Algorithm 1 literally; one timing)
 
 import tuco_lens  # noqa: E402
 from tuco_lens.backend import HAS_HOOKED_TRANSFORMER, native_modules  # noqa: E402
@@ -121,32 +122,6 @@ def random_tokens(vocab: int, batch: int, length: int, seed: int = 0) -> tuple[t
     return tokens, torch.ones_like(tokens)
 
 
-def naive_tuco(pair, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Algorithm 1 of the paper, literally, one prompt at a time (HookedTransformer).
-
-    ``run_with_cache`` of the fine-tuned model with every activation cached (the full forward,
-    logits included), then each pre-trained block called on the cached fine-tuned block input;
-    ``PTC_l = f_PT(x_l)``, ``FTC_l = f_FT(x_l) - PTC_l`` with ``f_FT(x_l) = resid_post_l - x_l``,
-    summed at the last token; TuCo = ||ΣFTC||_1 / (||ΣPTC||_1 + ||ΣFTC||_1).
-    """
-    pt, ft = pair.pt, pair.ft
-    scores = []
-    for row, row_mask in zip(tokens, mask):
-        prompt = row[row_mask.bool()][None]  # one prompt, unpadded
-        _, cache = ft.run_with_cache(prompt)
-        i_ptc = torch.zeros(ft.cfg.d_model)
-        i_ftc = torch.zeros(ft.cfg.d_model)
-        for layer in range(ft.cfg.n_layers):
-            x = cache[f"blocks.{layer}.hook_resid_pre"]
-            ptc = pt.blocks[layer](x) - x
-            ftc = (cache[f"blocks.{layer}.hook_resid_post"] - x) - ptc
-            i_ptc += ptc[0, -1].float()
-            i_ftc += ftc[0, -1].float()
-        f, p = i_ftc.abs().sum(), i_ptc.abs().sum()
-        scores.append(f / (p + f))
-    return torch.stack(scores)
-
-
 def backend_forward(pair, tokens: torch.Tensor, mask: torch.Tensor) -> None:
     """The fine-tuned forward pass ``pair.tuco`` runs, without the pre-trained blocks: what the
     TransformerLens model class itself costs (on a bridge with Hugging Face's attention)."""
@@ -191,17 +166,6 @@ def generation_ops(built: dict, tokens: torch.Tensor, mask: torch.Tensor, new_to
 
 
 # ---------------------------------------------------------------------------- timing
-def timed(fn) -> tuple[float, object]:
-    gc.collect()
-    gc.disable()
-    try:
-        start = time.perf_counter()
-        out = fn()
-        return time.perf_counter() - start, out
-    finally:
-        gc.enable()
-
-
 def interleaved(ops: dict, repeats: int) -> tuple[dict, dict]:
     """Round-robin timing after one warm-up repeat: ``({op: [seconds]}, {op: warm-up output})``."""
     names = list(ops)
