@@ -4,7 +4,7 @@ This module is the *ground truth* the ``tuco_lens`` test suite is checked agains
 not import TransformerLens (nor ``tuco_lens``): everything is computed from the Hugging Face decoder
 layers themselves, so a bug in the TransformerLens plumbing cannot hide in both sides of a comparison.
 
-Specification: ``/work/shared/tuco-paper.md`` (Nuti et al., "TuCo", ICML 2025).
+Specification: ``../shared/tuco-paper.md`` (beside the checkout) (Nuti et al., "TuCo", ICML 2025).
 
 Definitions used here (the paper's canonical decomposition, Prop. D.3)
 -----------------------------------------------------------------------
