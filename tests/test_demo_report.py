@@ -72,7 +72,7 @@ def report(run):
 def test_demo_writes_report_and_tables(report):
     html = (report / "report.html").read_text()
     assert html.count("plotly.js v") == 1 and "<script src=" not in html
-    assert html.count("Plotly.newPlot") == 4 + 3 + 6  # four figures, three inside the blocks, six of the paper's analyses
+    assert html.count('class="plotly-graph-div"') == 4 + 3 + 6  # four figures, three inside the blocks, six of the paper's analyses
     scores = pd.read_csv(report / "results.csv")
     sets = demo.prompt_sets()
     for name in ("web", "chat", "harmful", "harmful_lang2"):
