@@ -336,3 +336,13 @@ def test_components_do_not_depend_on_batching_or_padding_side(checkpoint_pair):
                                    atol=1e-5, rtol=1e-5)
     attr = pair.logit_attribution(PROMPTS, components=True, batch_size=2)
     torch.testing.assert_close(attr.total(), pair.logit_attribution(PROMPTS).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_logit_attribution_that_misses_the_logits_is_refused(checkpoint_pair, monkeypatch):
+    """The self-check raises tuco_lens's TuCoError (this path once raised NameError: TuCoError unimported)."""
+    pt_dir, ft_dir = checkpoint_pair("llama")
+    pair = tuco_lens.load_pair(str(pt_dir), str(ft_dir), backend="bridge")
+    exact = tuco_lens.attribution.LogitAttribution.total
+    monkeypatch.setattr(tuco_lens.attribution.LogitAttribution, "total", lambda self: exact(self) + 1.0)
+    with pytest.raises(TuCoError, match=r"miss the fine-tuned logits by 1\.00e\+00"):
+        pair.logit_attribution(PROMPTS[:1])

@@ -44,7 +44,7 @@ class FrozenNorm:
     eps: float
 
     @classmethod
-    def of(cls, module: torch.nn.Module, d_model: int) -> "FrozenNorm":
+    def of(cls, module: torch.nn.Module, d_model: int) -> FrozenNorm:
         """Read a LayerNorm / RMSNorm module (TransformerLens or Hugging Face), probing it.
 
         Raises:

@@ -30,7 +30,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 import torch
 import transformers
@@ -60,7 +60,13 @@ except ImportError:  # pragma: no cover - exercised by the transformer-lens 4.x 
     TransformerLensKeyValueCache = None  # type: ignore[assignment,misc]
     TransformerLensKeyValueCacheEntry = None  # type: ignore[assignment,misc]
 
+Model: TypeAlias = Any
+"""A ``HookedTransformer`` (transformer-lens 3.x) or a ``TransformerBridge``: the model classes tuco_lens
+works on (the one alias every module uses). ``Any`` to type checkers because ``HookedTransformer``
+does not exist on transformer-lens 4.x; :func:`model_kind` tells which one an object is."""
+
 __all__ = [
+    "Model",
     "ActivationCache",
     "Backend",
     "BlockCall",
@@ -507,7 +513,7 @@ class BridgeBackend(Backend):
         for ft_cache in _caches_in(call):
             n_ft = ft_cache.get_seq_length(layer)
 
-            def make() -> Any:
+            def make(ft_cache: Any = ft_cache, n_ft: int = n_ft) -> Any:  # bound now: _paired calls it at once
                 if ft_cache.get_seq_length(0) != 0 or n_ft != 0:
                     raise TuCoError(
                         f"The fine-tuned KV cache already holds {ft_cache.get_seq_length(0)} "
@@ -714,7 +720,7 @@ class BridgeBackend(Backend):
         return _bridge_native_modules(self.model)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _takes_logits_to_keep(forward: Callable) -> bool:
     return "logits_to_keep" in inspect.signature(forward).parameters
 
@@ -743,7 +749,7 @@ def _cache_as_past_key_values(module: torch.nn.Module, args: tuple, kwargs: dict
     return args, kwargs
 
 
-_REPAIRED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+_REPAIRED: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 
 
 def repair_cache_keyword(bridge: TransformerBridge) -> None:
@@ -989,7 +995,7 @@ def native_modules(*models: Any) -> Iterator[None]:
 
 
 # --- float64 attention on TransformerBridge --------------------------------------------------
-_FLOAT64_REPAIRED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+_FLOAT64_REPAIRED: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 _FLOAT64_HANDLES = "_tuco_lens_float64_handles"
 #: How far the bridge's own (float32) softmax may be from the float64 one where it is finite.
 _FLOAT32_SOFTMAX_TOLERANCE = 1e-4

@@ -18,8 +18,8 @@ import warnings
 from typing import Any
 
 import torch
-from tuco_lens.backend import backend_of, model_kind
 
+from tuco_lens.backend import Model, backend_of, model_kind
 from tuco_lens.errors import IncompatiblePairError, InputTypeError
 
 __all__ = [
@@ -30,7 +30,6 @@ __all__ = [
     "processing_of",
 ]
 
-Model = Any  # a HookedTransformer or a TransformerBridge
 
 #: Name of the attribute where tuco_lens records how it processed a model's weights.
 PROCESSING_ATTR = "tuco_processing"

@@ -39,7 +39,7 @@ _OPTIONAL = {f"ftc_{c}_{kind}" for c in COMPONENTS for kind in ("norm", "sum")} 
 }
 
 
-def vector_norm(x: Float[Tensor, "... d_model"], norm: Norm) -> Float[Tensor, "..."]:
+def vector_norm(x: Float[Tensor, "... d_model"], norm: Norm) -> Float[Tensor, " ..."]:
     """The L1 or L2 norm over the last (``d_model``) axis.
 
     L1 is ``x.abs().sum(-1)``: on CPU several times faster than ``torch.linalg.vector_norm(x, 1)``
@@ -50,7 +50,7 @@ def vector_norm(x: Float[Tensor, "... d_model"], norm: Norm) -> Float[Tensor, ".
     return torch.linalg.vector_norm(x, ord=_ORDERS[norm], dim=-1)
 
 
-def ratio(ftc: Float[Tensor, "..."], ptc: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
+def ratio(ftc: Float[Tensor, " ..."], ptc: Float[Tensor, " ..."]) -> Float[Tensor, " ..."]:
     """``ftc / (ptc + ftc)``, defined as 0 where both norms are 0 (nothing was written)."""
     total = ptc + ftc
     return torch.where(total > 0, ftc / total.clamp_min(torch.finfo(total.dtype).tiny), 0.0)
@@ -108,7 +108,7 @@ class Decomposition:
         >>> dec                           # Decomposition(2 prompts × 4 layers × 9 positions, ...)
     """
 
-    tuco: Float[Tensor, "batch"]
+    tuco: Float[Tensor, " batch"]
     tuco_per_token: Float[Tensor, "batch pos"]
     ptc_norm: Float[Tensor, "batch layer pos"]
     ftc_norm: Float[Tensor, "batch layer pos"]
@@ -192,7 +192,7 @@ class Decomposition:
         """Whether the attention / MLP split is here (``decompose(..., components=True)``)."""
         return self.ftc_attn_sum is not None
 
-    def tuco_shares(self) -> dict[str, Float[Tensor, "batch"]]:
+    def tuco_shares(self) -> dict[str, Float[Tensor, " batch"]]:
         """How much of TuCo each component carries: ``{"attn", "mlp", "mlp_via_attn"}``.
 
         With ``F = Σ_l FTC_l`` at the last real token, ``g`` the gradient of ``||F||`` (``sign(F)``
@@ -228,12 +228,12 @@ class Decomposition:
         return self._share(self.ftc_head)
 
     @property
-    def preco(self) -> Float[Tensor, "batch"]:
+    def preco(self) -> Float[Tensor, " batch"]:
         """PreCo = 1 - TuCo, the pre-training contribution."""
         return 1.0 - self.tuco
 
     @property
-    def last_index(self) -> Int[Tensor, "batch"]:
+    def last_index(self) -> Int[Tensor, " batch"]:
         """Position of the last real token of each prompt (where TuCo is measured)."""
         return last_real_index(self.attention_mask)
 
@@ -249,7 +249,7 @@ class Decomposition:
     def __len__(self) -> int:
         return self.n_prompts
 
-    def __getitem__(self, rows: int | slice | list[int] | Tensor) -> "Decomposition":
+    def __getitem__(self, rows: int | slice | list[int] | Tensor) -> Decomposition:
         """The decomposition of some prompts, e.g. ``dec[0]`` or ``dec[2:5]``."""
         index = torch.arange(self.n_prompts)[rows]
         index = index.reshape(-1)
@@ -471,7 +471,7 @@ class DecompositionAccumulator:
         rows = torch.arange(self.mask.shape[0], device=self.mask.device)
         return self.ptc_total[rows, self.last_index], self.ftc_total[rows, self.last_index]
 
-    def tuco(self) -> Float[Tensor, "batch"]:
+    def tuco(self) -> Float[Tensor, " batch"]:
         """TuCo at the last real token (Definition 4.3)."""
         ptc, ftc = self.last_token_sums()
         return ratio(vector_norm(ftc, self.norm), vector_norm(ptc, self.norm))

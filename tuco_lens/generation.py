@@ -24,7 +24,7 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tuco_lens.backend import backend_of, native_modules, linear_layout, sample_logits
+from tuco_lens.backend import backend_of, linear_layout, native_modules, sample_logits
 from tuco_lens.errors import InputError, InputTypeError
 from tuco_lens.inputs import TokenBatch, to_left_padding
 

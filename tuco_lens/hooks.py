@@ -50,7 +50,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tuco_lens.backend import BlockCall, HookPoint, backend_of
+from tuco_lens.backend import BlockCall, HookPoint, Model, backend_of
 from tuco_lens.errors import AlphaError, TuCoError
 from tuco_lens.inputs import warn_if_doubled_bos
 
@@ -75,8 +75,6 @@ _OFFLOAD_LOCK = "_tuco_lens_offload_lock"
 # Held while hooks are added or removed: torch's and TransformerLens's hook lists are shared by
 # every thread that runs the model.
 _REGISTRATION = threading.Lock()
-Model = Any
-"""A ``HookedTransformer`` or a ``TransformerBridge``."""
 
 
 @contextmanager
@@ -282,7 +280,7 @@ class PairedBlocks:
         self._owner: int | None = None
 
     # ---------------------------------------------------------------- context protocol
-    def __enter__(self) -> "PairedBlocks":
+    def __enter__(self) -> PairedBlocks:
         with _REGISTRATION:
             active = self.ft.__dict__.setdefault(_ACTIVE, {})
             if threading.get_ident() in active:

@@ -26,7 +26,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from tuco_lens.backend import backend_of
+from tuco_lens.backend import Model, backend_of
 from tuco_lens.errors import ChatTemplateTwiceWarning, DoubledBOSWarning, InputError, InputTypeError
 
 __all__ = [
@@ -41,7 +41,6 @@ __all__ = [
     "warn_if_doubled_bos",
 ]
 
-Model = Any  # a HookedTransformer or a TransformerBridge
 
 Inputs = str | Sequence[str] | Tensor
 
@@ -69,19 +68,19 @@ class TokenBatch:
             )
 
     @property
-    def last_index(self) -> Int[Tensor, "batch"]:
+    def last_index(self) -> Int[Tensor, " batch"]:
         """Position of the last real (unpadded) token of every row."""
         return last_real_index(self.attention_mask)
 
     @property
-    def n_tokens(self) -> Int[Tensor, "batch"]:
+    def n_tokens(self) -> Int[Tensor, " batch"]:
         """Number of real tokens in every row."""
         return self.attention_mask.sum(-1)
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
-    def sub_batch(self, rows: Int[Tensor, "rows"] | Sequence[int]) -> tuple["TokenBatch", Int[Tensor, "cols"]]:
+    def sub_batch(self, rows: Int[Tensor, " rows"] | Sequence[int]) -> tuple[TokenBatch, Int[Tensor, " cols"]]:
         """Keep some rows and drop the columns that are padding in all of them.
 
         Dropping all-padding columns changes no number: attention never reads masked keys and
@@ -97,7 +96,7 @@ class TokenBatch:
         return TokenBatch(self.tokens[rows][:, cols], mask[:, cols], prompts), cols
 
 
-def last_real_index(attention_mask: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch"]:
+def last_real_index(attention_mask: Int[Tensor, "batch pos"]) -> Int[Tensor, " batch"]:
     """Index of the last position whose mask is 1, for left, right or no padding.
 
     Example:
@@ -186,7 +185,7 @@ def prepare_batch(
 
 def length_sorted_batches(
     batch: TokenBatch, batch_size: int | None = None, token_budget: int | None = None
-) -> Iterator[tuple[Int[Tensor, "rows"], Int[Tensor, "cols"], TokenBatch]]:
+) -> Iterator[tuple[Int[Tensor, " rows"], Int[Tensor, " cols"], TokenBatch]]:
     """Split a batch into sub-batches of similar length, trimming padding in each.
 
     Rows are sorted by their number of real tokens (longest first, so an out-of-memory error

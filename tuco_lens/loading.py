@@ -36,6 +36,7 @@ from tuco_lens.backend import (
     HAS_HOOKED_TRANSFORMER,
     HookedTransformer,
     HookedTransformerConfig,
+    Model,
     backend_of,
     bridge_from_hf,
     model_kind,
@@ -634,7 +635,7 @@ def load_model(
     adapter_base: Any = None,
     backend: str = "auto",
     **from_pretrained_kwargs: Any,
-) -> Any:
+) -> Model:
     """Load ``source`` as a HookedTransformer or TransformerBridge, without weight processing.
 
     ``source`` may be:

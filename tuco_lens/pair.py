@@ -11,11 +11,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tuco_lens.attribution import FrozenNorm, LogitAttribution, OutputComparison, kl_per_token
-from tuco_lens.backend import ActivationCache, backend_of, native_modules, linear_layout, model_kind
+from tuco_lens.backend import ActivationCache, Model, backend_of, linear_layout, model_kind, native_modules
 from tuco_lens.compatibility import check_compatible
 from tuco_lens.components import ComponentAccumulator, mixer_for
 from tuco_lens.decomposition import COMPONENTS, Decomposition, DecompositionAccumulator, Norm, check_norm
-from tuco_lens.errors import InputError, InputTypeError
+from tuco_lens.errors import InputError, InputTypeError, TuCoError
 from tuco_lens.generation import generate_tokens, stop_tokens
 from tuco_lens.hooks import (
     PairedBlocks,
@@ -29,7 +29,6 @@ from tuco_lens.versions import check_versions
 
 __all__ = ["TuCoPair"]
 
-Model = Any  # a HookedTransformer or a TransformerBridge
 Alpha = float | Sequence[float] | Mapping[str, Any]
 """α: one number, one per layer, or per component ``{"attn": ..., "mlp": ..., "heads": ...}``."""
 
@@ -267,7 +266,7 @@ class TuCoPair:
         show_progress: bool = False,
         norm: Norm = "l1",
         accumulate_dtype: torch.dtype = torch.float32,
-    ) -> Float[Tensor, "batch"]:
+    ) -> Float[Tensor, " batch"]:
         """The paper's TuCo of each prompt (at its last real token), and nothing else.
 
         Cheaper than :meth:`decompose`: only the sums at the last token are accumulated, and for

@@ -31,7 +31,14 @@ from typing import Any
 
 import pandas as pd
 
-from tuco_lens.errors import InputError, InputTypeError, OutputError, OutputLockedError, ResumeMismatchError, TuCoWarning
+from tuco_lens.errors import (
+    InputError,
+    InputTypeError,
+    OutputError,
+    OutputLockedError,
+    ResumeMismatchError,
+    TuCoWarning,
+)
 from tuco_lens.scoring_io import (
     RESULT_COLUMNS,
     OutputLock,

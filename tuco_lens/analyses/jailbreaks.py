@@ -143,7 +143,7 @@ class JailbreakResult:
         """A copy of :attr:`table`."""
         return self.table.copy()
 
-    def with_min_non_refusals(self, min_non_refusals: int) -> "JailbreakResult":
+    def with_min_non_refusals(self, min_non_refusals: int) -> JailbreakResult:
         """The same completions relabelled with another m (no new sampling)."""
         m = _check_m(min_non_refusals, self.n_samples)
         table = self.table.copy()

@@ -344,7 +344,7 @@ def many_shot_sweep(
     for k in ks_checked:
         for i, request in enumerate(request_list):
             shots_k = [pool[j] for j in orders[i][:k]]
-            prompt = apply_checked(lambda r: build_prompt(r, shots_k), request, f"build_prompt(request {i}, {k} shots)")
+            prompt = apply_checked(lambda r, shots=shots_k: build_prompt(r, shots), request, f"build_prompt(request {i}, {k} shots)")
             if not isinstance(prompt, str) or not prompt:
                 raise InputTypeError(f"build_prompt must return a non-empty str, got {prompt!r} for request {i} at k = {k}.")
             n_tokens = n_prompt_tokens(pair, prompt, prepend_bos)

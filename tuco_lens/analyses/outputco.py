@@ -54,7 +54,7 @@ def outputco(
     show_progress: bool = False,
     norm: str = "l1",
     accumulate_dtype: torch.dtype = torch.float32,
-) -> Float[Tensor, "batch"]:
+) -> Float[Tensor, " batch"]:
     """OutputCo of each prompt: how far fine-tuning moved the final residual stream (§5.5).
 
     ``||x_L^FT − x_L^PT|| / (||x_L^PT|| + ||x_L^FT − x_L^PT||)`` at the last real token, with

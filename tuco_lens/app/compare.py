@@ -68,7 +68,7 @@ class CompareResult:
 
     names: tuple[str, str]
     prompts: tuple[list[str], list[str]]
-    scores: tuple[Float[np.ndarray, "n_positive"], Float[np.ndarray, "n_negative"]]
+    scores: tuple[Float[np.ndarray, " n_positive"], Float[np.ndarray, " n_negative"]]
     chat_template: bool
 
     @property

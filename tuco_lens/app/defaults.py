@@ -37,7 +37,7 @@ class AppDefaults:
     compare_chat_template: bool = False
 
     @classmethod
-    def for_demo(cls, n_per_set: int = 24) -> "AppDefaults":
+    def for_demo(cls, n_per_set: int = 24) -> AppDefaults:
         """Examples for the demo pair: a forbidden request to analyze and steer (it is refused at
         α = 1 and answered at α = 0), and chat requests against web text to compare (the
         chat prompts are already in the chat format, so Compare's chat-template box is off).

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from tuco_lens.analyses._common import read_jsonl, read_lines
-from tuco_lens.errors import InputError
 from tuco_lens.cli.common import (
     COMMANDS,
     HELP_FORMATTER,
@@ -21,6 +20,7 @@ from tuco_lens.cli.common import (
     check_pair_arguments,
     load_pair_from_args,
 )
+from tuco_lens.errors import InputError
 
 __all__ = ["add_parser", "add_input_arguments", "read_prompts", "read_input", "run_settings", "run"]
 

@@ -25,7 +25,6 @@ from tuco_lens.demo.paper import MANY_SHOT_KS, PaperAnalyses, run_paper_analyses
 from tuco_lens.demo.refusals import refusal_budget
 from tuco_lens.metrics import roc_auc
 from tuco_lens.pair import TuCoPair
-from tuco_lens.scoring_io import check_output_dir
 from tuco_lens.plotting import (
     ReportSection,
     plot_components,
@@ -37,6 +36,7 @@ from tuco_lens.plotting import (
     save_report,
     token_html,
 )
+from tuco_lens.scoring_io import check_output_dir
 
 __all__ = [
     "DemoResults",

@@ -48,8 +48,8 @@ entity and every fact is still seen in training through its other templates.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
 
 __all__ = [
     "REFUSAL",
