@@ -60,6 +60,7 @@ import transformers  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generation import SMOLLM2_135M, build_pair_dirs  # noqa: E402
 from bench_tuco import naive_tuco, timed  # noqa: E402  (Algorithm 1 literally; one timing)
+from bench_tuco import profiled_peak as tuco_profiled_peak  # noqa: E402  (one memory probe)
 
 import tuco_lens  # noqa: E402
 from tuco_lens.backend import HAS_HOOKED_TRANSFORMER, native_modules  # noqa: E402
@@ -205,36 +206,10 @@ def check_outputs(first: dict) -> dict:
 
 # ---------------------------------------------------------------------------- memory
 def profiled_peak(fn) -> int:
-    """Peak bytes of CPU torch allocations made while ``fn`` runs (its result included).
-
-    ``torch.profiler.profile(profile_memory=True)``: the CPU allocator reports every allocation
-    (+size) and free (-size); sorted by time, the running sum's maximum is the peak added by
-    ``fn``. Frees of blocks allocated before profiling are not reported, so the baseline is what
-    existed before and the number does not depend on what ran earlier in the process.
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    gc.collect()
-    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-    events = []
-
-    def walk(node):
-        extra = node.extra_fields
-        if type(extra).__name__ == "_ExtraFields_Allocation" and extra.device.type == "cpu":
-            events.append((node.start_time_ns, extra.alloc_size))
-        for child in node.children:
-            walk(child)
-
-    for root in prof.profiler.kineto_results.experimental_event_tree():
-        walk(root)
-    events.sort(key=lambda e: e[0])
-    running = peak = 0
-    for _, size in events:
-        running += size
-        peak = max(peak, running)
-    del out
-    return int(peak)
+    """Peak bytes of CPU torch allocations made while ``fn`` runs: ``bench_tuco.profiled_peak``
+    (torch profiler allocation events; the baseline is what existed before, so the number does not
+    depend on what ran earlier in the process)."""
+    return tuco_profiled_peak(fn)["peak_bytes"]
 
 
 def self_check() -> None:
