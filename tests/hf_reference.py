@@ -66,6 +66,7 @@ __all__ = [
     "reference_greedy_generate",
     "reference_components",
     "reference_component_alpha_logits",
+    "reference_outputco",
     "sub_blocks",
     "head_projection",
 ]
@@ -626,3 +627,32 @@ def reference_component_alpha_logits(
             stack.enter_context(_recording(sub_blocks(pt_layer), captured[l]["pt"]))
         with _hooked(ft_layers, pt_layers, scale):
             return _forward(ft, input_ids, mask).logits
+
+
+@torch.no_grad()
+def reference_outputco(
+    pt: torch.nn.Module,
+    ft: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    norm: str = "l1",
+) -> torch.Tensor:
+    """OutputCo (§5.5) from the Hugging Face models alone: ``||x_L^FT − x_L^PT|| / (||x_L^PT|| + ||x_L^FT − x_L^PT||)``.
+
+    ``x_L`` is the output of the last decoder layer (the final norm's input) at the last real token,
+    each model running its own full forward pass on the same tokens and mask. float64 norms.
+    """
+    mask = _prepare_mask(input_ids, attention_mask)
+    last = _last_real_index(mask)
+    finals = []
+    for model in (pt, ft):
+        seen: list[torch.Tensor] = []
+        handle = decoder_layers(model)[-1].register_forward_hook(lambda m, a, out: seen.append(_hidden_of(out)))
+        try:
+            _forward(model, input_ids, mask)
+        finally:
+            handle.remove()
+        finals.append(seen[0][torch.arange(len(last)), last].double())
+    pt_final, ft_final = finals
+    moved = _norm(ft_final - pt_final, norm)
+    return moved / (_norm(pt_final, norm) + moved)

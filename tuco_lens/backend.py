@@ -294,6 +294,30 @@ class Backend:
         """An empty KV cache for :meth:`forward` during generation."""
         raise NotImplementedError
 
+    def final_residual(self, tokens: Tensor, attention_mask: Tensor) -> Float[Tensor, "batch pos d_model"]:
+        """The residual stream after the last block, before the final norm (``x_L``).
+
+        One forward pass that stops at the last block's ``hook_resid_post`` (no final norm, no
+        unembedding), on either model class.
+        """
+        captured: list[Tensor] = []
+
+        class _Reached(Exception):
+            pass
+
+        def grab(module: torch.nn.Module, args: tuple, output: Tensor) -> None:
+            captured.append(output)
+            raise _Reached
+
+        handle = self.resid_post(self.blocks[-1]).register_forward_hook(grab)
+        try:
+            self.forward(tokens, attention_mask, logits=False)
+        except _Reached:
+            pass
+        finally:
+            handle.remove()
+        return captured[0]
+
     def linear_layout(self) -> contextlib.AbstractContextManager[None]:
         """Context manager: weights stored in the layout the forward pass reads (see :func:`linear_layout`)."""
         return contextlib.nullcontext()

@@ -31,6 +31,7 @@ from tuco_lens.analyses._common import (
     score,
     sem,
 )
+from tuco_lens.backend import backend_of
 from tuco_lens.decomposition import ratio, vector_norm
 from tuco_lens.errors import InputError
 from tuco_lens.inputs import Inputs, length_sorted_batches, to_left_padding
@@ -93,7 +94,7 @@ def outputco(
         sub = to_left_padding(sub)  # the last real token at -1 in every row
         finals = []
         for model in (pair.pt, pair.ft):
-            resid = model(sub.tokens, attention_mask=sub.attention_mask, stop_at_layer=model.cfg.n_layers)
+            resid = backend_of(model).final_residual(sub.tokens, sub.attention_mask)
             finals.append(resid[:, -1, :].to(accumulate_dtype))
         pt_final, ft_final = finals
         moved = vector_norm(ft_final - pt_final, norm)

@@ -1,0 +1,53 @@
+"""OutputCo (tuco_lens.analyses.outputco) against the Hugging Face models alone, on every architecture and both backends.
+
+OutputCo compares the residual streams after the last block (before the final norm). On a
+TransformerBridge a forward pass with ``stop_at_layer`` returns the logits, and OutputCo was once
+computed on those; ``Backend.final_residual`` stops at the last block's ``hook_resid_post`` on
+either model class. Tolerance: 1e-5 absolute (OutputCo is in [0, 1]; float32 models).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import tuco_lens
+from hf_reference import reference_outputco
+from tuco_lens.analyses import outputco
+from tuco_lens.backend import backend_of
+
+PROMPTS = ["the cat sat on the mat", "hello", "a dog and a bird went to the river today"]
+
+
+@pytest.fixture(scope="module")
+def loaded(arch_pair, backend):
+    arch, pt_dir, ft_dir = arch_pair
+    pair = tuco_lens.load_pair(str(pt_dir), str(ft_dir), backend=backend)
+    hf = [AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager").eval() for d in (pt_dir, ft_dir)]
+    return pair, hf[0], hf[1]
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2"])
+def test_outputco_matches_the_hugging_face_models(loaded, norm):
+    pair, hf_pt, hf_ft = loaded
+    batch = pair.tokenize(PROMPTS)
+    want = reference_outputco(hf_pt, hf_ft, batch.tokens, batch.attention_mask, norm=norm)
+    got = outputco(pair, PROMPTS, norm=norm)
+    assert float(want.min()) > 1e-3  # the pair differs: a real comparison, not 0 against 0
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(outputco(pair, PROMPTS, norm=norm, batch_size=1).double(), want, atol=1e-5, rtol=0)
+
+
+def test_final_residual_is_the_final_norms_input(loaded):
+    """``Backend.final_residual`` is x_L: the final norm applied to it gives the logits' input."""
+    pair, _, _ = loaded
+    batch = pair.tokenize(PROMPTS)
+    backend = backend_of(pair.ft)
+    resid = backend.final_residual(batch.tokens, batch.attention_mask)
+    assert resid.shape == (*batch.tokens.shape, pair.ft.cfg.d_model)
+    w_u, b_u = backend.unembedding()
+    logits = backend.forward(batch.tokens, batch.attention_mask)
+    mine = backend.final_norm()(resid) @ w_u + (0 if b_u is None else b_u)
+    real = batch.attention_mask.bool()
+    torch.testing.assert_close(mine[real], logits[real], atol=1e-4, rtol=1e-4)
