@@ -26,6 +26,7 @@ import pkgutil
 import pytest
 
 import tuco_lens
+from tuco_lens.backend import HAS_HOOKED_TRANSFORMER
 
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
@@ -56,6 +57,13 @@ OPTIONAL_DOCSTRINGS = {
     "tuco_lens.ray_data.TuCoScorer": "ray",
 }
 """Docstrings of importable modules whose examples need an optional package -> that package."""
+
+HOOKED_ONLY = {
+    "tuco_lens.hooks.alpha_hooks",
+    "tuco_lens.pair.TuCoPair.alpha_hooks",
+}
+"""Docstrings of HookedTransformer-only features (plain ``run_with_hooks`` α hooks): skipped
+with transformer-lens 4.x, whose only backend is the TransformerBridge."""
 
 PROMPTS = ["hello , describe the doomsalt .", "please , what do i need for the pancakes ?"]
 
@@ -120,6 +128,8 @@ def test_docstring_examples(name, example_globals, tmp_path, monkeypatch):
     if requires is not None:
         pytest.importorskip(requires, reason=f"{name} needs the optional package {requires!r}")
     assert test is not None
+    if name in HOOKED_ONLY and not HAS_HOOKED_TRANSFORMER:
+        pytest.skip(f"{name} is HookedTransformer-only (transformer-lens 3.x); this is 4.x")
     monkeypatch.chdir(tmp_path)
     test.globs = {**test.globs, **example_globals, "prompts": list(PROMPTS)}
     report: list[str] = []
