@@ -51,10 +51,8 @@ OPTIONAL_MODULES = {
 """Modules that import an optional dependency at import time -> that package."""
 
 OPTIONAL_DOCSTRINGS = {
-    "tuco_lens.app": "gradio",  # app.serve
     "tuco_lens.app.require_gradio": "gradio",
     "tuco_lens.ray_data": "ray",
-    "tuco_lens.ray_data.TuCoScorer": "ray",
 }
 """Docstrings of importable modules whose examples need an optional package -> that package."""
 
