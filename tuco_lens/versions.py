@@ -15,6 +15,8 @@ decoder layers pass the KV cache, and cached bridge generation went wrong). So:
 
 Example:
     >>> check_versions("TransformerBridge")   # raises or warns only outside the tested set
+    >>> installed_versions()
+    'torch ..., transformers ..., transformer-lens ...'
 """
 
 from __future__ import annotations

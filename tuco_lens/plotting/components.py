@@ -53,6 +53,7 @@ def plot_components(dec: Decomposition, index: int = 0, *, label: str | None = N
     Example:
         >>> fig = plot_components(pair.decompose(prompts, chat_template=True, components=True), 0)
         >>> type(fig).__name__
+        'Figure'
     """
     dec = _with_components(dec, "plot_components")
     i = check_index(dec, index)
@@ -88,6 +89,7 @@ def plot_head_heatmap(dec: Decomposition, index: int = 0, *, shares: bool = Fals
     Example:
         >>> fig = plot_head_heatmap(pair.decompose(prompts, chat_template=True, components=True), 0)
         >>> type(fig).__name__
+        'Figure'
     """
     dec = _with_components(dec, "plot_head_heatmap")
     if dec.ftc_head is None:
@@ -124,6 +126,7 @@ def plot_top_tokens(attr: LogitAttribution, index: int = 0, *, part: str = "ftc"
         >>> attr = pair.logit_attribution(prompts, chat_template=True, components=True)
         >>> fig = plot_top_tokens(attr, 0, part="ftc_mlp")
         >>> type(fig).__name__
+        'Figure'
     """
     if not isinstance(attr, LogitAttribution):
         raise InputTypeError(f"Expected a tuco_lens LogitAttribution, got {type(attr).__name__}.")
