@@ -19,8 +19,8 @@ Example:
     >>> backend = backend_of(pair.ft)
     >>> backend.name in ("HookedTransformer", "TransformerBridge")
     True
-    >>> backend.resid_pre(pair.ft.blocks[0]).name
-    'blocks.0.hook_resid_pre'
+    >>> backend.resid_pre(pair.ft.blocks[0]).name   # hook_resid_pre, or a bridge's hook_in
+    'blocks.0.hook_...'
 """
 
 from __future__ import annotations

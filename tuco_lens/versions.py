@@ -81,7 +81,7 @@ def installed_versions() -> str:
 
     Example:
         >>> installed_versions()
-        'torch 2.13.0+cpu, transformers 5.24.0, transformer-lens 3.9.0'
+        'torch ..., transformers ..., transformer-lens ...'
     """
     return ", ".join(f"{name} {_version(name)}" for name in TESTED)
 
