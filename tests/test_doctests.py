@@ -45,7 +45,7 @@ EXAMPLE_NAMES = {
     "ft_model": "pair.ft, the fine-tuned model",
     "tokenizer": "pair.tokenizer (word-level, with a chat template)",
     "prompts": "two user requests for chat_template=True: one forbidden, one harmless",
-    "tokens": "pair.tokenize() of the first chat-formatted demo prompt, shape [1, pos]",
+    "tokens": "pair.tokenize(prompts[:1], chat_template=True).tokens, shape [1, pos]",
 }
 """The names every example sees on top of its module's globals (what each holds)."""
 
