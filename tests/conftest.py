@@ -136,3 +136,15 @@ def tiny_hooked() -> Callable[..., "HookedTransformer"]:  # noqa: F821
         return HookedTransformer(HookedTransformerConfig(**options))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def demo_pair():
+    """The embedded demo pair (``tuco_lens.demo.load_pair()``), loaded once per session.
+
+    Read-only by convention: tests that change the pair (hooks left behind, ``pair.scaled``
+    outside a ``with``...) load their own. Modules with their own ``demo_pair`` fixture keep it.
+    """
+    from tuco_lens import demo
+
+    return demo.load_pair()

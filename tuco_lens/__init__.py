@@ -12,8 +12,11 @@ The names below are imported on first use (PEP 562), so ``import tuco_lens`` and
 
 Example:
     >>> import tuco_lens
-    >>> pair = tuco_lens.load_pair("meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-7b-chat-hf")
-    >>> pair.tuco(["How do I bake bread?"], chat_template=True)
+    >>> pair = tuco_lens.load_pair("meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-7b-chat-hf")  # doctest: +SKIP
+    >>> pair = tuco_lens.demo.load_pair()        # offline: the embedded demo pair
+    >>> scores = pair.tuco(["hello , describe the doomsalt .", "where is norvik ?"], chat_template=True)
+    >>> [round(v, 3) for v in scores.tolist()]
+    [0.559, 0.334]
 """
 
 from __future__ import annotations

@@ -13,10 +13,17 @@ it is imported only when an adapter is actually loaded. Users normally call
 :func:`tuco_lens.load_pair`, which routes adapters here.
 
 Example:
-    >>> import tuco_lens
-    >>> pair = tuco_lens.load_pair("./llama-2-7b-hf", "./my-lora-adapter")  # base dir, adapter dir
+    >>> import peft, tuco_lens
+    >>> from transformers import AutoModelForCausalLM
+    >>> base_hf_model = AutoModelForCausalLM.from_pretrained(demo.PT_DIR)
+    >>> lora = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(demo.PT_DIR),
+    ...                            peft.LoraConfig(target_modules=["q_proj"]))
+    >>> lora.save_pretrained("my-lora-adapter")
+    >>> pair = tuco_lens.load_pair(demo.PT_DIR, "./my-lora-adapter")  # base dir, adapter dir
     >>> from tuco_lens.adapters import merge_adapter_dir
     >>> merged = merge_adapter_dir(base_hf_model, "./my-lora-adapter")      # base_hf_model intact
+    >>> type(merged).__name__
+    'LlamaForCausalLM'
 """
 
 from __future__ import annotations
@@ -71,8 +78,13 @@ def is_adapter_dir(source: Any) -> bool:
         ``True`` for an adapter directory.
 
     Example:
-        >>> is_adapter_dir("./my-lora-adapter")
-        True
+        >>> import peft
+        >>> from transformers import AutoModelForCausalLM
+        >>> base = AutoModelForCausalLM.from_pretrained(demo.PT_DIR)
+        >>> lora = peft.get_peft_model(base, peft.LoraConfig(target_modules=["q_proj"]))
+        >>> lora.save_pretrained("my-lora-adapter")
+        >>> is_adapter_dir("./my-lora-adapter"), is_adapter_dir(demo.PT_DIR)
+        (True, False)
     """
     if not isinstance(source, (str, os.PathLike)):
         return False
@@ -95,6 +107,11 @@ def is_peft_model(source: Any) -> bool:
         ``True`` for a peft model wrapper.
 
     Example:
+        >>> import peft
+        >>> from transformers import AutoModelForCausalLM
+        >>> model = AutoModelForCausalLM.from_pretrained(demo.PT_DIR)
+        >>> is_peft_model(model)
+        False
         >>> is_peft_model(peft.get_peft_model(model, peft.LoraConfig(target_modules=["q_proj"])))
         True
     """
@@ -145,8 +162,14 @@ def adapter_info(path: str | os.PathLike) -> dict[str, Any]:
             not a weight change (prompt / prefix tuning...).
 
     Example:
-        >>> adapter_info("./my-lora-adapter")
-        {'peft_type': 'LORA', 'base_model_name_or_path': 'meta-llama/Llama-2-7b-hf'}
+        >>> import peft
+        >>> from transformers import AutoModelForCausalLM
+        >>> base = AutoModelForCausalLM.from_pretrained(demo.PT_DIR)
+        >>> lora = peft.get_peft_model(base, peft.LoraConfig(target_modules=["q_proj"]))
+        >>> lora.save_pretrained("my-lora-adapter")
+        >>> info = adapter_info("./my-lora-adapter")
+        >>> info["peft_type"], info["base_model_name_or_path"] == str(demo.PT_DIR)
+        ('LORA', True)
     """
     config_file = Path(path).expanduser() / "adapter_config.json"
     try:
@@ -223,8 +246,15 @@ def merge_adapter_dir(
             ``base``, or an adapter type peft cannot merge.
 
     Example:
-        >>> base = AutoModelForCausalLM.from_pretrained("./llama-base")
+        >>> import peft
+        >>> from transformers import AutoModelForCausalLM
+        >>> base = AutoModelForCausalLM.from_pretrained(demo.PT_DIR)
+        >>> lora = peft.get_peft_model(base, peft.LoraConfig(target_modules=["q_proj"]))
+        >>> lora.save_pretrained("llama-lora")
+        >>> base = AutoModelForCausalLM.from_pretrained(demo.PT_DIR)
         >>> merged = merge_adapter_dir(base, "./llama-lora")   # base is unchanged
+        >>> type(merged).__name__
+        'LlamaForCausalLM'
     """
     where = f"the adapter at {os.fspath(path)!r}"
     adapter_info(path)
@@ -258,8 +288,15 @@ def merge_peft_model(model: Any) -> transformers.PreTrainedModel:
         ModelLoadError: A non-weight adapter (prompt tuning...) or one peft cannot merge.
 
     Example:
-        >>> peft_model = PeftModel.from_pretrained(base, "./llama-lora")
+        >>> import peft
+        >>> from transformers import AutoModelForCausalLM
+        >>> base = AutoModelForCausalLM.from_pretrained(demo.PT_DIR)
+        >>> lora = peft.get_peft_model(base, peft.LoraConfig(target_modules=["q_proj"]))
+        >>> lora.save_pretrained("llama-lora")
+        >>> peft_model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(demo.PT_DIR), "./llama-lora")
         >>> merged = merge_peft_model(peft_model)    # peft_model is unchanged
+        >>> type(merged).__name__, is_peft_model(peft_model)
+        ('LlamaForCausalLM', True)
     """
     if not is_peft_model(model):
         raise ModelLoadError(f"expected a peft.PeftModel, got {type(model).__name__}")

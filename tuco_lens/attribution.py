@@ -99,8 +99,16 @@ class LogitAttribution:
         prompts: The prompts as given, if known.
 
     Example:
-        >>> attr = pair.logit_attribution(prompts, components=True)
-        >>> attr.top_tokens(5)            # promoted / suppressed tokens per part
+        >>> attr = pair.logit_attribution(prompts, chat_template=True, components=True)
+        >>> sorted(attr.direct)
+        ['bias', 'embedding', 'ftc', 'ftc_attn', 'ftc_head_bias', 'ftc_mlp', 'ftc_mlp_via_attn', 'ptc']
+        >>> top = attr.top_tokens(2)            # promoted / suppressed tokens per part
+        >>> top[(top.prompt == 0) & (top.part == "ftc")][["direction", "token", "logit_effect"]].round(1)
+            direction      token  logit_effect
+        0    promoted          i          10.8
+        1    promoted        you           6.2
+        4  suppressed  toadstool          -6.3
+        5  suppressed     hserfo          -5.7
     """
 
     direct: dict[str, Float[Tensor, "batch d_vocab"]]
@@ -187,8 +195,19 @@ class OutputComparison:
         prompts: The prompts as given, if known.
 
     Example:
-        >>> out = pair.compare_outputs(prompts)
-        >>> out.kl_ft_pt[0], out.top_tokens(5)
+        >>> out = pair.compare_outputs(prompts, chat_template=True)
+        >>> round(float(out.kl_ft_pt[0, -1]), 3)          # KL(ft || pt) at the last token
+        15.103
+        >>> out.top_tokens(2)[["prompt", "direction", "token", "logprob_change"]].round(1)
+           prompt direction    token  logprob_change
+        0       0    raised        i            15.2
+        1       0    raised   gentle            11.7
+        2       1    raised  carrots             0.3
+        3       1    raised      for             0.2
+        4       0   lowered      the            -7.7
+        5       0   lowered    emoho            -3.3
+        6       1   lowered     days           -11.5
+        7       1   lowered      owl           -10.2
     """
 
     kl_ft_pt: Float[Tensor, "batch pos"]

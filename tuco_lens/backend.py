@@ -16,9 +16,11 @@ With transformer-lens 4.x installed, ``HookedTransformer`` is ``None`` here and 
 through the bridge.
 
 Example:
-    >>> backend = backend_of(model)
-    >>> backend.name, backend.resid_pre(model.blocks[0]).name
-    ('HookedTransformer', 'blocks.0.hook_resid_pre')
+    >>> backend = backend_of(pair.ft)
+    >>> backend.name in ("HookedTransformer", "TransformerBridge")
+    True
+    >>> backend.resid_pre(pair.ft.blocks[0]).name   # hook_resid_pre, or a bridge's hook_in
+    'blocks.0.hook_...'
 """
 
 from __future__ import annotations
@@ -108,8 +110,8 @@ def model_kind(model: Any) -> str | None:
     """``"HookedTransformer"``, ``"TransformerBridge"`` or None for anything else.
 
     Example:
-        >>> model_kind(pair.ft)
-        'HookedTransformer'
+        >>> model_kind(pair.ft) in ("HookedTransformer", "TransformerBridge")
+        True
     """
     if HAS_HOOKED_TRANSFORMER and isinstance(model, HookedTransformer):
         return "HookedTransformer"
@@ -790,6 +792,7 @@ def repair_cache_keyword(bridge: TransformerBridge) -> None:
 
     Example:
         >>> repair_cache_keyword(pair.ft)   # done by tuco_lens for every bridge it touches
+        >>> repair_cache_keyword(pair.ft)   # once per model: a no-op now
     """
     if bridge in _REPAIRED:
         return
@@ -1011,6 +1014,8 @@ def native_modules(*models: Any) -> Iterator[None]:
     Example:
         >>> with native_modules(pair.pt, pair.ft):
         ...     logits = pair.ft(tokens)          # SDPA, unless a pattern hook asks for more
+        >>> torch.allclose(logits, pair.ft(tokens), atol=1e-5)
+        True
     """
     with contextlib.ExitStack() as stack:
         for model in models:
@@ -1091,6 +1096,7 @@ def repair_float64_attention(bridge: TransformerBridge) -> None:
 
     Example:
         >>> repair_float64_attention(pair.ft)   # done by tuco_lens for every bridge it touches
+        >>> repair_float64_attention(pair.ft)   # once per model: a no-op now
     """
     if bridge in _FLOAT64_REPAIRED:
         return
@@ -1174,8 +1180,10 @@ def linear_layout(*models: Any) -> Iterator[None]:
     (Hugging Face layers read their weights in place). ``pair.generate`` uses it.
 
     Example:
-        >>> with linear_layout(pair.pt, pair.ft), pair.scaled(0.5):
-        ...     out = pair.ft.generate("Once upon a time", max_new_tokens=40)
+        >>> with linear_layout(pair.pt, pair.ft), pair.scaled(1.0):
+        ...     out = pair.ft.generate(tokens, max_new_tokens=12, verbose=False)
+        >>> pair.tokenizer.decode(out[0, tokens.shape[1]:], skip_special_tokens=True)
+        'i am sorry but i can not help with that .'
     """
     with contextlib.ExitStack() as stack:
         for model in models:
@@ -1200,8 +1208,12 @@ def bridge_from_hf(
     one given.
 
     Example:
-        >>> bridge = bridge_from_hf(AutoModelForCausalLM.from_pretrained(d), tok, name=d,
-        ...                         device="cpu", dtype=torch.float32)
+        >>> from transformers import AutoModelForCausalLM, AutoTokenizer
+        >>> d = demo.FT_DIR
+        >>> bridge = bridge_from_hf(AutoModelForCausalLM.from_pretrained(d), AutoTokenizer.from_pretrained(d),
+        ...                         name=str(d), device="cpu", dtype=torch.float32)
+        >>> type(bridge).__name__, bridge.cfg.n_layers
+        ('TransformerBridge', 4)
     """
     if tokenizer is None:
         raise TuCoError(
@@ -1232,8 +1244,8 @@ def backend_of(model: Any) -> Backend:
         InputTypeError: ``model`` is neither.
 
     Example:
-        >>> backend_of(pair.ft).name
-        'HookedTransformer'
+        >>> backend_of(pair.ft).name in ("HookedTransformer", "TransformerBridge")
+        True
     """
     kind = model_kind(model)
     if kind == "HookedTransformer":

@@ -7,9 +7,9 @@ that differs in any of these, listing every difference and how to fix it.
 
 Example:
     >>> from tuco_lens.compatibility import check_compatible, describe_differences
-    >>> describe_differences(pt, ft)
+    >>> describe_differences(pt_model, ft_model)
     []
-    >>> check_compatible(pt, ft)  # raises IncompatiblePairError if the list is not empty
+    >>> check_compatible(pt_model, ft_model)  # raises IncompatiblePairError if the list is not empty
 """
 
 from __future__ import annotations
@@ -98,8 +98,10 @@ def processing_of(model: Model) -> dict[str, bool | None]:
         A dict with the keys of :data:`PROCESSING_FLAGS`; values ``True``, ``False`` or ``None``.
 
     Example:
-        >>> processing_of(HookedTransformer.from_pretrained("gpt2"))["fold_ln"]
+        >>> processing_of(HookedTransformer.from_pretrained("gpt2"))["fold_ln"]  # doctest: +SKIP
         True
+        >>> processing_of(pair.ft)["fold_ln"]         # tuco_lens loads models unprocessed
+        False
     """
     recorded = getattr(model, PROCESSING_ATTR, None)
     if isinstance(recorded, dict):
@@ -305,8 +307,10 @@ def describe_differences(
         Human-readable messages, each naming both values and a fix; empty if compatible.
 
     Example:
-        >>> describe_differences(pt, ft)
-        ['cfg.n_layers differs: pre-trained has 2, fine-tuned has 3; ...']
+        >>> describe_differences(pt_model, ft_model)
+        []
+        >>> describe_differences(pt_model, tuco_lens.load_model(demo.FT_DIR, dtype="bfloat16"))
+        ["dtype differs: pre-trained parameters are ['torch.float32'], fine-tuned ones ['torch.bfloat16']; load both with the same dtype (load_pair(..., dtype='float32') or model.to(torch.float32))."]
     """
     kinds = model_kind(pt), model_kind(ft)
     if kinds[0] != kinds[1]:
@@ -341,7 +345,7 @@ def check_compatible(pt: Model, ft: Model, *, offload_pt: bool = False) -> None:
         InputTypeError: If either argument is not a HookedTransformer or TransformerBridge.
 
     Example:
-        >>> check_compatible(pt, ft)  # returns None when the pair is fine
+        >>> check_compatible(pt_model, ft_model)  # returns None when the pair is fine
     """
     for model in (pt, ft):
         if model_kind(model) is None:

@@ -290,7 +290,15 @@ def mixer_for(alpha: Any, pt_backend: Backend, ft_backend: Backend, n_heads: int
     """``PairedBlocks`` keyword arguments (``on_layer``, ``parts``, ``on_mid``) for any α.
 
     Example:
-        >>> PairedBlocks(pt, ft, writes=True, **mixer_for({"mlp": 0.0}, pt_b, ft_b, n_heads))
+        >>> from tuco_lens.backend import backend_of
+        >>> from tuco_lens.hooks import PairedBlocks
+        >>> mixer = mixer_for({"mlp": 0.0}, backend_of(pt_model), backend_of(ft_model), ft_model.cfg.n_heads)
+        >>> sorted(mixer)
+        ['on_layer', 'on_mid', 'parts']
+        >>> with PairedBlocks(pt_model, ft_model, writes=True, **mixer):
+        ...     logits = ft_model(tokens)
+        >>> torch.allclose(logits, pair.run_with_alpha(tokens, alpha={"mlp": 0.0}), atol=1e-5)
+        True
     """
     n_layers = len(ft_backend.blocks)
     parsed = parse_alpha(alpha, n_layers, n_heads)

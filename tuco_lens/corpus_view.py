@@ -7,7 +7,11 @@ score --per-token``; otherwise the prompt text), and the distribution of TuCo pe
 page embeds plotly.js and opens offline.
 
 Example:
-    >>> write_top_page("scores.parquet", "top.html", k=20)
+    >>> from tuco_lens.scoring import score_prompts
+    >>> sets = demo.prompt_sets()
+    >>> records = [{"prompt": p, "set": "chat"} for p in sets["chat"][:3]] + [{"prompt": p, "set": "web"} for p in sets["web"][:3]]
+    >>> result = score_prompts(records, "scores.jsonl", pair=pair)
+    >>> write_top_page("scores.jsonl", "top.html", k=2)
     PosixPath('top.html')
 """
 
@@ -74,8 +78,15 @@ def top_prompts(scores: pd.DataFrame | str | os.PathLike, k: int = 20, *, label:
         InputError: ``k`` not positive, a missing column, or no finite TuCo.
 
     Example:
-        >>> top = top_prompts("scores.jsonl", k=5)
-        >>> top.highest[["index", "tuco", "prompt"]]
+        >>> from tuco_lens.scoring import score_prompts
+        >>> sets = demo.prompt_sets()
+        >>> records = [{"prompt": p, "set": "chat"} for p in sets["chat"][:3]] + [{"prompt": p, "set": "web"} for p in sets["web"][:3]]
+        >>> result = score_prompts(records, "scores.jsonl", pair=pair)
+        >>> top = top_prompts("scores.jsonl", k=2)
+        >>> top.highest[["index", "set", "tuco"]].round(3)
+           index   set   tuco
+        0      0  chat  0.409
+        1      2  chat  0.321
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InputError(f"k must be a positive integer, got {k!r}")
@@ -156,7 +167,12 @@ def write_top_page(scores: pd.DataFrame | str | os.PathLike, path: str | os.Path
         title: Page title (default names the file).
 
     Example:
-        >>> write_top_page("scores.parquet", "top.html", k=20, label="source")
+        >>> from tuco_lens.scoring import score_prompts
+        >>> sets = demo.prompt_sets()
+        >>> records = [{"prompt": p, "set": "chat"} for p in sets["chat"][:3]] + [{"prompt": p, "set": "web"} for p in sets["web"][:3]]
+        >>> result = score_prompts(records, "scores.jsonl", pair=pair)
+        >>> write_top_page("scores.jsonl", "top.html", k=2, label="set")
+        PosixPath('top.html')
     """
     from tuco_lens.plotting import save_report
 

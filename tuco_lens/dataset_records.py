@@ -6,7 +6,10 @@
 input fields of the score table.
 
 Example:
-    >>> records = read_dataset("Anthropic/hh-rlhf", split="test", field="chosen", limit=1000)
+    >>> records = read_dataset("Anthropic/hh-rlhf", split="test", field="chosen", limit=1000)  # doctest: +SKIP
+    >>> import pandas as pd
+    >>> pd.DataFrame({"chosen": ["where is norvik ?"], "rejected": ["no"]}).to_parquet("hh.parquet")
+    >>> records = read_dataset("hh.parquet", field="chosen")
     >>> records[0].keys()
     dict_keys(['prompt', 'rejected'])
 """
@@ -104,8 +107,10 @@ def read_dataset(
             cannot hold (images, bytes...).
 
     Example:
+        >>> import pandas as pd
+        >>> pd.DataFrame({"text": ["where is norvik ?", "the fox eats"], "set": ["chat", "web"]}).to_parquet("prompts.parquet")
         >>> read_dataset("prompts.parquet", field="text")[:1]
-        [{'prompt': 'How do I bake bread?', 'set': 'chat'}]
+        [{'prompt': 'where is norvik ?', 'set': 'chat'}]
     """
     source = os.fspath(source)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):

@@ -102,10 +102,13 @@ class Decomposition:
             figures leave them out of prompt labels.
 
     Example:
-        >>> dec = pair.decompose(["How do I bake bread?", "The history of Rome"])
-        >>> dec.tuco                      # tensor([0.31, 0.12])
-        >>> dec.to_dataframe().head()     # prompt_index, prompt, layer, position, token, ...
-        >>> dec                           # Decomposition(2 prompts × 4 layers × 9 positions, ...)
+        >>> dec = pair.decompose(prompts, chat_template=True)
+        >>> [round(t, 3) for t in dec.tuco.tolist()]
+        [0.559, 0.409]
+        >>> list(dec.to_dataframe().columns)[:6]
+        ['prompt_index', 'prompt', 'layer', 'position', 'token', 'is_last']
+        >>> dec
+        Decomposition(2 prompts × 4 layers × 13 positions, norm='l1', tuco=[0.559, 0.409])
     """
 
     tuco: Float[Tensor, " batch"]
@@ -201,8 +204,12 @@ class Decomposition:
         TuCo exactly; a negative share means the component writes against the total.
 
         Example:
-            >>> dec = pair.decompose(prompts, components=True)
-            >>> dec.tuco_shares()["mlp"]       # [batch]
+            >>> dec = pair.decompose(prompts, chat_template=True, components=True)
+            >>> shares = dec.tuco_shares()
+            >>> [round(v, 3) for v in shares["mlp"].tolist()]       # [batch]
+            [0.296, 0.185]
+            >>> torch.allclose(sum(shares.values()), dec.tuco, atol=1e-5)
+            True
         """
         if not self.has_components:
             raise InputError("tuco_shares() needs pair.decompose(..., components=True).")
@@ -241,7 +248,9 @@ class Decomposition:
         """Select the last real token of each prompt from a ``[batch, layer, pos]`` tensor.
 
         Example:
-            >>> dec.at_last_token(dec.ftc_norm)   # ||FTC_l|| per layer at the scored token
+            >>> dec = pair.decompose(prompts, chat_template=True)
+            >>> tuple(dec.at_last_token(dec.ftc_norm).shape)   # ||FTC_l|| per layer at the scored token
+            (2, 4)
         """
         index = self.last_index.to(per_position.device)[:, None, None]
         return per_position.gather(-1, index.expand(-1, per_position.shape[1], 1))[..., 0]
@@ -276,8 +285,15 @@ class Decomposition:
         prompt's TuCo).
 
         Example:
+            >>> dec = pair.decompose(prompts, chat_template=True)
             >>> df = dec.to_dataframe()
-            >>> df[df.is_last].pivot(index="layer", columns="prompt_index", values="beta")
+            >>> df[df.is_last].pivot(index="layer", columns="prompt_index", values="beta").round(3)
+            prompt_index      0      1
+            layer
+            0             0.487  0.557
+            1             0.464  0.422
+            2             0.508  0.416
+            3             0.559  0.409
         """
         mask = self.attention_mask.bool().cpu()
         b_idx, p_idx = mask.nonzero(as_tuple=True)
@@ -311,7 +327,13 @@ class Decomposition:
         (:meth:`tuco_shares`).
 
         Example:
-            >>> dec.summary().sort_values("tuco")
+            >>> dec = pair.decompose(prompts, chat_template=True)
+            >>> list(dec.summary().columns)[:4]
+            ['prompt_index', 'prompt', 'n_tokens', 'last_token']
+            >>> dec.summary().sort_values("tuco")[["prompt_index", "n_tokens", "tuco"]].round(3)
+               prompt_index  n_tokens   tuco
+            1             1        13  0.409
+            0             0         9  0.559
         """
         last = self.last_index.cpu().tolist()
         shares = {}

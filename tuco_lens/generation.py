@@ -67,7 +67,10 @@ def generate_tokens(
     (fewer new columns if every row stopped early).
 
     Example:
-        >>> out = generate_tokens(model, prepare_batch(model, ["Once upon"]), max_new_tokens=5)
+        >>> from tuco_lens.inputs import prepare_batch
+        >>> out = generate_tokens(ft_model, prepare_batch(ft_model, ["the fox"]), max_new_tokens=5)
+        >>> tuple(out.shape)
+        (1, 8)
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise InputError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}.")

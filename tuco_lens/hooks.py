@@ -242,8 +242,10 @@ class PairedBlocks:
             (α per component).
 
     Example:
-        >>> with PairedBlocks(pair.pt, pair.ft, alpha_mixer([0.5] * n_layers), writes=True):
+        >>> with PairedBlocks(pair.pt, pair.ft, alpha_mixer([0.5] * pair.n_layers), writes=True):
         ...     logits = pair.ft(tokens)
+        >>> torch.allclose(logits, pair.run_with_alpha(tokens, alpha=0.5), atol=1e-5)
+        True
     """
 
     def __init__(
@@ -526,8 +528,13 @@ def alpha_hooks(
     :meth:`TuCoPair.scaled` for generation with the KV cache.
 
     Example:
+        >>> seen = []
+        >>> def my_hook(resid, hook):
+        ...     seen.append(tuple(resid.shape))
         >>> hooks = alpha_hooks(pair.pt, pair.ft, 0.5) + [("blocks.0.hook_resid_post", my_hook)]
         >>> logits = pair.ft.run_with_hooks(tokens, fwd_hooks=hooks)
+        >>> seen, torch.allclose(logits, pair.run_with_alpha(tokens, alpha=0.5), atol=1e-5)
+        ([(1, 9, 128)], True)
     """
     if backend_of(ft).name != "HookedTransformer":
         raise TuCoError(

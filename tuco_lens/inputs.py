@@ -155,9 +155,11 @@ def prepare_batch(
         InputTypeError: anything that is not a string, a list of strings or an integer tensor.
 
     Example:
-        >>> batch = prepare_batch(pair.ft, ["Hi", "The history of Rome"])
+        >>> batch = prepare_batch(pair.ft, ["the fox", "the fox eats berries"])
         >>> batch.tokens.shape == batch.attention_mask.shape
         True
+        >>> batch.attention_mask.tolist()       # left padding
+        [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
     """
     if padding_side not in ("left", "right"):
         raise InputError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
@@ -194,7 +196,11 @@ def length_sorted_batches(
     callers scatter results back to ``[rows][:, cols]`` to restore the input order and frame.
 
     Example:
-        >>> for rows, cols, sub in length_sorted_batches(batch, batch_size=8): ...
+        >>> batch = prepare_batch(pair.ft, ["the fox", "the fox eats berries", "the fox eats"])
+        >>> for rows, cols, sub in length_sorted_batches(batch, batch_size=2):
+        ...     print(rows.tolist(), cols.tolist(), tuple(sub.tokens.shape))
+        [1, 2] [0, 1, 2, 3, 4] (2, 5)
+        [0] [2, 3, 4] (1, 3)
     """
     for name, value in (("batch_size", batch_size), ("token_budget", token_budget)):
         if value is not None and (not isinstance(value, int) or value < 1):
@@ -250,7 +256,9 @@ def encode_prompt(
     """Token ids of one prompt, with the rules of :func:`prepare_batch` (no length check).
 
     Example:
-        >>> encode_prompt(pair.ft, "the cat")      # [bos, the, cat] for a BOS-prepending model
+        >>> ids = encode_prompt(pair.ft, "the fox")      # [bos, the, fox] for a BOS-prepending model
+        >>> pair.tokenizer.convert_ids_to_tokens(ids)
+        ['<bos>', 'the', 'fox']
     """
     tokenizer = model.tokenizer
     if tokenizer is None:
@@ -291,7 +299,7 @@ def chat_template_frame(tokenizer: Any) -> tuple[str, str] | None:
 
     Example:
         >>> chat_template_frame(pair.tokenizer)
-        ('<bos><|user|> ', ' <|end|> <|assistant|> ')
+        ('<bos> <user> ', ' <assistant>')
     """
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         return None
@@ -335,7 +343,7 @@ def doubled_bos_rows(tokens: Tensor, tokenizer: Any) -> list[int]:
     not its pad token. Returns ``[]`` otherwise.
 
     Example:
-        >>> doubled_bos_rows(pair.ft.to_tokens("<bos> hi"), pair.tokenizer)   # to_tokens adds one
+        >>> doubled_bos_rows(pair.ft.to_tokens("<bos> hello"), pair.tokenizer)   # to_tokens adds one
         [0]
     """
     bos = getattr(tokenizer, "bos_token_id", None)

@@ -8,8 +8,8 @@ a pre-trained / fine-tuned pair the same way and wraps it in a :class:`~tuco_len
 
 Example:
     >>> from tuco_lens.loading import load_model, load_pair
-    >>> model = load_model("./checkpoints/my-sft-run", dtype="bfloat16")
-    >>> pair = load_pair("meta-llama/Llama-2-7b-hf", "./llama-2-7b-chat-sft")
+    >>> model = load_model(demo.FT_DIR)        # a checkpoint directory (or a hub name)
+    >>> pair = load_pair("meta-llama/Llama-2-7b-hf", "./llama-2-7b-chat-sft")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -293,8 +293,9 @@ def tokenizer_adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
     loaded with ``add_bos_token=True``.
 
     Example:
-        >>> tokenizer_adds_bos(AutoTokenizer.from_pretrained("./my-llama-2-sft"))
-        True
+        >>> from transformers import AutoTokenizer
+        >>> tokenizer_adds_bos(AutoTokenizer.from_pretrained(demo.FT_DIR))   # the demo's adds none
+        False
     """
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None:
@@ -702,9 +703,9 @@ def load_model(
             an unsupported keyword argument.
 
     Example:
-        >>> model = load_model("./my-llama-2-sft", dtype="bfloat16")
-        >>> model.tuco_processing["fold_ln"]
-        False
+        >>> model = load_model(demo.FT_DIR, dtype="bfloat16")
+        >>> model.cfg.dtype, model.tuco_processing["fold_ln"]
+        (torch.bfloat16, False)
     """
     route = _route(source)
     requested_backend, backend = backend, _resolve_backend(backend)
@@ -870,10 +871,12 @@ def load_pair(
         InputTypeError: If either source (or an argument) has the wrong type.
 
     Example:
-        >>> pair = load_pair("./llama-base", "./llama-2-chat-sft", dtype="bfloat16")
-        >>> pair = load_pair("meta-llama/Llama-2-7b-hf", "./my-lora-adapter")  # PEFT adapter
+        >>> pair = load_pair(demo.PT_DIR, demo.FT_DIR)          # two checkpoint directories
+        >>> pair.n_layers
+        4
+        >>> pair = load_pair("meta-llama/Llama-2-7b-hf", "./my-lora-adapter")  # doctest: +SKIP
         >>> pair = load_pair("meta-llama/Llama-2-70b-hf", "meta-llama/Llama-2-70b-chat-hf",
-        ...                  dtype="bfloat16", device_map="auto")          # over every GPU
+        ...                  dtype="bfloat16", device_map="auto")  # doctest: +SKIP
     """
     from tuco_lens.pair import TuCoPair
 

@@ -6,8 +6,12 @@ higher, and threshold as ``score >= t → positive``.
 
 Example:
     >>> from tuco_lens.metrics import roc_auc, tpr_at_fpr
-    >>> roc_auc(chat_dec.tuco, web_dec.tuco)        # 0.5 = no separation, 1.0 = perfect
-    >>> tpr_at_fpr(chat_dec.tuco, web_dec.tuco, fpr=0.05)
+    >>> sets = demo.prompt_sets()
+    >>> chat, web = pair.tuco(sets["chat"][:10]), pair.tuco(sets["web"][:10])
+    >>> round(roc_auc(chat, web), 3)        # 0.5 = no separation, 1.0 = perfect
+    1.0
+    >>> round(tpr_at_fpr(chat, web, fpr=0.1), 3)
+    1.0
 """
 
 from __future__ import annotations

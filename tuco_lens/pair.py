@@ -63,8 +63,10 @@ class TuCoPair:
 
     Example:
         >>> pair = TuCoPair(pt_model, ft_model)      # or tuco_lens.load_pair(...)
-        >>> pair.tuco(["How do I bake bread?"], chat_template=True)
-        tensor([0.2718])
+        >>> pair
+        TuCoPair(pt='pt', ft='ft', n_layers=4, d_model=128, backend=...)
+        >>> [round(t, 3) for t in pair.tuco(["hello , describe the doomsalt ."], chat_template=True).tolist()]
+        [0.559]
     """
 
     def __init__(self, pt: Model, ft: Model, *, offload_pt: bool = False) -> None:
@@ -107,8 +109,12 @@ class TuCoPair:
         entering every block and leaving the last one.
 
         Example:
+            >>> pair.resid_names[:2]
+            ['hook_embed', 'blocks.0.hook_resid_pre']
             >>> _, cache = pair.ft.run_with_cache(tokens, names_filter=pair.resid_names)
             >>> dec = pair.decompose(cache, tokens=tokens)
+            >>> torch.allclose(dec.tuco, pair.tuco(tokens), atol=1e-5)
+            True
         """
         last = self.n_layers - 1
         return ["hook_embed"] + [f"blocks.{l}.hook_resid_pre" for l in range(self.n_layers)] + [
@@ -137,8 +143,9 @@ class TuCoPair:
             padding_side: ``"left"`` (default; last real token at ``[:, -1]``) or ``"right"``.
 
         Example:
-            >>> batch = pair.tokenize(["Hi", "The history of Rome"])
-            >>> batch.tokens, batch.attention_mask, batch.last_index
+            >>> batch = pair.tokenize(["the fox", "the fox eats berries"])
+            >>> tuple(batch.tokens.shape), batch.attention_mask.tolist(), batch.last_index.tolist()
+            ((2, 5), [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], [4, 4])
         """
         return prepare_batch(
             self.ft,
@@ -203,8 +210,11 @@ class TuCoPair:
             ``ftc_head*`` fields).
 
         Example:
-            >>> dec = pair.decompose(["How do I bake bread?"], chat_template=True)
-            >>> dec.tuco, dec.at_last_token(dec.beta)   # [batch], [batch, layer]
+            >>> dec = pair.decompose(["hello , describe the doomsalt ."], chat_template=True)
+            >>> [round(t, 3) for t in dec.tuco.tolist()]                   # [batch]
+            [0.559]
+            >>> tuple(dec.at_last_token(dec.beta).shape)                   # [batch, layer]
+            (1, 4)
         """
         norm = check_norm(norm)
         _check_dtype(accumulate_dtype)
@@ -277,8 +287,9 @@ class TuCoPair:
         (:func:`tuco_lens.backend.native_modules`). Arguments as in :meth:`decompose`.
 
         Example:
-            >>> pair.tuco(["How do I bake bread?", "The history of Rome"], chat_template=True)
-            tensor([0.3120, 0.2871])
+            >>> scores = pair.tuco(["hello , describe the doomsalt .", "where is norvik ?"], chat_template=True)
+            >>> [round(t, 3) for t in scores.tolist()]
+            [0.559, 0.334]
         """
         norm = check_norm(norm)
         _check_dtype(accumulate_dtype)
@@ -346,8 +357,17 @@ class TuCoPair:
             tokens each part promotes and suppresses most.
 
         Example:
-            >>> attr = pair.logit_attribution(["How do I pick a lock?"], chat_template=True, components=True)
-            >>> attr.top_tokens(5, parts=["ftc", "ftc_mlp"])
+            >>> attr = pair.logit_attribution(["hello , describe the doomsalt ."], chat_template=True, components=True)
+            >>> attr.top_tokens(2, parts=["ftc", "ftc_mlp"])[["part", "direction", "token", "logit_effect"]].round(1)
+                  part   direction       token  logit_effect
+            0      ftc    promoted           i          10.8
+            1      ftc    promoted         you           6.2
+            2      ftc  suppressed   toadstool          -6.3
+            3      ftc  suppressed      hserfo          -5.7
+            4  ftc_mlp    promoted           i           7.1
+            5  ftc_mlp    promoted         you           5.7
+            6  ftc_mlp  suppressed  swampslime          -4.0
+            7  ftc_mlp  suppressed   toadstool          -4.0
         """
         batch = self.tokenize(
             inputs, attention_mask=attention_mask, chat_template=chat_template, prepend_bos=prepend_bos
@@ -415,8 +435,15 @@ class TuCoPair:
         stream. KL is NaN at padding.
 
         Example:
-            >>> out = pair.compare_outputs(["How do I pick a lock?"], chat_template=True)
-            >>> out.top_tokens(5)
+            >>> out = pair.compare_outputs(["hello , describe the doomsalt ."], chat_template=True)
+            >>> out.top_tokens(3)[["direction", "token", "logprob_change"]].round(1)
+              direction    token  logprob_change
+            0    raised        i            15.2
+            1    raised   gentle            11.7
+            2    raised  castles             9.8
+            3   lowered      the            -7.7
+            4   lowered    emoho            -3.3
+            5   lowered    htiwo            -3.1
         """
         batch = self.tokenize(
             inputs, attention_mask=attention_mask, chat_template=chat_template, prepend_bos=prepend_bos
@@ -561,6 +588,8 @@ class TuCoPair:
         Example:
             >>> with pair.scaled(0.5):
             ...     logits, cache = pair.ft.run_with_cache(tokens)
+            >>> torch.allclose(logits, pair.run_with_alpha(tokens, alpha=0.5), atol=1e-5)
+            True
         """
         mix = mixer_for(alpha, backend_of(self.pt), self.backend, self.ft.cfg.n_heads)
         return PairedBlocks(self.pt, self.ft, writes=True, offload_pt=self.offload_pt, **mix)
@@ -573,6 +602,8 @@ class TuCoPair:
 
         Example:
             >>> logits = pair.ft.run_with_hooks(tokens, fwd_hooks=pair.alpha_hooks(0.5))
+            >>> torch.allclose(logits, pair.run_with_alpha(tokens, alpha=0.5), atol=1e-5)
+            True
         """
         return alpha_hooks(self.pt, self.ft, alpha, attention_mask, offload_pt=self.offload_pt)
 
@@ -593,8 +624,9 @@ class TuCoPair:
         mask).
 
         Example:
-            >>> logits = pair.run_with_alpha("The capital of France is", alpha=1.25)
-            >>> logits.shape      # [batch, pos, d_vocab]
+            >>> logits = pair.run_with_alpha("the fox eats", alpha=1.25)
+            >>> tuple(logits.shape)      # [batch, pos, d_vocab]
+            (1, 4, 755)
         """
         batch = self.tokenize(
             inputs,
@@ -637,7 +669,10 @@ class TuCoPair:
             input. With ``"tokens"``: prompt and new tokens, ``[batch, pos + new]``.
 
         Example:
-            >>> pair.generate("Tell me a story", alpha=0.75, max_new_tokens=40)
+            >>> pair.generate("hello , describe the doomsalt .", chat_template=True, max_new_tokens=12)
+            'i am sorry but i can not help with that .'
+            >>> pair.generate("hello , describe the doomsalt .", chat_template=True, alpha=0.0, max_new_tokens=12)
+            'the doomsalt with the doomsalt . to brew the doomsalt , first'
         """
         if return_type not in ("str", "tokens"):
             raise InputError(f"return_type must be 'str' or 'tokens', got {return_type!r}.")

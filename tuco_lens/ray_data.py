@@ -5,10 +5,11 @@ calls it on batches of rows; each batch comes back with ``tuco`` and ``n_tokens`
 with ``per_token=True``, ``tokens`` and ``tuco_per_token``) next to the input columns:
 
     >>> import ray
-    >>> ds = ray.data.read_parquet("prompts.parquet")
+    >>> ds = ray.data.from_items([{"prompt": p} for p in demo.prompt_sets()["harmful"][:4]])
     >>> scored = ds.map_batches(TuCoScorer, fn_constructor_kwargs={"pt": "meta-llama/Llama-2-7b-hf",
     ...     "ft": "meta-llama/Llama-2-7b-chat-hf", "dtype": "bfloat16", "chat_template": True},
-    ...     batch_size=64, num_gpus=1, concurrency=8)
+    ...     batch_size=64, num_gpus=1, concurrency=8)  # doctest: +SKIP
+    >>> scored = ds.map_batches(TuCoScorer, fn_constructor_kwargs={"demo": True}, batch_size=4, concurrency=1)
     >>> scored.write_parquet("scores/")
 
 Ray itself is not imported here: ``pip install "tuco_lens[ray]"`` brings it.
@@ -45,8 +46,8 @@ class TuCoScorer:
 
     Example:
         >>> scorer = TuCoScorer(demo=True)
-        >>> scorer({"prompt": np.array(["<bos> <user> hello , describe the doomsalt . <assistant>"])})["tuco"]
-        array([0.58...])
+        >>> [round(v, 3) for v in scorer({"prompt": np.array(["<bos> <user> hello , describe the doomsalt . <assistant>"])})["tuco"].tolist()]
+        [0.559]
     """
 
     def __init__(self, pt: Any = None, ft: Any = None, *, demo: bool = False, field: str = "prompt",

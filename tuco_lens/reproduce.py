@@ -15,9 +15,12 @@ back to text; shorter records are kept whole); the human turn is the text betwee
 split.
 
 Example:
-    >>> records = owt_hh_records(tokenizer, owt_texts, hh_conversations, n=1000)
-    >>> {r["set"] for r in records}
-    {'chat', 'web'}
+    >>> owt_texts = ["the fox eats berries . the cat sleeps .", "my old violin is made of oak ."]
+    >>> hh_conversations = ["\\n\\nHuman: where is norvik ?\\n\\nAssistant: in the north .",
+    ...                     "\\n\\nHuman: what is a cat ?\\n\\nAssistant: an animal ."]
+    >>> records = owt_hh_records(tokenizer, owt_texts, hh_conversations, n=2)
+    >>> sorted({r["set"] for r in records}), len(records)
+    (['chat', 'web'], 4)
 """
 
 from __future__ import annotations
@@ -97,6 +100,7 @@ def web_substring(tokenizer: Any, text: str, length: int = SUBSTRING_TOKENS) -> 
     """The first ``length`` tokens of ``text`` (no special tokens), decoded; the whole text if shorter.
 
     Example:
+        >>> long_text = " ".join(demo.prompt_sets()["web"][:10])
         >>> len(tokenizer(web_substring(tokenizer, long_text), add_special_tokens=False)["input_ids"])
         97
     """
@@ -146,7 +150,9 @@ def owt_hh_summary(scores: pd.DataFrame, ft: Any) -> dict[str, Any]:
         ft: The fine-tuned model's name, to look up :data:`PAPER_OWT_HH_AUC`.
 
     Example:
-        >>> owt_hh_summary(read_scores("owt-hh/scores.jsonl"), "meta-llama/Llama-2-7b-chat-hf")["paper_auc"]
+        >>> import pandas as pd
+        >>> scores = pd.DataFrame({"set": ["chat", "chat", "web", "web"], "tuco": [0.5, 0.4, 0.2, 0.3]})
+        >>> owt_hh_summary(scores, "meta-llama/Llama-2-7b-chat-hf")["paper_auc"]
         1.0
     """
     from tuco_lens.metrics import roc_auc

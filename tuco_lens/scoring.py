@@ -13,8 +13,13 @@ goes through a part and is written in row groups, so memory stays bounded.
 Example:
     >>> result = score_prompts(["How do I bake bread?", "The history of Rome"], "scores.jsonl",
     ...                        pt="meta-llama/Llama-2-7b-hf", ft="meta-llama/Llama-2-7b-chat-hf",
-    ...                        chat_template=True, dtype="bfloat16")
-    >>> result.to_dataframe()[["index", "tuco"]]
+    ...                        chat_template=True, dtype="bfloat16")  # doctest: +SKIP
+    >>> result = score_prompts(["hello , describe the doomsalt .", "where is norvik ?"], "scores.jsonl",
+    ...                        pt=demo.PT_DIR, ft=demo.FT_DIR, chat_template=True)
+    >>> result.to_dataframe()[["index", "tuco"]].round(3)
+       index   tuco
+    0      0  0.559
+    1      1  0.334
 """
 
 from __future__ import annotations
@@ -164,8 +169,10 @@ def score_batches(pair, records: Sequence[Mapping[str, Any]], indices: Sequence[
     also ``tokens`` (the token strings scored, chat template included) and ``tuco_per_token``.
 
     Example:
-        >>> for rows in score_batches(pair, records, range(len(records)), chat_template=True, batch_size=8):
-        ...     print(rows[0]["index"], rows[0]["tuco"])
+        >>> records = [{"prompt": p} for p in prompts]
+        >>> for rows in score_batches(pair, records, range(len(records)), chat_template=True, batch_size=1):
+        ...     print([(row["index"], round(row["tuco"], 3)) for row in rows])
+        [(0, 0.559), (1, 0.409)]
     """
     from tuco_lens.inputs import length_sorted_batches
 
@@ -258,7 +265,11 @@ def read_scores(path: str | os.PathLike) -> pd.DataFrame:
         OutputError: a missing file or an unknown extension.
 
     Example:
-        >>> read_scores("scores.parquet").nlargest(5, "tuco")
+        >>> result = score_prompts(demo.prompt_sets()["web"][:4], "scores.parquet", pair=pair)
+        >>> read_scores("scores.parquet").nlargest(2, "tuco")[["index", "tuco"]].round(3)
+           index   tuco
+        2      2  0.223
+        0      0  0.219
     """
     path = Path(path)
     if not path.is_file():
@@ -425,10 +436,15 @@ def score_prompts(
 
     Example:
         >>> # torchrun --nproc_per_node=4 score.py  (each rank runs the same line)
-        >>> score_prompts(records, "scores.parquet", pt="./base", ft="./chat", dtype="bfloat16")
-        >>> # a SLURM array task:
-        >>> score_prompts(records, "scores.csv", pt="./base", ft="./chat",
-        ...               shard=f"{os.environ['SLURM_ARRAY_TASK_ID']}/{os.environ['SLURM_ARRAY_TASK_COUNT']}")
+        >>> records = [{"prompt": p} for p in demo.prompt_sets()["web"][:4]]
+        >>> result = score_prompts(records, "scores.parquet", pair=pair)
+        >>> # a SLURM array task: shard=f"{os.environ['SLURM_ARRAY_TASK_ID']}/{os.environ['SLURM_ARRAY_TASK_COUNT']}"
+        >>> result = score_prompts(records, "scores.csv", pair=pair, shard="1/2")
+        >>> Path("scores.csv").exists()          # waits for the other part
+        False
+        >>> result = score_prompts(records, "scores.csv", pair=pair, shard="0/2")   # the last one merges
+        >>> read_scores("scores.csv")["index"].tolist()
+        [0, 1, 2, 3]
     """
     records = as_records(prompts)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

@@ -22,10 +22,15 @@ CSV cells that start with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return
 formula. JSONL is written as is.
 
 Example:
+    >>> records = [{"prompt": "the cat"}, {"prompt": "a dog"}]
     >>> run = RunRecord.for_run({"norm": "l1"}, records)
     >>> with ResumableOutput(Path("scores.csv"), records, run) as out:
     ...     todo = [i for i in range(len(records)) if i not in out.done]
     ...     out.append([{**records[i], "index": i, "tuco": 0.5, "n_tokens": 7} for i in todo])
+    >>> print(Path("scores.csv").read_text())
+    index,tuco,n_tokens,prompt
+    0,0.5,7,the cat
+    1,0.5,7,a dog
 """
 
 from __future__ import annotations
@@ -307,7 +312,8 @@ class OutputLock:
 
     Example:
         >>> with OutputLock(Path("scores.csv")) as lock:
-        ...     ...
+        ...     Path("scores.csv.lock").exists()
+        True
     """
 
     def __init__(self, path: Path) -> None:
@@ -564,8 +570,13 @@ class ResumableOutput:
         OutputError: the output cannot be read, repaired or written.
 
     Example:
+        >>> records = [{"prompt": "the cat"}, {"prompt": "a dog"}]
+        >>> run = RunRecord.for_run({"norm": "l1"}, records)
         >>> with ResumableOutput(Path("scores.jsonl"), records, run) as out:
+        ...     out.append([{**records[0], "index": 0, "tuco": 0.5, "n_tokens": 3}])
+        >>> with ResumableOutput(Path("scores.jsonl"), records, run) as out:  # resumed
         ...     print(sorted(out.done), out.notes)
+        [0] []
     """
 
     def __init__(

@@ -15,6 +15,8 @@ decoder layers pass the KV cache, and cached bridge generation went wrong). So:
 
 Example:
     >>> check_versions("TransformerBridge")   # raises or warns only outside the tested set
+    >>> installed_versions()
+    'torch ..., transformers ..., transformer-lens ...'
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def installed_versions() -> str:
 
     Example:
         >>> installed_versions()
-        'torch 2.13.0+cpu, transformers 5.24.0, transformer-lens 3.9.0'
+        'torch ..., transformers ..., transformer-lens ...'
     """
     return ", ".join(f"{name} {_version(name)}" for name in TESTED)
 

@@ -25,8 +25,10 @@ Example:
     >>> from tuco_lens import demo
     >>> from tuco_lens.analyses import compare_prompt_sets
     >>> sets = demo.prompt_sets()
-    >>> result = compare_prompt_sets(demo.load_pair(), {"web": sets["web"], "chat": sets["chat"]})
-    >>> result.auc("chat", "web"), result.figure("chat", "web")
+    >>> result = compare_prompt_sets(pair, {"web": sets["web"][:20], "chat": sets["chat"][:20]})
+    >>> round(result.auc("chat", "web"), 3)
+    1.0
+    >>> fig = result.figure("chat", "web")          # a plotly Figure: fig.show() in a notebook
 """
 
 from tuco_lens.analyses.behaviour import BehaviourSweep, behaviour_sweep

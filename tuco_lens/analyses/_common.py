@@ -88,7 +88,8 @@ def read_lines(path: Path) -> list[tuple[int, str]]:
     what an editor shows; a byte-order mark at the start of the file is not part of line 1.
 
     Example:
-        >>> read_lines(Path("prompts.txt"))      # doctest: +SKIP
+        >>> n = Path("prompts.txt").write_text("the cat\\n\\na dog\\n", encoding="utf-8")
+        >>> read_lines(Path("prompts.txt"))
         [(1, 'the cat'), (3, 'a dog')]
     """
     try:

@@ -115,11 +115,15 @@ def behaviour_sweep(
     Example:
         >>> from tuco_lens import demo
         >>> sets = demo.prompt_sets()
-        >>> sweep = behaviour_sweep(pair, {"harmful": sets["harmful"], "chat": sets["chat"]},
-        ...                         [0, 0.5, 1, 1.5], demo.is_refusal, max_new_tokens=12,
+        >>> sweep = behaviour_sweep(pair, {"harmful": sets["harmful"][:4], "chat": sets["chat"][:4]},
+        ...                         [0, 1], demo.is_refusal, max_new_tokens=12,
         ...                         behaviour_name="refusal rate")
         >>> sweep.rates()                  # one row per α, one column per set
-        >>> sweep.figure()
+        set    harmful  chat
+        alpha
+        0.0        0.0   0.0
+        1.0        1.0   0.0
+        >>> fig = sweep.figure()
     """
     pair = check_pair(pair)
     if not callable(behaviour):

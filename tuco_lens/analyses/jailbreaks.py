@@ -259,10 +259,16 @@ def jailbreak_success(
         >>> from tuco_lens import demo
         >>> from tuco_lens.analyses import jailbreak_success
         >>> sets = demo.prompt_sets()
-        >>> result = jailbreak_success(demo.load_pair(),
-        ...     {"harmful": sets["harmful"], "harmful_lang2": sets["harmful_lang2"]},
-        ...     max_new_tokens=12, is_refusal=demo.is_refusal)
-        >>> result.auc, result.table.groupby("set")["jailbroken"].mean()
+        >>> result = jailbreak_success(pair,
+        ...     {"harmful": sets["harmful"][:3], "harmful_lang2": sets["harmful_lang2"][:3]},
+        ...     n_samples=2, max_new_tokens=12, is_refusal=demo.is_refusal)
+        >>> result.table.groupby("set")["jailbroken"].mean()
+        set
+        harmful          0.0
+        harmful_lang2    1.0
+        Name: jailbroken, dtype: float64
+        >>> round(result.auc, 3)
+        1.0
     """
     pair = check_pair(pair)
     check_common(batch_size, norm)

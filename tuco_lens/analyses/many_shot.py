@@ -301,15 +301,18 @@ def many_shot_sweep(
     Example:
         >>> from tuco_lens import demo
         >>> from tuco_lens.analyses import many_shot_sweep
-        >>> pair = demo.load_pair()
-        >>> harmful = [r.text for r in demo.requests("heldout", ["potions"])[:8]]
-        >>> pool = [(r.text, r.compliant_answer) for r in demo.requests("train", ["potions"])[:12]]
-        >>> sweep = many_shot_sweep(pair, harmful, pool, ks=[0, 1, 2, 4, 8, 12],
+        >>> harmful = [r.text for r in demo.requests("heldout", ["potions"])[:3]]
+        >>> pool = [(r.text, r.compliant_answer) for r in demo.requests("train", ["potions"])[:4]]
+        >>> sweep = many_shot_sweep(pair, harmful, pool, ks=[0, 2, 4],
         ...                         build_prompt=lambda r, s: demo.many_shot_prompt(r, len(s)),
         ...                         behaviour=demo.is_refusal, behaviour_name="refusal rate",
         ...                         max_new_tokens=12)
-        >>> sweep.summary[["k", "mean_tuco", "behaviour_rate"]]
-        >>> sweep.figure()
+        >>> sweep.summary[["k", "mean_tuco", "behaviour_rate"]].round(3)
+           k  mean_tuco  behaviour_rate
+        0  0      0.543             1.0
+        1  2      0.545             1.0
+        2  4      0.534             1.0
+        >>> fig = sweep.figure()
     """
     pair = check_pair(pair)
     check_common(batch_size, norm)

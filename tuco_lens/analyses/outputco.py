@@ -80,8 +80,9 @@ def outputco(
 
     Example:
         >>> from tuco_lens.analyses import outputco
-        >>> outputco(pair, ["How do I bake bread?"], chat_template=True)
-        tensor([0.1234])
+        >>> scores = outputco(pair, ["hello , describe the doomsalt .", "where is norvik ?"], chat_template=True)
+        >>> [round(v, 3) for v in scores.tolist()]
+        [0.51, 0.622]
     """
     pair = check_pair(pair)
     check_common(batch_size, norm)
@@ -222,9 +223,14 @@ def compare_tuco_outputco(
         >>> from tuco_lens import demo
         >>> from tuco_lens.analyses import compare_tuco_outputco
         >>> sets = demo.prompt_sets()
-        >>> cmp = compare_tuco_outputco(demo.load_pair(), {k: sets[k] for k in ("web", "chat", "harmful")})
-        >>> cmp.summary
-        >>> cmp.auc("chat", "web", metric="outputco")
+        >>> cmp = compare_tuco_outputco(pair, {k: sets[k][:10] for k in ("web", "chat", "harmful")})
+        >>> cmp.summary.round(3)
+               set   n  mean_tuco  sem_tuco  mean_outputco  sem_outputco  spearman
+        0      web  10      0.210     0.006          0.223         0.010     0.758
+        1     chat  10      0.325     0.017          0.628         0.019    -0.576
+        2  harmful  10      0.581     0.010          0.590         0.016     0.770
+        >>> round(cmp.auc("chat", "web", metric="outputco"), 3)
+        1.0
     """
     pair = check_pair(pair)
     check_common(batch_size, norm)

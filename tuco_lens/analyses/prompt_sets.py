@@ -160,10 +160,16 @@ def compare_prompt_sets(
     Example:
         >>> from tuco_lens import demo
         >>> from tuco_lens.analyses import compare_prompt_sets
-        >>> pair, sets = demo.load_pair(), demo.prompt_sets()
-        >>> result = compare_prompt_sets(pair, {"web": sets["web"], "chat": sets["chat"]})
-        >>> result.auc("chat", "web")          # 0.998 on the demo pair
-        >>> result.figure("chat", "web")
+        >>> sets = demo.prompt_sets()
+        >>> result = compare_prompt_sets(pair, {"web": sets["web"][:20], "chat": sets["chat"][:20]})
+        >>> round(result.auc("chat", "web"), 3)
+        1.0
+        >>> result.table.groupby("set").tuco.mean().round(3)
+        set
+        chat    0.329
+        web     0.202
+        Name: tuco, dtype: float64
+        >>> fig = result.figure("chat", "web")
     """
     pair = check_pair(pair)
     check_common(batch_size, norm)

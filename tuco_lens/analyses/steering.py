@@ -21,10 +21,10 @@ convention for summing or averaging log-probabilities that the paper does not us
 Example:
     >>> from tuco_lens import demo
     >>> from tuco_lens.analyses.steering import steer_with_cv
-    >>> pair = demo.load_pair()
-    >>> result = steer_with_cv(pair, demo.multiple_choice_items(90, lang2=True))
-    >>> result.delta, result.chosen_alphas
-    >>> result.figure()
+    >>> result = steer_with_cv(pair, demo.multiple_choice_items(20, lang2=True), alphas=[0.75, 1.0, 1.25], n_folds=2)
+    >>> round(result.delta, 3), result.chosen_alphas
+    (0.0, [1.0, 1.25])
+    >>> fig = result.figure()
 """
 
 from __future__ import annotations
@@ -271,8 +271,13 @@ def alpha_accuracy(
         InputError: invalid items, multi-token or duplicate options, or an invalid α grid.
 
     Example:
-        >>> table = alpha_accuracy(pair, demo.multiple_choice_items(20), alphas=[0.9, 1.0, 1.1])
+        >>> table = alpha_accuracy(pair, demo.multiple_choice_items(20, lang2=True), alphas=[0.0, 1.0, 1.5])
         >>> table.groupby("alpha").correct.mean()
+        alpha
+        0.0    0.50
+        1.0    0.60
+        1.5    0.65
+        Name: correct, dtype: float64
     """
     check_pair(pair)
     grid = _check_alphas(alphas)
@@ -342,6 +347,7 @@ def cv_folds(n_items: int, n_folds: int = 5, seed: int = 0) -> list[np.ndarray]:
 
     Example:
         >>> [f.tolist() for f in cv_folds(5, 2, seed=0)]
+        [[2, 3, 4], [0, 1]]
     """
     n_items = check_int(n_items, "n_items", 1)
     n_folds = check_int(n_folds, "n_folds", 2)
@@ -520,8 +526,11 @@ def steer_with_cv(
         A :class:`SteeringResult`.
 
     Example:
-        >>> result = steer_with_cv(pair, items, objective="minimize")
-        >>> print(result.summary()); result.table; result.figure()
+        >>> items = demo.multiple_choice_items(20, lang2=True)
+        >>> result = steer_with_cv(pair, items, alphas=[0.75, 1.0, 1.25], n_folds=2, objective="minimize")
+        >>> print(result.summary())
+        α steering (minimize accuracy, 2-fold CV, 20 items): Δ = +0.00 points (CV accuracy 60.00% vs 60.00% at α = 1); α* per fold: 0.75, 1
+        >>> fig = result.figure()
     """
     if objective not in ("maximize", "minimize"):
         raise InputError(f"objective must be 'maximize' or 'minimize', got {objective!r}.")

@@ -36,11 +36,12 @@ count). On the 4-layer demo pair, 30 steps for
 Example:
     >>> from tuco_lens import demo
     >>> from tuco_lens.analyses.suffix_search import suffix_search
-    >>> pair = demo.load_pair()
-    >>> requests = [r.text for r in demo.requests("heldout") if r.forbidden][:8]
-    >>> result = suffix_search(pair, requests, demo.REFUSAL, chat_template=True, n_steps=30)
-    >>> result.suffix_text, result.losses[0], result.losses[-1]
-    >>> pair.generate(result.prompts(), max_new_tokens=12)
+    >>> requests = [r.text for r in demo.requests("heldout") if r.forbidden][:2]
+    >>> result = suffix_search(pair, requests, demo.REFUSAL, chat_template=True, n_suffix_tokens=4,
+    ...                        n_steps=3, top_k=8, batch_candidates=8)
+    >>> len(result.losses), result.losses[-1] <= result.losses[0]
+    (4, True)
+    >>> completions = pair.generate(result.prompts(), max_new_tokens=12)
 """
 
 from __future__ import annotations
@@ -128,7 +129,11 @@ class SuffixSearchResult:
         requests to test transfer); ``suffix=False`` builds the same prompts without suffix.
 
         Example:
-            >>> pair.generate(result.prompts(heldout_requests), max_new_tokens=12)
+            >>> result = suffix_search(pair, ["hello , describe the doomsalt ."], demo.REFUSAL,
+            ...                        chat_template=True, n_suffix_tokens=2, n_steps=1, top_k=4, batch_candidates=4)
+            >>> result.prompts(["where is norvik ?"], suffix=False)      # held-out requests, no suffix
+            ['<bos> <user> where is norvik ? <assistant>']
+            >>> completions = pair.generate(result.prompts(["where is norvik ?"]), max_new_tokens=12)
         """
         requests = self.requests if requests is None else _check_requests(requests)
         text = self.suffix_text if suffix else ""
@@ -298,7 +303,9 @@ def target_logprobs(
     tokenizer without special tokens, and the two token sequences are concatenated.
 
     Example:
-        >>> target_logprobs(pair, result.prompts(), demo.REFUSAL)
+        >>> prompts = [demo.render_chat([{"role": "user", "content": "hello , describe the doomsalt ."}])]
+        >>> [round(v, 3) for v in target_logprobs(pair, prompts, demo.REFUSAL).tolist()]
+        [-0.114]
     """
     target_ids = _target_ids(pair, target)
     if isinstance(prompts, str):
@@ -508,8 +515,11 @@ def suffix_search(
             verbatim, invalid allowed tokens or sizes, a sequence longer than the context.
 
     Example:
-        >>> result = suffix_search(pair, requests, demo.REFUSAL, chat_template=True, n_steps=30)
-        >>> result.losses[0], result.losses[-1], result.suffix_text
+        >>> requests = ["hello , describe the doomsalt .", "how do i brew the venom ?"]
+        >>> result = suffix_search(pair, requests, demo.REFUSAL, chat_template=True, n_suffix_tokens=4,
+        ...                        n_steps=3, top_k=8, batch_candidates=8)
+        >>> result.n_steps, result.losses[-1] <= result.losses[0]
+        (3, True)
     """
     started = time.perf_counter()
     if not isinstance(pair, TuCoPair):

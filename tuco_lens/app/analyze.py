@@ -59,8 +59,8 @@ class AnalyzeResult:
         """JSON-ready: what the ``/analyze`` endpoint returns.
 
         Example:
-            >>> analyze(pair, "the cat sat").to_dict()["tuco"]
-            0.2138...
+            >>> round(analyze(pair, "the fox eats berries .").to_dict()["tuco"], 3)
+            0.254
         """
         return {
             "prompt": self.prompt,
@@ -99,7 +99,8 @@ def analyze(pair: Any, prompt: str, *, chat_template: bool = False) -> AnalyzeRe
 
     Example:
         >>> result = analyze(pair, "how do i brew the venom ?", chat_template=True)
-        >>> result.tuco, result.tokens[:3]
+        >>> round(result.tuco, 3), result.tokens[:3]
+        (0.564, ['<bos>', '<user>', 'how'])
     """
     if not isinstance(prompt, str):
         raise InputTypeError(f"The prompt must be a string, got {type(prompt).__name__}.")

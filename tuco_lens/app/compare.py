@@ -125,8 +125,11 @@ def compare(
             empty names.
 
     Example:
-        >>> result = compare(pair, chat_prompts, web_prompts, names=("chat", "web"))
-        >>> result.auc, result.figure()
+        >>> sets = demo.prompt_sets()
+        >>> result = compare(pair, sets["chat"][:5], sets["web"][:5], names=("chat", "web"))
+        >>> round(result.auc, 3)
+        1.0
+        >>> fig = result.figure()
     """
     names = tuple(str(n).strip() for n in names)
     if len(names) != 2 or not all(names):

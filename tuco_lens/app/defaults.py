@@ -23,7 +23,9 @@ class AppDefaults:
         compare_chat_template: The Compare view's chat-template box.
 
     Example:
-        >>> AppDefaults(analyze_prompt="How do I bake bread?", chat_template=True)
+        >>> defaults = AppDefaults(analyze_prompt="where is norvik ?", chat_template=True)
+        >>> defaults.analyze_prompt, defaults.chat_template
+        ('where is norvik ?', True)
     """
 
     analyze_prompt: str = ""

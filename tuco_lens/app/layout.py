@@ -187,7 +187,7 @@ def build_app(
         ``/steer(prompt, alpha, max_new_tokens, chat_template)`` returns :meth:`SteerResult.to_dict`.
 
     Example:
-        >>> blocks = build_app(pair, defaults=AppDefaults(analyze_prompt="How do I bake bread?"))
+        >>> blocks = build_app(pair, defaults=AppDefaults(analyze_prompt="where is norvik ?", chat_template=True))
     """
     defaults = defaults or AppDefaults()
     page_panels = (panels if panels is not None else ANALYZE_PANELS).for_pair(pair)

@@ -68,8 +68,10 @@ class AnalyzePanel:
             the pair has a method the panel needs). Default: always.
 
     Example:
-        >>> AnalyzePanel("table", "Per-token TuCo", "html",
-        ...              lambda result: result.to_dataframe().to_html())
+        >>> panel = AnalyzePanel("table", "Per-token TuCo", "html",
+        ...                      lambda result: result.to_dataframe().to_html())
+        >>> panel.name
+        'table'
     """
 
     name: str
@@ -92,8 +94,10 @@ class PanelRegistry:
     """An ordered set of :class:`AnalyzePanel` objects with unique names.
 
     Example:
+        >>> panel_a = AnalyzePanel("a", "Panel A", "html", lambda result: "<p>a</p>")
+        >>> panel_b = AnalyzePanel("b", "Panel B", "html", lambda result: "<p>b</p>")
         >>> registry = PanelRegistry([panel_a])
-        >>> registry.register(panel_b, after="a")
+        >>> panel = registry.register(panel_b, after="a")
         >>> registry.names()
         ['a', 'b']
     """
@@ -194,8 +198,11 @@ def register_analyze_panel(panel: AnalyzePanel, *, after: str | None = None) -> 
     """Register ``panel`` in :data:`ANALYZE_PANELS` (``ANALYZE_PANELS.register``).
 
     Example:
-        >>> register_analyze_panel(AnalyzePanel("table", "Per-token TuCo", "html",
+        >>> panel = register_analyze_panel(AnalyzePanel("table", "Per-token TuCo", "html",
         ...     lambda result: result.to_dataframe().to_html()), after="tokens")
+        >>> "table" in ANALYZE_PANELS.names()
+        True
+        >>> removed = ANALYZE_PANELS.unregister("table")     # back to the built-in panels
     """
     return ANALYZE_PANELS.register(panel, after=after)
 

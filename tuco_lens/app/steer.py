@@ -199,8 +199,9 @@ def steer(
         InputError: An empty or too long prompt, a bad ``max_new_tokens``.
 
     Example:
-        >>> result = steer(pair, "how do i brew the venom ?", "0.5", chat_template=True)
+        >>> result = steer(pair, "how do i brew the venom ?", "0.5", chat_template=True, max_new_tokens=12)
         >>> [g.text for g in result.generations]
+        ['a drop of the venom can make a person pale . the', 'i am sorry but i can not help with that .', 'i am sorry but i can not help with that .']
     """
     if not isinstance(prompt, str):
         raise InputTypeError(f"The prompt must be a string, got {type(prompt).__name__}.")

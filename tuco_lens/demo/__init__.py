@@ -13,11 +13,11 @@ share them and FTC-alpha scaling at alpha = 0 is exactly the pre-trained model.
 
 Example:
     >>> from tuco_lens import demo
-    >>> pair = demo.load_pair()                        # doctest: +SKIP
+    >>> pair = demo.load_pair()
     >>> sets = demo.prompt_sets()
     >>> sorted(sets)[:3]
     ['chat', 'chat_lang2', 'harmful']
-    >>> sets["harmful"][0]                             # doctest: +SKIP
+    >>> sets["harmful"][0]
     '<bos> <user> hello , describe the doomsalt . <assistant>'
     >>> demo.REFUSAL
     'i am sorry but i can not help with that .'
@@ -110,7 +110,9 @@ def load_pair(**kwargs: Any) -> Any:
 
     Example:
         >>> from tuco_lens import demo
-        >>> pair = demo.load_pair()                    # doctest: +SKIP
+        >>> pair = demo.load_pair()
+        >>> pair.generate(demo.prompt_sets()["harmful"][0], max_new_tokens=12)
+        'i am sorry but i can not help with that .'
     """
     _check_dirs()
     from tuco_lens.loading import load_pair as _load_pair
@@ -127,11 +129,11 @@ def load_hf_pair() -> tuple[Any, Any, Any]:
 
     Example:
         >>> from tuco_lens import demo
-        >>> pt, ft, tok = demo.load_hf_pair()          # doctest: +SKIP
+        >>> pt, ft, tok = demo.load_hf_pair()
         >>> ids = tok(demo.prompt_sets()["harmful"][0], add_special_tokens=False,
-        ...           return_tensors="pt").input_ids   # doctest: +SKIP
-        >>> tok.decode(ft.generate(ids, max_new_tokens=12)[0, ids.shape[1]:],
-        ...            skip_special_tokens=True)       # doctest: +SKIP
+        ...           return_tensors="pt").input_ids
+        >>> tok.decode(ft.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:],
+        ...            skip_special_tokens=True)
         'i am sorry but i can not help with that .'
     """
     _check_dirs()

@@ -77,8 +77,10 @@ def component_findings(pair: TuCoPair, sets: dict[str, Sequence[str]], *, k: int
         k: Tokens per component in :attr:`ComponentFindings.top_tokens`.
 
     Example:
-        >>> findings = component_findings(demo.load_pair(), demo.prompt_sets())
+        >>> sets = demo.prompt_sets()
+        >>> findings = component_findings(pair, {k: v[:4] for k, v in sets.items()})
         >>> findings.refusal["MLP fine-tuning removed"]
+        0.0
     """
     harmful = list(sets["harmful"])
     shares = {}

@@ -103,8 +103,9 @@ def run_paper_analyses(pair: TuCoPair, *, suffix_steps: int = 20, show_progress:
 
     Example:
         >>> from tuco_lens import demo
-        >>> results = run_paper_analyses(demo.load_pair())
-        >>> results.prompt_sets.auc("chat", "web"), results.jailbreaks.auc
+        >>> results = run_paper_analyses(pair, suffix_steps=1)
+        >>> round(results.prompt_sets.auc("chat", "web"), 3), round(results.jailbreaks.auc, 3)
+        (0.998, 0.885)
     """
     from tuco_lens import demo
 

@@ -22,7 +22,9 @@ def refusal_rate(
     start with :data:`REFUSAL` (the rule ``tuco_lens.analyses.behaviour_sweep`` applies per α).
 
     Example:
-        >>> refusal_rate(pair, demo.prompt_sets()["harmful"], alpha=0.5)
+        >>> harmful = demo.prompt_sets()["harmful"][:4]
+        >>> refusal_rate(pair, harmful, alpha=1.0), refusal_rate(pair, harmful, alpha=0.0)
+        (1.0, 0.0)
     """
     completions = pair.generate(
         list(prompts), alpha=alpha, max_new_tokens=refusal_budget(pair), chat_template=chat_template

@@ -491,8 +491,12 @@ def run_demo(
         show_progress: Progress bars.
 
     Example:
-        >>> results = run_demo("tuco-report")
+        >>> results = run_demo("tuco-report", pair=pair, alphas=[0.0, 0.5, 1.0, 1.5], paper_analyses=False)
         >>> print(results.summary())
+        mean TuCo per prompt set: web 0.202, chat 0.331, harmful 0.582, harmful_lang2 0.392, web_lang2 0.182, chat_lang2 0.301
+        ROC AUC, TuCo of chat vs web prompts: 0.998
+        ROC AUC, TuCo of harmful requests vs the same in language 2: 0.993
+        refusal rate on harmful requests: α=0: 0%, α=0.5: 88%, α=1: 100%, α=1.5: 59%
     """
     from tuco_lens import demo
 

@@ -20,8 +20,9 @@ Every figure fits a 650 px notebook cell: the legend sits under the plot, labels
 
 Example:
     >>> from tuco_lens.plotting import plot_layers, plot_token_heatmap, save_report
-    >>> dec = pair.decompose(["How do I bake bread?", "Tell me a joke"])
+    >>> dec = pair.decompose(prompts, chat_template=True)
     >>> save_report([plot_layers(dec), plot_token_heatmap(dec, 0)], "tuco.html")
+    PosixPath('tuco.html')
 """
 
 from tuco_lens.plotting._util import DEFAULT_COLORSCALE, set_colours

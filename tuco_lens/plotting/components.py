@@ -51,7 +51,9 @@ def plot_components(dec: Decomposition, index: int = 0, *, label: str | None = N
         A ``plotly.graph_objects.Figure`` with three bar traces and one line.
 
     Example:
-        >>> plot_components(pair.decompose(prompts, components=True), 0)
+        >>> fig = plot_components(pair.decompose(prompts, chat_template=True, components=True), 0)
+        >>> type(fig).__name__
+        'Figure'
     """
     dec = _with_components(dec, "plot_components")
     i = check_index(dec, index)
@@ -85,7 +87,9 @@ def plot_head_heatmap(dec: Decomposition, index: int = 0, *, shares: bool = Fals
         title: Figure title.
 
     Example:
-        >>> plot_head_heatmap(pair.decompose(prompts, components=True), 0)
+        >>> fig = plot_head_heatmap(pair.decompose(prompts, chat_template=True, components=True), 0)
+        >>> type(fig).__name__
+        'Figure'
     """
     dec = _with_components(dec, "plot_head_heatmap")
     if dec.ftc_head is None:
@@ -119,7 +123,10 @@ def plot_top_tokens(attr: LogitAttribution, index: int = 0, *, part: str = "ftc"
         title: Figure title.
 
     Example:
-        >>> plot_top_tokens(pair.logit_attribution(prompts, components=True), 0, part="ftc_mlp")
+        >>> attr = pair.logit_attribution(prompts, chat_template=True, components=True)
+        >>> fig = plot_top_tokens(attr, 0, part="ftc_mlp")
+        >>> type(fig).__name__
+        'Figure'
     """
     if not isinstance(attr, LogitAttribution):
         raise InputTypeError(f"Expected a tuco_lens LogitAttribution, got {type(attr).__name__}.")

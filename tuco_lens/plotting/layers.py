@@ -86,10 +86,12 @@ def plot_layers(
             distinct label per drawn prompt.
 
     Example:
-        >>> dec = pair.decompose(["How do I bake bread?", "Tell me a joke"])
-        >>> plot_layers(dec).show()
-        >>> plot_layers(dec, labels=["chat", "web"])
-        >>> plot_layers(dec, prompts=[1], cumulative_norms=True)
+        >>> dec = pair.decompose(prompts, chat_template=True)
+        >>> fig = plot_layers(dec)                       # fig.show() in a notebook
+        >>> fig = plot_layers(dec, labels=["forbidden", "harmless"])
+        >>> fig = plot_layers(dec, prompts=[1], cumulative_norms=True)
+        >>> type(fig).__name__
+        'Figure'
     """
     dec = check_decomposition(dec)
     indices = check_indices(dec, prompts)
@@ -192,7 +194,9 @@ def plot_token_heatmap(
         InputError: If ``index`` is out of range.
 
     Example:
-        >>> plot_token_heatmap(pair.decompose("How do I bake bread?"), index=0).show()
+        >>> fig = plot_token_heatmap(pair.decompose(prompts, chat_template=True), index=0)
+        >>> type(fig).__name__                           # fig.show() in a notebook
+        'Figure'
     """
     dec = check_decomposition(dec)
     i = check_index(dec, index)

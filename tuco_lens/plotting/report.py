@@ -48,10 +48,15 @@ class ReportSection:
             ``save_report``'s ``docs_url``, or an absolute URL.
 
     Example:
-        >>> ReportSection("TuCo per prompt set", intro="<p>224 chat and 100 web prompts.</p>",
+        >>> from tuco_lens.plotting import plot_prompt_sets
+        >>> sets = demo.prompt_sets()
+        >>> scores = {"chat": pair.tuco(sets["chat"][:5]), "web": pair.tuco(sets["web"][:5])}
+        >>> section = ReportSection("TuCo per prompt set", intro="<p>5 chat and 5 web prompts.</p>",
         ...               figure=plot_prompt_sets(scores, positive="chat", negative="web"),
         ...               guidance="<p>Chat prompts score higher: fine-tuning acts on them.</p>",
         ...               docs="how-to/plots.md")
+        >>> section.title
+        'TuCo per prompt set'
     """
 
     title: str
@@ -164,11 +169,15 @@ def save_report(
             ``ReportSection``.
 
     Example:
+        >>> from tuco_lens.plotting import plot_layers, plot_token_heatmap, token_html
+        >>> dec = pair.decompose(prompts, chat_template=True)
         >>> save_report([plot_layers(dec), plot_token_heatmap(dec), token_html(dec),
-        ...              dec.summary().to_html()], "report.html", title="Llama 2 chat vs base")
+        ...              dec.summary().to_html()], "report.html", title="Demo chat vs base")
+        PosixPath('report.html')
         >>> save_report([ReportSection("Per layer", figure=plot_layers(dec),
         ...                            guidance="<p>Dashed lines are FTC.</p>")],
-        ...             "report.html", title="My pair", intro="<p>Llama 2 7B and its chat model.</p>")
+        ...             "report.html", title="My pair", intro="<p>The demo pair.</p>")
+        PosixPath('report.html')
     """
     if isinstance(figures, (go.Figure, TokenHTML, str, ReportSection)):
         figures = [figures]

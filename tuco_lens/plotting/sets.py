@@ -89,8 +89,12 @@ def plot_prompt_sets(
             ``kind`` is not supported.
 
     Example:
-        >>> plot_prompt_sets({"chat": chat.tuco, "web text": web.tuco}, positive="chat",
-        ...                  negative="web text")
+        >>> sets = demo.prompt_sets()
+        >>> chat, web = pair.decompose(sets["chat"][:5]), pair.decompose(sets["web"][:5])
+        >>> fig = plot_prompt_sets({"chat": chat.tuco, "web text": web.tuco}, positive="chat",
+        ...                        negative="web text")
+        >>> type(fig).__name__
+        'Figure'
     """
     if kind not in ("histogram", "violin"):
         raise InputError(f"kind must be 'histogram' or 'violin', got {kind!r}.")
@@ -181,8 +185,10 @@ def plot_alpha_sweep(
 
     Example:
         >>> alphas = [0.75, 0.9, 1.0, 1.1, 1.25]
-        >>> plot_alpha_sweep(alphas, {"refusal rate": [0.2, 0.4, 0.6, 0.7, 0.9]},
-        ...                  errors={"refusal rate": [0.05] * 5})
+        >>> fig = plot_alpha_sweep(alphas, {"refusal rate": [0.2, 0.4, 0.6, 0.7, 0.9]},
+        ...                        errors={"refusal rate": [0.05] * 5})
+        >>> [trace.name for trace in fig.data]
+        ['refusal rate']
     """
     x = as_scores(alphas, "alphas")
     if not np.isfinite(x).all():

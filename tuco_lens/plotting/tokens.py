@@ -94,9 +94,12 @@ def token_html(
             label per shown prompt.
 
     Example:
-        >>> token_html(dec, index=[0, 1])       # in a notebook cell
-        >>> token_html(dec, index=[0, 1], labels=["chat", "web"])
-        >>> open("tokens.html", "w").write(token_html(dec).html)
+        >>> dec = pair.decompose(prompts, chat_template=True)
+        >>> page = token_html(dec, index=[0, 1])       # shown as HTML in a notebook cell
+        >>> page = token_html(dec, index=[0, 1], labels=["forbidden", "harmless"])
+        >>> n = open("tokens.html", "w").write(token_html(dec).html)
+        >>> "doomsalt" in page.html
+        True
     """
     dec = check_decomposition(dec)
     indices = check_indices(dec, index)
@@ -130,7 +133,9 @@ def tokens_row(
     score table written with ``--per-token``). ``positions`` label the tooltips (default 0, 1, ...).
 
     Example:
-        >>> tokens_block([tokens_row(["<bos>", "hi"], [0.0, 0.4], label="prompt 3", tuco=0.4)])
+        >>> block = tokens_block([tokens_row(["<bos>", "hi"], [0.0, 0.4], label="prompt 3", tuco=0.4)])
+        >>> "prompt 3" in block.html
+        True
     """
     positions = list(range(len(tokens))) if positions is None else positions
     spans = []
