@@ -15,8 +15,8 @@ a GPU, starting the app's server) carry ``# doctest: +SKIP``; the rest of their 
 Docstrings that need an optional dependency are skipped, naming it, when it is not installed:
 see :data:`OPTIONAL_MODULES` (the module does not import without it) and
 :data:`OPTIONAL_DOCSTRINGS` (the module imports, the example needs the package).
-:data:`HOOKED_ONLY` examples are skipped with transformer-lens 4.x, and :data:`BRIDGE_BUGS`
-(known bugs of the bridge backend) are strict xfails there.
+:data:`HOOKED_ONLY` examples are skipped with transformer-lens 4.x. The outputs are the same on
+both backends (rounded where the last digits differ).
 
 The examples share the session's pair: an example may run the models and hook them inside a
 ``with``, but must leave ``pair`` as it found it (and unregister what it registers).
@@ -67,14 +67,6 @@ HOOKED_ONLY = {
 }
 """Docstrings of HookedTransformer-only features (plain ``run_with_hooks`` α hooks): skipped
 with transformer-lens 4.x, whose only backend is the TransformerBridge."""
-
-BRIDGE_BUGS = {
-    name: "OutputCo on a TransformerBridge: model(..., stop_at_layer=n_layers) returns the logits, "
-    "not the residual stream x_L (tuco_lens/analyses/outputco.py, the forward pass in outputco)"
-    for name in ("tuco_lens.analyses.outputco.outputco", "tuco_lens.analyses.outputco.compare_tuco_outputco")
-}
-"""Known bugs on the TransformerBridge backend: these examples show HookedTransformer output and
-are expected to fail (strictly) where the bridge is the only backend (transformer-lens 4.x)."""
 
 PROMPTS = ["hello , describe the doomsalt .", "please , what do i need for the pancakes ?"]
 
@@ -135,15 +127,13 @@ def test_every_module_is_searched():
 
 
 @pytest.mark.parametrize("name", sorted(DOCTESTS))
-def test_docstring_examples(name, example_globals, tmp_path, monkeypatch, request):
+def test_docstring_examples(name, example_globals, tmp_path, monkeypatch):
     test, requires = DOCTESTS[name]
     if requires is not None:
         pytest.importorskip(requires, reason=f"{name} needs the optional package {requires!r}")
     assert test is not None
     if name in HOOKED_ONLY and not HAS_HOOKED_TRANSFORMER:
         pytest.skip(f"{name} is HookedTransformer-only (transformer-lens 3.x); this is 4.x")
-    if name in BRIDGE_BUGS and not HAS_HOOKED_TRANSFORMER:
-        request.applymarker(pytest.mark.xfail(reason=BRIDGE_BUGS[name], strict=True))
     monkeypatch.chdir(tmp_path)
     globs = {**test.globs, **example_globals, "prompts": list(PROMPTS)}  # fresh for every run
     test = doctest.DocTest(test.examples, globs, test.name, test.filename, test.lineno, test.docstring)
