@@ -14,7 +14,8 @@ a GPU, starting the app's server) carry ``# doctest: +SKIP``; the rest of their 
 
 Docstrings that need an optional dependency are skipped, naming it, when it is not installed:
 see :data:`OPTIONAL_MODULES` (the module does not import without it) and
-:data:`OPTIONAL_DOCSTRINGS` (the module imports, the example needs the package).
+:data:`OPTIONAL_DOCSTRINGS` and :data:`OPTIONAL_MODULE_EXAMPLES` (the module imports, the
+examples need the package).
 :data:`HOOKED_ONLY` examples are skipped with transformer-lens 4.x. The outputs are the same on
 both backends (rounded where the last digits differ).
 
@@ -61,6 +62,9 @@ OPTIONAL_DOCSTRINGS = {
 }
 """Docstrings of importable modules whose examples need an optional package -> that package."""
 
+OPTIONAL_MODULE_EXAMPLES = {"tuco_lens.adapters": "peft"}
+"""Modules (importable without it) every example of which needs an optional package -> that package."""
+
 HOOKED_ONLY = {
     "tuco_lens.hooks.alpha_hooks",
     "tuco_lens.pair.TuCoPair.alpha_hooks",
@@ -90,7 +94,7 @@ def _find() -> dict[str, tuple[doctest.DocTest | None, str | None]]:
         for test in finder.find(module, name):
             if test.examples:
                 assert test.name not in found, f"two docstrings named {test.name}"
-                found[test.name] = (test, OPTIONAL_DOCSTRINGS.get(test.name))
+                found[test.name] = (test, OPTIONAL_DOCSTRINGS.get(test.name, OPTIONAL_MODULE_EXAMPLES.get(name)))
     return found
 
 
