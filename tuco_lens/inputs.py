@@ -34,6 +34,7 @@ __all__ = [
     "prepare_batch",
     "last_real_index",
     "length_sorted_batches",
+    "pad_id",
     "to_left_padding",
     "encode_prompt",
     "chat_template_frame",
@@ -394,7 +395,17 @@ def _encode_checked(
     return ids
 
 
-def _pad_id(model: Model) -> int:
+def pad_id(model: Model) -> int:
+    """The token that fills padded positions: the tokenizer's pad token, else its EOS, else 0.
+
+    Padded positions are masked, so the choice never changes a number; the one rule keeps token
+    tensors comparable across tuco_lens's functions (generation fills finished rows with the stop
+    token instead, see :mod:`tuco_lens.generation`).
+
+    Example:
+        >>> pad_id(pair.ft) == pair.tokenizer.pad_token_id
+        True
+    """
     tok = model.tokenizer
     for candidate in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None)):
         if candidate is not None:
@@ -406,7 +417,7 @@ def _pad(
     model: Model, ids: list[list[int]], side: str, prompts: list[str]
 ) -> TokenBatch:
     width = max(len(row) for row in ids)
-    tokens = torch.full((len(ids), width), _pad_id(model), dtype=torch.long)
+    tokens = torch.full((len(ids), width), pad_id(model), dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)
     for i, row in enumerate(ids):
         span = slice(width - len(row), width) if side == "left" else slice(0, len(row))

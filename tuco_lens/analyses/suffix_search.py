@@ -63,6 +63,7 @@ from tqdm.auto import tqdm
 from tuco_lens.analyses._common import check_int
 from tuco_lens.errors import InputError, InputTypeError, TuCoError
 from tuco_lens.hooks import check_alpha
+from tuco_lens.inputs import pad_id
 from tuco_lens.pair import TuCoPair
 from tuco_lens.plotting._util import escape, notebook_layout, set_colours, shorten
 
@@ -357,10 +358,8 @@ class _Objective:
             before, after = text.split(_PLACEHOLDER)
             befores.append(_encode_prefix(pair, before, prepend_bos))
             afters.append(_encode_plain(pair, after))
-        tok = pair.tokenizer
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         self.device = pair.backend.input_device()
-        self.layout = _Layout(befores, afters, n_suffix, target_ids, int(pad_id), self.device)
+        self.layout = _Layout(befores, afters, n_suffix, target_ids, pad_id(pair.ft), self.device)
         if self.layout.width > self.model.cfg.n_ctx:
             raise InputError(
                 f"Attacked prompt plus target is {self.layout.width} tokens, more than the "
