@@ -51,3 +51,18 @@ def test_final_residual_is_the_final_norms_input(loaded):
     mine = backend.final_norm()(resid) @ w_u + (0 if b_u is None else b_u)
     real = batch.attention_mask.bool()
     torch.testing.assert_close(mine[real], logits[real], atol=1e-4, rtol=1e-4)
+
+
+def test_accumulate_dtype_is_checked_in_one_place(checkpoint_pair):
+    """decompose, tuco and outputco refuse the same dtypes with the same message."""
+    from tuco_lens.errors import InputError
+
+    pt_dir, ft_dir = checkpoint_pair("llama")
+    pair = tuco_lens.load_pair(str(pt_dir), str(ft_dir), backend="bridge")
+    for run in (pair.decompose, pair.tuco, lambda p, **kw: outputco(pair, p, **kw)):
+        with pytest.raises(InputError, match=r"accumulate_dtype must be torch.float32 or torch.float64, got torch.float16"):
+            run(PROMPTS, accumulate_dtype=torch.float16)
+    batch = pair.tokenize(PROMPTS)
+    hf = [AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager").eval() for d in (pt_dir, ft_dir)]
+    want = reference_outputco(*hf, batch.tokens, batch.attention_mask)
+    torch.testing.assert_close(outputco(pair, PROMPTS, accumulate_dtype=torch.float64), want, atol=1e-6, rtol=0)

@@ -63,6 +63,13 @@ def check_norm(norm: str) -> Norm:
     return norm  # type: ignore[return-value]
 
 
+def check_accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Validate the dtype the norms and running sums are kept in (float32 or float64)."""
+    if dtype not in (torch.float32, torch.float64):
+        raise InputError(f"accumulate_dtype must be torch.float32 or torch.float64, got {dtype}.")
+    return dtype
+
+
 @dataclass(frozen=True)
 class Decomposition:
     """TuCo and the per-layer, per-token PTC/FTC statistics of a batch of prompts.

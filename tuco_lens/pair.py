@@ -14,7 +14,14 @@ from tuco_lens.attribution import FrozenNorm, LogitAttribution, OutputComparison
 from tuco_lens.backend import ActivationCache, Model, backend_of, linear_layout, model_kind, native_modules
 from tuco_lens.compatibility import check_compatible
 from tuco_lens.components import ComponentAccumulator, mixer_for
-from tuco_lens.decomposition import COMPONENTS, Decomposition, DecompositionAccumulator, Norm, check_norm
+from tuco_lens.decomposition import (
+    COMPONENTS,
+    Decomposition,
+    DecompositionAccumulator,
+    Norm,
+    check_accumulate_dtype,
+    check_norm,
+)
 from tuco_lens.errors import InputError, InputTypeError, TuCoError
 from tuco_lens.generation import generate_tokens, stop_tokens
 from tuco_lens.hooks import (
@@ -217,7 +224,7 @@ class TuCoPair:
             (1, 4)
         """
         norm = check_norm(norm)
-        _check_dtype(accumulate_dtype)
+        check_accumulate_dtype(accumulate_dtype)
         if isinstance(inputs, ActivationCache):
             if components:
                 raise InputError(
@@ -292,7 +299,7 @@ class TuCoPair:
             [0.559, 0.334]
         """
         norm = check_norm(norm)
-        _check_dtype(accumulate_dtype)
+        check_accumulate_dtype(accumulate_dtype)
         batch = self.tokenize(
             inputs,
             attention_mask=attention_mask,
@@ -712,9 +719,3 @@ class TuCoPair:
             cut = next((i for i, t in enumerate(row) if t in stops), len(row))
             texts.append(self.tokenizer.decode(row[:cut]))
         return texts
-
-
-def _check_dtype(dtype: torch.dtype) -> None:
-    if dtype not in (torch.float32, torch.float64):
-        raise InputError(f"accumulate_dtype must be torch.float32 or torch.float64, got {dtype}.")
-

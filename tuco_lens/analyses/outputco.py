@@ -32,7 +32,7 @@ from tuco_lens.analyses._common import (
     sem,
 )
 from tuco_lens.backend import backend_of
-from tuco_lens.decomposition import ratio, vector_norm
+from tuco_lens.decomposition import check_accumulate_dtype, ratio, vector_norm
 from tuco_lens.errors import InputError
 from tuco_lens.inputs import Inputs, length_sorted_batches, to_left_padding
 from tuco_lens.metrics import roc_auc
@@ -86,8 +86,7 @@ def outputco(
     """
     pair = check_pair(pair)
     check_common(batch_size, norm)
-    if accumulate_dtype not in (torch.float32, torch.float64):
-        raise InputError(f"accumulate_dtype must be torch.float32 or torch.float64, got {accumulate_dtype}.")
+    check_accumulate_dtype(accumulate_dtype)
     batch = pair.tokenize(inputs, attention_mask=attention_mask, chat_template=chat_template, prepend_bos=prepend_bos)
     out = torch.empty(len(batch), dtype=accumulate_dtype, device=batch.tokens.device)
     chunks = list(length_sorted_batches(batch, batch_size, token_budget))
