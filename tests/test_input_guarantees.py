@@ -296,3 +296,28 @@ def test_a_mask_of_another_type_with_1d_tokens(pair, as_type):
     torch.testing.assert_close(pair.tuco(tokens, attention_mask=as_type(mask)), expected, rtol=0, atol=2e-6)
     with pytest.raises(InputTypeError, match="attention_mask must be a tensor"):
         pair.tuco(tokens, attention_mask={"a": 1})
+
+
+def test_scaled_survives_reset_hooks_and_leaves_other_permanent_hooks(pair):
+    """pair.scaled's hooks are permanent TransformerLens hooks: ``reset_hooks()`` inside the
+    context keeps α-scaling on, and leaving the context removes only tuco_lens's own hooks."""
+    plain = pair.ft(PROMPTS[:1]).detach()
+    want = pair.run_with_alpha(PROMPTS[:1], 0.5).detach()
+    assert float((want - plain).abs().max()) > 1e-3  # α = 0.5 is not the fine-tuned model
+    point = pair.ft.blocks[0].hook_resid_post
+    calls = []
+
+    def count(x, hook):
+        calls.append(hook.name)
+        return x
+
+    point.add_hook(count, is_permanent=True)
+    try:
+        with pair.scaled(0.5):
+            pair.ft.reset_hooks()
+            torch.testing.assert_close(pair.ft(PROMPTS[:1]), want, atol=1e-5, rtol=1e-5)
+        n = len(calls)
+        torch.testing.assert_close(pair.ft(PROMPTS[:1]), plain, atol=1e-6, rtol=1e-6)
+        assert len(calls) == n + 1  # the user's permanent hook is still there
+    finally:
+        pair.ft.reset_hooks(including_permanent=True)

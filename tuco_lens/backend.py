@@ -69,6 +69,8 @@ does not exist on transformer-lens 4.x; :func:`model_kind` tells which one an ob
 
 __all__ = [
     "Model",
+    "add_permanent_hook",
+    "remove_permanent_hook",
     "ActivationCache",
     "Backend",
     "BlockCall",
@@ -1235,6 +1237,20 @@ def bridge_from_hf(
     bridge.cfg.model_name = name
     bridge.eval()
     return bridge
+
+
+def add_permanent_hook(hook_point: HookPoint, hook: Callable) -> None:
+    """Add ``hook`` to a TransformerLens hook point so that ``model.reset_hooks()`` (which users
+    call between experiments) leaves it in place; :func:`remove_permanent_hook` takes it off."""
+    hook_point.add_hook(hook, dir="fwd", is_permanent=True)
+
+
+def remove_permanent_hook(hook_point: HookPoint, hook: Callable) -> None:
+    """Remove exactly the hook :func:`add_permanent_hook` added (TransformerLens removes permanent
+    hooks only all at once, with ``including_permanent=True``, which would take other people's)."""
+    for handle in [h for h in hook_point.fwd_hooks if h.user_hook is hook]:
+        handle.hook.remove()
+    hook_point.fwd_hooks = [h for h in hook_point.fwd_hooks if h.user_hook is not hook]
 
 
 def backend_of(model: Any) -> Backend:

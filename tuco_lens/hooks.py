@@ -50,7 +50,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tuco_lens.backend import BlockCall, HookPoint, Model, backend_of
+from tuco_lens.backend import BlockCall, HookPoint, Model, add_permanent_hook, backend_of, remove_permanent_hook
 from tuco_lens.errors import AlphaError, TuCoError
 from tuco_lens.inputs import warn_if_doubled_bos
 
@@ -311,7 +311,7 @@ class PairedBlocks:
                 self._handles.append(hook_point.register_forward_pre_hook(self._post_input_hook(layer)))
             elif self.writes:
                 hook = self._write_hook(layer)
-                hook_point.add_hook(hook, dir="fwd", is_permanent=True)
+                add_permanent_hook(hook_point, hook)
                 self._lens_hooks.append((hook_point, hook))
             else:
                 self._handles.append(block.register_forward_hook(self._read_hook(layer)))
@@ -326,10 +326,7 @@ class PairedBlocks:
         for layer in range(len(self._readers)):
             self._drop_readers(layer)
         for hook_point, hook in self._lens_hooks:
-            mine = [h for h in hook_point.fwd_hooks if h.user_hook is hook]
-            for h in mine:
-                h.hook.remove()
-            hook_point.fwd_hooks = [h for h in hook_point.fwd_hooks if h.user_hook is not hook]
+            remove_permanent_hook(hook_point, hook)
         self._handles, self._lens_hooks = [], []
         self._calls = [None] * len(self._calls)  # drop references to masks and KV caches
         active = self.ft.__dict__.get(_ACTIVE, {})
