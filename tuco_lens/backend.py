@@ -304,23 +304,38 @@ class Backend:
         One forward pass that stops at the last block's ``hook_resid_post`` (no final norm, no
         unembedding), on either model class.
         """
-        captured: list[Tensor] = []
+        return self._forward_until(self.resid_post(self.blocks[-1]), tokens, attention_mask, before=False)
+
+    def _forward_until(self, module: torch.nn.Module, tokens: Tensor, attention_mask: Tensor, *, before: bool) -> Any:
+        """Run a forward pass until ``module`` is reached and stop it there.
+
+        Returns what ``module`` was called with, ``(args, kwargs)``, for ``before=True``, or what it
+        returned for ``before=False``; nothing after it runs.
+        """
+        seen: list[Any] = []
 
         class _Reached(Exception):
             pass
 
-        def grab(module: torch.nn.Module, args: tuple, output: Tensor) -> None:
-            captured.append(output)
+        def stop_before(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            seen.append((args, kwargs))
             raise _Reached
 
-        handle = self.resid_post(self.blocks[-1]).register_forward_hook(grab)
+        def stop_after(module: torch.nn.Module, args: tuple, output: Any) -> None:
+            seen.append(output)
+            raise _Reached
+
+        if before:
+            handle = module.register_forward_pre_hook(stop_before, with_kwargs=True)
+        else:
+            handle = module.register_forward_hook(stop_after)
         try:
             self.forward(tokens, attention_mask, logits=False)
         except _Reached:
             pass
         finally:
             handle.remove()
-        return captured[0]
+        return seen[0]
 
     def linear_layout(self) -> contextlib.AbstractContextManager[None]:
         """Context manager: weights stored in the layout the forward pass reads (see :func:`linear_layout`)."""
@@ -706,24 +721,8 @@ class BridgeBackend(Backend):
                 f"(layer types {sorted(set(layer_types))}); pass the tokens instead: "
                 "pair.decompose(tokens)."
             )
-        captured: list[BlockCall] = []
-
-        class _Captured(Exception):
-            pass
-
-        def capture(block: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            captured.append(BlockCall(args, kwargs))
-            raise _Captured
-
-        handle = self.blocks[0].register_forward_pre_hook(capture, with_kwargs=True)
-        try:
-            self.forward(tokens, attention_mask, logits=False)
-        except _Captured:
-            pass
-        finally:
-            handle.remove()
-        call = captured[0]
-        return [BlockCall(call.args, dict(call.kwargs)) for _ in self.blocks]
+        args, kwargs = self._forward_until(self.blocks[0], tokens, attention_mask, before=True)
+        return [BlockCall(args, dict(kwargs)) for _ in self.blocks]
 
     def forward(self, tokens, attention_mask, *, logits=True, cache=None):
         # Logits at the last position only where no more are asked for (Hugging Face's
