@@ -720,47 +720,15 @@ def load_model(
         "center_unembed": center_unembed,
         "fold_value_biases": fold_value_biases,
     }
-
     if route in ("hooked", "bridge"):
-        wanted = "HookedTransformer" if backend == "hooked" else "TransformerBridge"
-        if model_kind(source) != wanted and requested_backend != "auto":
-            raise InputTypeError(
-                f"backend={backend!r} asks for a {wanted}, but a ready {model_kind(source)} was "
-                "passed: pass backend='auto' to use it as it is, or load from the checkpoint."
-            )
-        moves = {} if route == "bridge" else {"print_details": False}
-        if device is not None:
-            source.to(device, **moves)
-        if dtype is not None:
-            source.to(dtype, **moves)
-        return source
-
+        return _ready_model(source, route, backend, requested_backend, device=device, dtype=dtype)
     if route == "official" and backend == "bridge":
         route, source = "hub", tl_loading.get_official_model_name(source)
-
     if route == "official":
-        given_tokenizer = _resolve_tokenizer(tokenizer, None)
-        try:
-            model = HookedTransformer.from_pretrained_no_processing(
-                source,
-                device=device,
-                dtype=dtype or torch.float32,
-                tokenizer=given_tokenizer,
-                **processing,
-                **hf_model_kwargs,
-                **from_pretrained_kwargs,
-            )
-        except OSError as error:  # download failures, missing files, no network
-            raise ModelLoadError(
-                f"could not load the TransformerLens model {source!r}: {error}"
-            ) from error
-        if "default_prepend_bos" not in from_pretrained_kwargs:
-            tokenizer_kwargs = {k: v for k, v in hf_model_kwargs.items() if k in _TOKENIZER_KWARGS}
-            tokenizer_kwargs.pop("local_files_only", None)
-            _follow_tokenizer_bos(model, given_tokenizer, tokenizer_kwargs)
-        setattr(model, PROCESSING_ATTR, _applicable(model.cfg, processing))
-        return model
-
+        return _official_model(
+            source, device=device, dtype=dtype, tokenizer=tokenizer, processing=processing,
+            hf_model_kwargs=hf_model_kwargs, **from_pretrained_kwargs,
+        )
     unknown = sorted(set(from_pretrained_kwargs) - set(_CONVERSION_KWARGS))
     if unknown:
         raise InputTypeError(
@@ -768,33 +736,103 @@ def load_model(
             f"accepted: {list(_CONVERSION_KWARGS)}. Pass Hugging Face loading options in "
             "hf_model_kwargs={...}."
         )
+    convert = dict(device=device, dtype=dtype, tokenizer=tokenizer, processing=processing, backend=backend)
     if route in ("adapter", "peft_model"):
-        return _load_adapter(
-            source,
-            route,
-            adapter_base,
-            device=device,
-            dtype=dtype,
-            tokenizer=tokenizer,
-            processing=processing,
-            hf_model_kwargs=hf_model_kwargs,
-            backend=backend,
-            **from_pretrained_kwargs,
-        )
+        return _load_adapter(source, route, adapter_base, hf_model_kwargs=hf_model_kwargs, **convert,
+                             **from_pretrained_kwargs)
     if route == "hf_model":
-        parameter = next(source.parameters())
-        origin = str(getattr(source, "name_or_path", "") or "")
-        return _convert(
-            copy.deepcopy(source) if backend == "bridge" else source,  # a bridge takes it over
-            _resolve_tokenizer(tokenizer, origin if origin and Path(origin).is_dir() else None),
-            name=Path(origin).name or type(source).__name__,
-            device=device if device is not None else str(parameter.device),
-            dtype=dtype or parameter.dtype,
-            processing=processing,
-            backend=backend,
+        return _converted_hf_object(source, **convert, **from_pretrained_kwargs)
+    return _converted_checkpoint(source, route, hf_model_kwargs=hf_model_kwargs, **convert, **from_pretrained_kwargs)
+
+
+def _ready_model(
+    source: Model, route: str, backend: str, requested_backend: str, *, device: Any, dtype: torch.dtype | None
+) -> Model:
+    """A HookedTransformer or TransformerBridge passed in: the same object, moved in place if asked."""
+    wanted = "HookedTransformer" if backend == "hooked" else "TransformerBridge"
+    if model_kind(source) != wanted and requested_backend != "auto":
+        raise InputTypeError(
+            f"backend={backend!r} asks for a {wanted}, but a ready {model_kind(source)} was "
+            "passed: pass backend='auto' to use it as it is, or load from the checkpoint."
+        )
+    moves = {} if route == "bridge" else {"print_details": False}
+    if device is not None:
+        source.to(device, **moves)
+    if dtype is not None:
+        source.to(dtype, **moves)
+    return source
+
+
+def _official_model(
+    name: str,
+    *,
+    device: Any,
+    dtype: torch.dtype | None,
+    tokenizer: Any,
+    processing: dict[str, bool],
+    hf_model_kwargs: dict[str, Any],
+    **from_pretrained_kwargs: Any,
+) -> Model:
+    """A TransformerLens official model name, through ``HookedTransformer.from_pretrained_no_processing``."""
+    given_tokenizer = _resolve_tokenizer(tokenizer, None)
+    try:
+        model = HookedTransformer.from_pretrained_no_processing(
+            name,
+            device=device,
+            dtype=dtype or torch.float32,
+            tokenizer=given_tokenizer,
+            **processing,
+            **hf_model_kwargs,
             **from_pretrained_kwargs,
         )
+    except OSError as error:  # download failures, missing files, no network
+        raise ModelLoadError(f"could not load the TransformerLens model {name!r}: {error}") from error
+    if "default_prepend_bos" not in from_pretrained_kwargs:
+        tokenizer_kwargs = {k: v for k, v in hf_model_kwargs.items() if k in _TOKENIZER_KWARGS}
+        tokenizer_kwargs.pop("local_files_only", None)
+        _follow_tokenizer_bos(model, given_tokenizer, tokenizer_kwargs)
+    setattr(model, PROCESSING_ATTR, _applicable(model.cfg, processing))
+    return model
 
+
+def _converted_hf_object(
+    source: transformers.PreTrainedModel,
+    *,
+    device: Any,
+    dtype: torch.dtype | None,
+    tokenizer: Any,
+    processing: dict[str, bool],
+    backend: str,
+    **conversion_kwargs: Any,
+) -> Model:
+    """A ``transformers`` model object, converted with its own config (the object is left intact)."""
+    parameter = next(source.parameters())
+    origin = str(getattr(source, "name_or_path", "") or "")
+    return _convert(
+        copy.deepcopy(source) if backend == "bridge" else source,  # a bridge takes it over
+        _resolve_tokenizer(tokenizer, origin if origin and Path(origin).is_dir() else None),
+        name=Path(origin).name or type(source).__name__,
+        device=device if device is not None else str(parameter.device),
+        dtype=dtype or parameter.dtype,
+        processing=processing,
+        backend=backend,
+        **conversion_kwargs,
+    )
+
+
+def _converted_checkpoint(
+    source: str | os.PathLike,
+    route: str,
+    *,
+    hf_model_kwargs: dict[str, Any],
+    device: Any,
+    dtype: torch.dtype | None,
+    tokenizer: Any,
+    processing: dict[str, bool],
+    backend: str,
+    **conversion_kwargs: Any,
+) -> Model:
+    """A local checkpoint directory (``route="local"``) or a hub id, loaded with transformers and converted."""
     dtype = dtype or torch.float32
     if route == "local":
         path = Path(source).expanduser().resolve()
@@ -822,7 +860,7 @@ def load_model(
             dtype=dtype,
             processing=processing,
             backend=backend,
-            **from_pretrained_kwargs,
+            **conversion_kwargs,
         )
     finally:
         del hf_model
