@@ -61,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generation import SMOLLM2_135M, build_pair_dirs  # noqa: E402
 from bench_tuco import naive_tuco, timed  # noqa: E402  (Algorithm 1 literally; one timing)
 from bench_tuco import profiled_peak as tuco_profiled_peak  # noqa: E402  (one memory probe)
+from bench_tuco import profiler_self_check  # noqa: E402  (and its check)
 
 import tuco_lens  # noqa: E402
 from tuco_lens.backend import HAS_HOOKED_TRANSFORMER, native_modules  # noqa: E402
@@ -213,24 +214,8 @@ def profiled_peak(fn) -> int:
 
 
 def self_check() -> None:
-    """``profiled_peak`` on known allocations: 100 MB; alloc 100, 50, free 100, alloc/free 20: 150 MB."""
-    n = int(100 * MB)
-
-    def sequence():
-        a = torch.empty(n, dtype=torch.uint8)
-        b = torch.empty(n // 2, dtype=torch.uint8)
-        del a
-        c = torch.empty(n // 5, dtype=torch.uint8)
-        del c
-        return b
-
-    for name, fn, want in (("empty 100 MB", lambda: torch.empty(n, dtype=torch.uint8), 100),
-                           ("sequence, peak 150 MB", sequence, 150)):
-        got = profiled_peak(fn) / MB
-        status = "ok" if abs(got - want) <= 1e-3 * want else "FAILED"
-        print(f"self-check {name}: {got:.2f} MB {status}")
-        if status != "ok":
-            raise SystemExit("memory self-check failed")
+    """The memory probe on known allocations (``bench_tuco.profiler_self_check``): 100 MB; peak 150 MB."""
+    profiler_self_check()
 
 
 # ---------------------------------------------------------------------------- low precision
