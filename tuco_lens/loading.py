@@ -572,6 +572,18 @@ def _adapter_base_model(
     return model, True, text
 
 
+def _object_defaults(
+    model: transformers.PreTrainedModel, device: Any, dtype: torch.dtype | None
+) -> tuple[str, str | None, Any, torch.dtype]:
+    """What a ``transformers`` model object says about itself: ``(name, tokenizer directory or None,
+    device, dtype)``, where the device and dtype asked for win over the object's own."""
+    parameter = next(model.parameters())
+    origin = str(getattr(model, "name_or_path", "") or "")
+    fallback = origin if origin and Path(origin).is_dir() else None
+    name = Path(origin).name or type(model).__name__
+    return name, fallback, (device if device is not None else str(parameter.device)), dtype or parameter.dtype
+
+
 def _load_adapter(
     source: Any,
     route: str,
@@ -587,12 +599,8 @@ def _load_adapter(
     """A PEFT adapter (directory or ``PeftModel``) merged into a copy of its base, converted."""
     if route == "peft_model":
         merged = adapters.merge_peft_model(source)  # a merged deep copy; ``source`` is intact
-        parameter = next(merged.parameters())
-        origin = str(getattr(merged, "name_or_path", "") or "")
-        fallback = origin if origin and Path(origin).is_dir() else None
-        name = f"{Path(origin).name or type(merged).__name__}+adapter"
-        device = device if device is not None else str(parameter.device)
-        dtype = dtype or parameter.dtype
+        name, fallback, device, dtype = _object_defaults(merged, device, dtype)
+        name = f"{name}+adapter"
     else:
         path = Path(source).expanduser().resolve()
         info = adapters.adapter_info(path)  # refuses prompt tuning before anything is loaded
@@ -806,14 +814,13 @@ def _converted_hf_object(
     **conversion_kwargs: Any,
 ) -> Model:
     """A ``transformers`` model object, converted with its own config (the object is left intact)."""
-    parameter = next(source.parameters())
-    origin = str(getattr(source, "name_or_path", "") or "")
+    name, fallback, device, dtype = _object_defaults(source, device, dtype)
     return _convert(
         copy.deepcopy(source) if backend == "bridge" else source,  # a bridge takes it over
-        _resolve_tokenizer(tokenizer, origin if origin and Path(origin).is_dir() else None),
-        name=Path(origin).name or type(source).__name__,
-        device=device if device is not None else str(parameter.device),
-        dtype=dtype or parameter.dtype,
+        _resolve_tokenizer(tokenizer, fallback),
+        name=name,
+        device=device,
+        dtype=dtype,
         processing=processing,
         backend=backend,
         **conversion_kwargs,
