@@ -118,6 +118,21 @@ def arch_pair(request: pytest.FixtureRequest, checkpoint_pair) -> tuple[str, Pat
     return (request.param, *checkpoint_pair(request.param))
 
 
+@pytest.fixture(scope="module")
+def pair_with_hf(arch_pair, backend):
+    """``(arch, pair, hf_pt, hf_ft)``: the pair of every architecture on ``backend``, and the same two
+    checkpoints as eager Hugging Face models (the independent reference of ``hf_reference``).
+    Loaded once per test module."""
+    from transformers import AutoModelForCausalLM
+
+    import tuco_lens
+
+    arch, pt_dir, ft_dir = arch_pair
+    pair = tuco_lens.load_pair(str(pt_dir), str(ft_dir), backend=backend)
+    hf = [AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager").eval() for d in (pt_dir, ft_dir)]
+    return arch, pair, hf[0], hf[1]
+
+
 @pytest.fixture
 def tiny_hooked() -> Callable[..., "HookedTransformer"]:  # noqa: F821
     """Factory: ``tiny_hooked(**cfg_overrides) -> HookedTransformer`` with random weights.

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 import tuco_lens
 from hf_reference import (
@@ -30,16 +29,8 @@ PROMPTS = ["the cat sat on the mat", "hello", "a dog and a bird went to the rive
 
 
 @pytest.fixture(scope="module")
-def loaded(arch_pair, backend):
-    arch, pt_dir, ft_dir = arch_pair
-    pair = tuco_lens.load_pair(str(pt_dir), str(ft_dir), backend=backend)
-    hf = [AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager").eval() for d in (pt_dir, ft_dir)]
-    return arch, pair, hf[0], hf[1]
-
-
-@pytest.fixture(scope="module")
-def split(loaded):
-    arch, pair, hf_pt, hf_ft = loaded
+def split(pair_with_hf):
+    arch, pair, hf_pt, hf_ft = pair_with_hf
     batch = pair.tokenize(PROMPTS)
     ref = reference_components(hf_pt, hf_ft, batch.tokens, batch.attention_mask, n_heads=pair.ft.cfg.n_heads)
     return pair.decompose(PROMPTS, components=True), ref, batch
@@ -53,8 +44,8 @@ def _close(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-4) -> None:
     torch.testing.assert_close(got.double() / scale, want.double() / scale, atol=rel, rtol=0, equal_nan=True)
 
 
-def test_component_sums_and_heads_match_reference(loaded, split):
-    arch, pair, _, _ = loaded
+def test_component_sums_and_heads_match_reference(pair_with_hf, split):
+    arch, pair, _, _ = pair_with_hf
     dec, ref, batch = split
     for name in ("attn", "mlp", "mlp_via_attn"):
         _close(getattr(dec, f"ftc_{name}_sum"), ref[f"{name}_sum"])
@@ -77,8 +68,8 @@ def test_component_norms_per_position_match_reference(split):
         _close(getattr(dec, f"ftc_{name}_norm"), want)
 
 
-def test_components_add_up_to_the_fine_tuning_component(loaded, split):
-    arch, pair, _, _ = loaded
+def test_components_add_up_to_the_fine_tuning_component(pair_with_hf, split):
+    arch, pair, _, _ = pair_with_hf
     dec, ref, _ = split
     total = dec.ftc_attn_sum + dec.ftc_mlp_sum + dec.ftc_mlp_via_attn_sum
     scale = float(dec.ftc_sum.abs().max())
@@ -113,8 +104,8 @@ def test_components_in_the_dataframes(split):
 
 
 @pytest.mark.parametrize("corner", [1.0, 0.0])
-def test_component_alpha_corners_are_bit_exact(loaded, corner):
-    arch, pair, _, _ = loaded
+def test_component_alpha_corners_are_bit_exact(pair_with_hf, corner):
+    arch, pair, _, _ = pair_with_hf
     block = pair.run_with_alpha(PROMPTS, corner)
     heads = torch.full((pair.n_layers, pair.ft.cfg.n_heads), corner)
     for alpha in ({"attn": corner, "mlp": corner}, {"attn": corner, "mlp": corner, "heads": heads}):
@@ -131,8 +122,8 @@ def test_component_alpha_corners_are_bit_exact(loaded, corner):
 
 
 @pytest.mark.parametrize("attn,mlp", [(0.5, -0.25), (1.0, 0.0), (0.0, 1.0), (1.5, 0.75)])
-def test_component_alpha_interior_matches_reference(loaded, attn, mlp):
-    arch, pair, hf_pt, hf_ft = loaded
+def test_component_alpha_interior_matches_reference(pair_with_hf, attn, mlp):
+    arch, pair, hf_pt, hf_ft = pair_with_hf
     batch = pair.tokenize(PROMPTS)  # padded
     ref = reference_component_alpha_logits(hf_pt, hf_ft, batch.tokens, batch.attention_mask, attn=attn, mlp=mlp)
     got = pair.run_with_alpha(PROMPTS, {"attn": attn, "mlp": mlp})
@@ -143,8 +134,8 @@ def test_component_alpha_interior_matches_reference(loaded, attn, mlp):
     _close(pair.run_with_alpha(PROMPTS[2:], {"attn": attn, "mlp": mlp}), ref_one)
 
 
-def test_per_head_alpha_matches_reference(loaded):
-    arch, pair, hf_pt, hf_ft = loaded
+def test_per_head_alpha_matches_reference(pair_with_hf):
+    arch, pair, hf_pt, hf_ft = pair_with_hf
     heads = torch.linspace(-0.5, 1.5, pair.n_layers * pair.ft.cfg.n_heads).reshape(pair.n_layers, -1)
     batch = pair.tokenize(PROMPTS)
     ref = reference_component_alpha_logits(hf_pt, hf_ft, batch.tokens, batch.attention_mask, attn=0.3, mlp=0.6, heads=heads)
@@ -153,9 +144,9 @@ def test_per_head_alpha_matches_reference(loaded):
     _close(got[real], ref[real])
 
 
-def test_equal_component_alphas_are_not_the_block_alpha(loaded):
+def test_equal_component_alphas_are_not_the_block_alpha(pair_with_hf):
     """{"attn": α, "mlp": α} leaves the pre-trained MLP's answer to the changed attention unscaled."""
-    arch, pair, hf_pt, hf_ft = loaded
+    arch, pair, hf_pt, hf_ft = pair_with_hf
     if arch == "gpt_neox":  # parallel blocks: the two coincide (no MLP<-attention term)
         batch = pair.tokenize(PROMPTS)
         ref = reference_alpha_logits(hf_pt, hf_ft, batch.tokens, batch.attention_mask, alpha=0.5)
@@ -167,8 +158,8 @@ def test_equal_component_alphas_are_not_the_block_alpha(loaded):
 
 
 @pytest.mark.parametrize("alpha", [{"attn": 0.4, "mlp": 1.3}, "heads"])
-def test_cached_generation_with_component_alpha_equals_uncached(loaded, alpha):
-    arch, pair, _, _ = loaded
+def test_cached_generation_with_component_alpha_equals_uncached(pair_with_hf, alpha):
+    arch, pair, _, _ = pair_with_hf
     if alpha == "heads":
         alpha = {"attn": 0.8, "heads": torch.rand(pair.n_layers, pair.ft.cfg.n_heads)}
     kwargs = dict(alpha=alpha, max_new_tokens=5, stop_at_eos=False, return_type="tokens")
@@ -176,8 +167,8 @@ def test_cached_generation_with_component_alpha_equals_uncached(loaded, alpha):
     assert torch.equal(cached, pair.generate(PROMPTS, use_past_kv_cache=False, **kwargs))
 
 
-def test_logit_attribution_adds_up_to_the_logits(loaded):
-    arch, pair, hf_pt, hf_ft = loaded
+def test_logit_attribution_adds_up_to_the_logits(pair_with_hf):
+    arch, pair, hf_pt, hf_ft = pair_with_hf
     batch = pair.tokenize(PROMPTS)
     attr = pair.logit_attribution(PROMPTS, components=True)
     with torch.no_grad():
@@ -203,9 +194,9 @@ def test_logit_attribution_adds_up_to_the_logits(loaded):
     torch.testing.assert_close(dec.ftc_sum, pair.decompose(PROMPTS).ftc_sum)
 
 
-def test_logit_attribution_frozen_norm_matches_a_hand_computation(loaded):
+def test_logit_attribution_frozen_norm_matches_a_hand_computation(pair_with_hf):
     """Σ FTC's direct effect equals center(v) / s(x_L) ⊙ w @ W_U, computed here from the HF modules."""
-    arch, pair, hf_pt, hf_ft = loaded
+    arch, pair, hf_pt, hf_ft = pair_with_hf
     batch = pair.tokenize(PROMPTS)
     attr = pair.logit_attribution(PROMPTS)
     dec = pair.decompose(PROMPTS)
@@ -230,8 +221,8 @@ def test_logit_attribution_frozen_norm_matches_a_hand_computation(loaded):
     _close(attr.direct["ftc"], want)
 
 
-def test_compare_outputs_kl(loaded):
-    arch, pair, hf_pt, hf_ft = loaded
+def test_compare_outputs_kl(pair_with_hf):
+    arch, pair, hf_pt, hf_ft = pair_with_hf
     batch = pair.tokenize(PROMPTS)
     out = pair.compare_outputs(PROMPTS)
     position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)

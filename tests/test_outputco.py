@@ -20,17 +20,9 @@ from tuco_lens.backend import backend_of
 PROMPTS = ["the cat sat on the mat", "hello", "a dog and a bird went to the river today"]
 
 
-@pytest.fixture(scope="module")
-def loaded(arch_pair, backend):
-    arch, pt_dir, ft_dir = arch_pair
-    pair = tuco_lens.load_pair(str(pt_dir), str(ft_dir), backend=backend)
-    hf = [AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager").eval() for d in (pt_dir, ft_dir)]
-    return pair, hf[0], hf[1]
-
-
 @pytest.mark.parametrize("norm", ["l1", "l2"])
-def test_outputco_matches_the_hugging_face_models(loaded, norm):
-    pair, hf_pt, hf_ft = loaded
+def test_outputco_matches_the_hugging_face_models(pair_with_hf, norm):
+    _, pair, hf_pt, hf_ft = pair_with_hf
     batch = pair.tokenize(PROMPTS)
     want = reference_outputco(hf_pt, hf_ft, batch.tokens, batch.attention_mask, norm=norm)
     got = outputco(pair, PROMPTS, norm=norm)
@@ -39,9 +31,9 @@ def test_outputco_matches_the_hugging_face_models(loaded, norm):
     torch.testing.assert_close(outputco(pair, PROMPTS, norm=norm, batch_size=1).double(), want, atol=1e-5, rtol=0)
 
 
-def test_final_residual_is_the_final_norms_input(loaded):
+def test_final_residual_is_the_final_norms_input(pair_with_hf):
     """``Backend.final_residual`` is x_L: the final norm applied to it gives the logits' input."""
-    pair, _, _ = loaded
+    _, pair, _, _ = pair_with_hf
     batch = pair.tokenize(PROMPTS)
     backend = backend_of(pair.ft)
     resid = backend.final_residual(batch.tokens, batch.attention_mask)
