@@ -89,19 +89,14 @@ def memory_ratios(results: dict) -> dict:
 
 def goal_rows(results: dict) -> list[dict]:
     rows = []
-    times, memory = time_ratios(results), memory_ratios(results)
-    for op, (goal, den) in results["meta"]["goals"].items():
-        for b in backends_in(results):
-            found = times.get((op, b))
-            if found:
-                worst, where = max(found)
-                rows.append(dict(kind="time", op=op, backend=b, goal=goal, den=den, worst=worst, where=where))
-    for op, (goal, den) in results["meta"]["memory_goals"].items():
-        for b in backends_in(results):
-            found = memory.get((op, b))
-            if found:
-                worst, where = max(found)
-                rows.append(dict(kind="peak memory", op=op, backend=b, goal=goal, den=den, worst=worst, where=where))
+    for kind, goals, ratios in (("time", results["meta"]["goals"], time_ratios(results)),
+                                ("peak memory", results["meta"]["memory_goals"], memory_ratios(results))):
+        for op, (goal, den) in goals.items():
+            for b in backends_in(results):
+                found = ratios.get((op, b))
+                if found:
+                    worst, where = max(found)
+                    rows.append(dict(kind=kind, op=op, backend=b, goal=goal, den=den, worst=worst, where=where))
     return rows
 
 
