@@ -158,7 +158,7 @@ def demo_pair():
     """The embedded demo pair (``tuco_lens.demo.load_pair()``), loaded once per session.
 
     Read-only by convention: tests that change the pair (hooks left behind, ``pair.scaled``
-    outside a ``with``...) load their own. Modules with their own ``demo_pair`` fixture keep it.
+    outside a ``with``...) load their own.
     """
     from tuco_lens import demo
 

@@ -61,13 +61,6 @@ def pair(checkpoint_pair):
     return tuco_lens.load_pair(str(pt_dir), str(ft_dir))
 
 
-@pytest.fixture(scope="module")
-def demo_pair():
-    from tuco_lens import demo
-
-    return demo.load_pair()
-
-
 # ------------------------------------------------------------------------------ prompt sets
 def test_prompt_sets_scores_equal_pair_tuco_and_auc_is_mann_whitney(pair):
     result = compare_prompt_sets(pair, SETS)
