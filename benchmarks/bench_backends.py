@@ -18,7 +18,7 @@ import time
 import torch
 
 from tuco_lens import demo
-from tuco_lens.backend import HAS_HOOKED_TRANSFORMER
+from tuco_lens.backends import HAS_HOOKED_TRANSFORMER
 from tuco_lens.generation import generate_tokens
 
 

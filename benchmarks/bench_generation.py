@@ -16,9 +16,9 @@ starting one operation later each repeat; one warm-up repeat first), it times th
 * ``pair_no_cache``   the same with ``use_past_kv_cache=False`` (only with ``--no-cache-too``);
 
 each **before** (TransformerLens copying its weights into ``F.linear``'s layout on every call, as
-in transformer-lens 3.9) and **after** the fix (``tuco_lens.backend.linear_layout``: the weights
+in transformer-lens 3.9) and **after** the fix (``tuco_lens.backends.linear_layout``: the weights
 stored in that layout for the duration of the call). "Before" disables the fix in this process
-(``tuco_lens.backend._layout_plan`` returns no weight), so both run on the same models seconds
+(``tuco_lens.backends.hooked._layout_plan`` returns no weight), so both run on the same models seconds
 apart. The outputs of before and after must be identical token for token (asserted).
 
     OMP_NUM_THREADS=2 python benchmarks/bench_generation.py [--repeats 3] [--batch 1] [--new-tokens 16]
@@ -39,8 +39,8 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import tuco_lens
-import tuco_lens.backend
-from tuco_lens.backend import linear_layout
+import tuco_lens.backends.hooked
+from tuco_lens.backends import linear_layout
 from tuco_lens.generation import generate_tokens
 
 SMOLLM2_135M = dict(
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         def run():
             if name == "hf":
                 return ops[name]()
-            off = contextlib.nullcontext() if fixed else mock.patch.object(tuco_lens.backend, "_layout_plan", lambda model: [])
+            off = contextlib.nullcontext() if fixed else mock.patch.object(tuco_lens.backends.hooked, "_layout_plan", lambda model: [])
             # TransformerLens's own generate knows nothing of tuco_lens: the fix is applied around it
             around = linear_layout(pair.ft) if name == "tl" else contextlib.nullcontext()
             with off, around:

@@ -64,7 +64,7 @@ from bench_tuco import profiled_peak as tuco_profiled_peak  # noqa: E402  (one m
 from bench_tuco import profiler_self_check  # noqa: E402  (and its check)
 
 import tuco_lens  # noqa: E402
-from tuco_lens.backend import HAS_HOOKED_TRANSFORMER, native_modules  # noqa: E402
+from tuco_lens.backends import HAS_HOOKED_TRANSFORMER, native_modules  # noqa: E402
 from tuco_lens.generation import generate_tokens  # noqa: E402
 
 MB = 1e6

@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 
 import tuco_lens
 from tuco_lens import demo
-from tuco_lens.backend import HAS_HOOKED_TRANSFORMER
+from tuco_lens.backends import HAS_HOOKED_TRANSFORMER
 from tuco_lens.loading import tokenizer_adds_bos
 
 TEXT = "the cat sat on the mat"

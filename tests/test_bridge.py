@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tuco_lens
 from tuco_lens import loading
-from tuco_lens.backend import HAS_HOOKED_TRANSFORMER, TransformerBridge, backend_of
+from tuco_lens.backends import HAS_HOOKED_TRANSFORMER, TransformerBridge, backend_of
 from tuco_lens.errors import IncompatiblePairError, InputError, InputTypeError, TuCoError
 
 PROMPTS = ["the cat sat on the mat", "hello", "a dog and a bird went to the river"]

@@ -7,11 +7,14 @@ import warnings
 
 import pytest
 import torch
+from checkpoints import build_tokenizer
 from transformers import AutoTokenizer
 
-from checkpoints import build_tokenizer
+from tuco_lens.backends import record_processing
 from tuco_lens.compatibility import check_compatible, describe_differences, processing_of
 from tuco_lens.errors import IncompatiblePairError, InputTypeError
+
+pytestmark = pytest.mark.hooked  # tiny HookedTransformers: transformer-lens 3.x only (skipped on 4.x)
 
 NO_PROCESSING = {
     "fold_ln": False,
@@ -168,16 +171,16 @@ def test_inferred_processing_difference_is_refused(tiny_hooked, flag):
 
 def test_recorded_processing_is_compared(tiny_hooked):
     pt, ft = tiny_hooked(), tiny_hooked()
-    pt.tuco_processing = dict(NO_PROCESSING)
-    ft.tuco_processing = {**NO_PROCESSING, "fold_value_biases": True}
+    record_processing(pt, dict(NO_PROCESSING))
+    record_processing(ft, {**NO_PROCESSING, "fold_value_biases": True})
     with pytest.raises(IncompatiblePairError, match="fold_value_biases is False .* and True"):
         check_compatible(pt, ft)
 
 
 def test_unknown_processing_is_not_compared(tiny_hooked):
     pt, ft = tiny_hooked(), tiny_hooked()
-    pt.tuco_processing = {**NO_PROCESSING, "fold_value_biases": None}
-    ft.tuco_processing = {**NO_PROCESSING, "fold_value_biases": True}
+    record_processing(pt, {**NO_PROCESSING, "fold_value_biases": None})
+    record_processing(ft, {**NO_PROCESSING, "fold_value_biases": True})
     check_compatible(pt, ft)
 
 

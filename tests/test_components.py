@@ -22,7 +22,7 @@ from hf_reference import (
     reference_component_alpha_logits,
     reference_components,
 )
-from tuco_lens.backend import HAS_HOOKED_TRANSFORMER
+from tuco_lens.backends import HAS_HOOKED_TRANSFORMER
 from tuco_lens.errors import AlphaError, InputError, TuCoError
 
 PROMPTS = ["the cat sat on the mat", "hello", "a dog and a bird went to the river today"]
@@ -112,7 +112,7 @@ def test_component_alpha_corners_are_bit_exact(pair_with_hf, corner):
         got = pair.run_with_alpha(PROMPTS, alpha)
         if "heads" in alpha and arch == "gpt2" and pair.backend.name == "TransformerBridge":
             # GPT-2's per-head split reads hook_z, which only the bridge's eager attention fires
-            # (fused QKV), while the block-level run uses SDPA (tuco_lens.backend.native_modules):
+            # (fused QKV), while the block-level run uses SDPA (tuco_lens.backends.native_modules):
             # the same numbers within float32 rounding of the attention, 1e-5, at real tokens (the
             # padding rows of a left-padded batch attend to nothing and differ between the two).
             real = pair.tokenize(PROMPTS).attention_mask.bool()

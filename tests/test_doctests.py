@@ -32,7 +32,7 @@ import pkgutil
 import pytest
 
 import tuco_lens
-from tuco_lens.backend import HAS_HOOKED_TRANSFORMER
+from tuco_lens.backends import HAS_HOOKED_TRANSFORMER
 
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 

@@ -3,7 +3,7 @@
 TransformerLens's attention bridges compute the softmax in float32 whatever the model dtype; in
 float64 that gave NaN logits at the real tokens of left-padded rows (the float64 mask minimum
 becomes -inf in float32) and logits about 1e-5 from Hugging Face's.
-``tuco_lens.backend.repair_float64_attention`` recomputes the pattern in float64. The
+``tuco_lens.backends.repair_float64_attention`` recomputes the pattern in float64. The
 references here are Hugging Face models in float64 with "sdpa" attention (exact in float64,
 see tests/test_hf_reference.py::test_float64_models) and tests/hf_reference.py on them.
 """

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import tuco_lens
-from tuco_lens.backend import bridge_from_hf
+from tuco_lens.backends import bridge_from_hf
 from tuco_lens.errors import AlphaError, InputError, InputTypeError
 
 # Names added for issue 11 are imported inside the tests, so that each test fails on its own

@@ -1,11 +1,11 @@
-"""``tuco_lens.backend.linear_layout``: HookedTransformer weights stored as its forward pass reads them.
+"""``tuco_lens.backends.linear_layout``: HookedTransformer weights stored as its forward pass reads them.
 
 TransformerLens 3.9 copies weights into ``F.linear``'s layout on every call (``W.T.contiguous()``
 in gated MLPs and the unembedding, a rearrange of the attention weights), which made generation
 an order of magnitude slower than Hugging Face's. Inside ``linear_layout`` those copies are
 no-ops; the numbers must be bit for bit the same, and every weight must be as before afterwards.
 The speed-up itself is measured by benchmarks/bench_generation.py, not here. HookedTransformer
-only (transformer-lens 3.x; conftest.HOOKED_ONLY_MODULES).
+only (transformer-lens 3.x: the ``hooked`` marker).
 """
 
 from __future__ import annotations
@@ -15,9 +15,12 @@ import torch
 
 import tuco_lens
 from tiny_models import KINDS, make_pair, random_tokens
-from tuco_lens.backend import _layout_plan, linear_layout
+from tuco_lens.backends import linear_layout
+from tuco_lens.backends.hooked import _layout_plan
 from tuco_lens.generation import generate_tokens
 from tuco_lens.inputs import TokenBatch
+
+pytestmark = pytest.mark.hooked  # tiny HookedTransformers: transformer-lens 3.x only (skipped on 4.x)
 
 
 def _state(model) -> dict[str, torch.Tensor]:
@@ -44,7 +47,7 @@ def test_numbers_are_bit_for_bit_the_same(kind, monkeypatch):
         )
 
     fast = run()
-    monkeypatch.setattr(tuco_lens.backend, "_layout_plan", lambda model: [])  # TransformerLens's own copies
+    monkeypatch.setattr(tuco_lens.backends.hooked, "_layout_plan", lambda model: [])  # TransformerLens's own copies
     plain = run()
     assert all(torch.equal(a, b) for a, b in zip(fast, plain))
 

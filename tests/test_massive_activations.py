@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 
 import tuco_lens
 from checkpoints import plant_massive_activation
-from tuco_lens.backend import native_modules
+from tuco_lens.backends import native_modules
 from tuco_lens.errors import NonFiniteError
 from tuco_lens.plotting import plot_layers, plot_token_heatmap
 

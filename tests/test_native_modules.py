@@ -1,6 +1,6 @@
 """TransformerBridge fast paths: Hugging Face's own attention and norms, and the last-token path.
 
-``tuco_lens.backend.native_modules`` runs each attention and norm bridge's wrapped Hugging Face
+``tuco_lens.backends.native_modules`` runs each attention and norm bridge's wrapped Hugging Face
 module (attention with SDPA for models loaded by tuco_lens) instead of the bridge's own
 recomputation, unless a hook needs the bridge's path; ``BridgeBackend.call_pt_block_at_last_token``
 runs a pre-trained layer at the last position only (keys and values at every position). Both are
@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tuco_lens
 from hf_reference import reference_decomposition
-from tuco_lens.backend import BlockCall, BridgeBackend, native_modules
+from tuco_lens.backends import BlockCall, BridgeBackend, native_modules
 
 PROMPTS = ["the cat sat on the mat", "hello", "a dog and a bird went to the river today"]
 TOL = dict(atol=1e-5, rtol=0)

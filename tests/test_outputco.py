@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 import tuco_lens
 from hf_reference import reference_outputco
 from tuco_lens.analyses import outputco
-from tuco_lens.backend import backend_of
+from tuco_lens.backends import backend_of
 
 PROMPTS = ["the cat sat on the mat", "hello", "a dog and a bird went to the river today"]
 

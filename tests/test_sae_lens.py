@@ -27,10 +27,10 @@ pytest.importorskip("sae_lens")
 
 from sae_lens import HookedSAETransformer, StandardSAE, StandardSAEConfig  # noqa: E402
 from sae_lens.saes.sae import SAEMetadata  # noqa: E402
+from tiny_models import make_pair, random_tokens  # noqa: E402
 
 from tuco_lens import InputError, TuCoError, TuCoPair, load_pair  # noqa: E402
-from tuco_lens.compatibility import PROCESSING_ATTR  # noqa: E402
-from tiny_models import make_pair, random_tokens  # noqa: E402
+from tuco_lens.backends import record_processing, recorded_processing  # noqa: E402
 
 N_LAYERS = 3
 D_SAE = 96
@@ -109,8 +109,9 @@ def as_sae_model(model) -> HookedSAETransformer:
     """The same model (config, processed weights, tokenizer) as a ``HookedSAETransformer``."""
     out = HookedSAETransformer(copy.deepcopy(model.cfg), move_to_device=False)
     out.load_state_dict(model.state_dict(), strict=True)
-    if hasattr(model, PROCESSING_ATTR):
-        setattr(out, PROCESSING_ATTR, dict(getattr(model, PROCESSING_ATTR)))
+    recorded = recorded_processing(model)
+    if recorded is not None:
+        record_processing(out, recorded)
     if model.tokenizer is not None:
         out.set_tokenizer(model.tokenizer, default_padding_side=model.tokenizer.padding_side)
     return out.eval()

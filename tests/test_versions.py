@@ -3,7 +3,7 @@
 transformers 5.24 renamed the keyword under which decoder layers hand the KV cache to their
 attention modules (``past_key_values`` -> ``cache``); TransformerLens's attention bridges read
 only the old name, so cached bridge generation attended to the newest token alone.
-``tuco_lens.backend.repair_cache_keyword`` fixes that, and every cached step checks that the
+``tuco_lens.backends.repair_cache_keyword`` fixes that, and every cached step checks that the
 caches grew. These tests run in every CI environment (the newest included, where they gate).
 """
 
@@ -21,7 +21,7 @@ from packaging.version import Version
 
 import tuco_lens
 from tuco_lens import demo, versions
-from tuco_lens.backend import AttentionBridge
+from tuco_lens.backends.bridge import AttentionBridge
 from tuco_lens.errors import UnsupportedVersionsError
 
 ROOT = Path(__file__).resolve().parent.parent

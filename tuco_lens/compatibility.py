@@ -17,24 +17,16 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-import torch
-
-from tuco_lens.backend import Model, backend_of, model_kind
+from tuco_lens.backends import PROCESSING_FLAGS, Model, backend_of, is_model, recorded_processing
 from tuco_lens.errors import IncompatiblePairError, InputTypeError
 
 __all__ = [
-    "PROCESSING_ATTR",
     "PROCESSING_FLAGS",
     "check_compatible",
     "describe_differences",
     "processing_of",
 ]
 
-
-#: Name of the attribute where tuco_lens records how it processed a model's weights.
-PROCESSING_ATTR = "tuco_processing"
-#: The weight-processing flags of ``HookedTransformer.from_pretrained`` that tuco_lens tracks.
-PROCESSING_FLAGS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
 
 _SAME_MODEL_HINT = (
     "a fine-tune has the architecture of its base model: check that you passed the right "
@@ -56,9 +48,6 @@ _ARCHITECTURE_FIELDS = (
     "rotary_dim",
 )
 _LEARNED_POSITIONS = ("standard", "shortformer")
-# A mean over n entries of an uncentred matrix is ~std/sqrt(n); a centred one is ~0 up to
-# rounding (< 1% of that even in bfloat16). Everything below this fraction counts as centred.
-_CENTRED_FRACTION = 0.05
 
 
 def _cfg_value(model: Model, field: str) -> Any:
@@ -68,16 +57,6 @@ def _cfg_value(model: Model, field: str) -> Any:
     if field == "normalization_type":  # "LNPre" is "LN" with fold_ln: compared as processing
         return cfg.normalization_type.removesuffix("Pre") if cfg.normalization_type else None
     return getattr(cfg, field, None)
-
-
-def _is_centred(matrix: torch.Tensor) -> bool | None:
-    """Whether every row of ``matrix`` has mean ~0 (along the last dimension); None if unknown."""
-    if matrix.is_meta:
-        return None
-    matrix = matrix.detach().float()
-    row_means = matrix.mean(-1).abs()
-    threshold = _CENTRED_FRACTION * matrix.std() / matrix.shape[-1] ** 0.5
-    return bool((row_means <= threshold).all())
 
 
 def processing_of(model: Model) -> dict[str, bool | None]:
@@ -103,32 +82,10 @@ def processing_of(model: Model) -> dict[str, bool | None]:
         >>> processing_of(pair.ft)["fold_ln"]         # tuco_lens loads models unprocessed
         False
     """
-    recorded = getattr(model, PROCESSING_ATTR, None)
-    if isinstance(recorded, dict):
+    recorded = recorded_processing(model)
+    if recorded is not None:
         return {flag: recorded.get(flag) for flag in PROCESSING_FLAGS}
-    if model_kind(model) == "TransformerBridge":
-        # A bridge runs the Hugging Face weights unless compatibility mode processed them.
-        processed = bool(getattr(model, "compatibility_mode", False))
-        return {flag: None if processed else False for flag in PROCESSING_FLAGS}
-    cfg = model.cfg
-    norm = cfg.normalization_type
-    layer_norm = norm in ("LN", "LNPre") and not getattr(cfg, "final_rms", False)
-    b_V, b_O = model.b_V, model.b_O
-    fold_value_biases: bool | None
-    if b_V.is_meta:  # weights not materialised: nothing to infer from
-        fold_value_biases = None
-    elif b_V.abs().max() > 0:
-        fold_value_biases = False
-    elif b_O.abs().max() > 0:
-        fold_value_biases = None  # folded, or a model with output biases only
-    else:
-        fold_value_biases = False
-    return {
-        "fold_ln": norm in ("LNPre", "RMSPre"),
-        "center_writing_weights": _is_centred(model.W_E) if layer_norm else False,
-        "center_unembed": _is_centred(model.W_U),
-        "fold_value_biases": fold_value_biases,
-    }
+    return backend_of(model).processing()
 
 
 def _architecture_differences(pt: Model, ft: Model) -> list[str]:
@@ -154,34 +111,19 @@ def _architecture_differences(pt: Model, ft: Model) -> list[str]:
     return messages
 
 
-# Hugging Face config entries that change what a TransformerBridge layer computes (positions,
-# norms, activations, attention variants) beyond the TransformerLens config fields above.
-_HF_COMPUTE_KEYS = (
-    "model_type", "rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor",
-    "rotary_pct", "rotary_emb_base", "sliding_window", "layer_types", "rms_norm_eps",
-    "layer_norm_eps", "layer_norm_epsilon", "hidden_act", "activation_function",
-    "attention_bias", "mlp_bias", "head_dim", "use_parallel_residual", "query_pre_attn_scalar",
-    "attn_logit_softcapping", "scale_attn_weights", "scale_attn_by_inverse_layer_idx",
-)
-
-
 def _hf_config_differences(pt: Model, ft: Model) -> list[str]:
-    if model_kind(ft) != "TransformerBridge":
-        return []
-    config_pt, config_ft = pt.original_model.config, ft.original_model.config
     messages = []
-    for key in _HF_COMPUTE_KEYS:
-        a, b = getattr(config_pt, key, None), getattr(config_ft, key, None)
-        if a != b:
+    for key, a, b in backend_of(pt).config_differences(backend_of(ft)):
+        if key == "compatibility_mode":
+            messages.append(
+                "TransformerBridge compatibility mode differs: call enable_compatibility_mode() with "
+                "the same arguments on both models, or on neither (tuco_lens's default)."
+            )
+        else:
             messages.append(
                 f"Hugging Face config {key} differs: pre-trained has {a!r}, fine-tuned has {b!r}; "
                 f"{_SAME_MODEL_HINT}."
             )
-    if getattr(pt, "compatibility_mode", False) != getattr(ft, "compatibility_mode", False):
-        messages.append(
-            "TransformerBridge compatibility mode differs: call enable_compatibility_mode() with "
-            "the same arguments on both models, or on neither (tuco_lens's default)."
-        )
     return messages
 
 
@@ -312,7 +254,7 @@ def describe_differences(
         >>> describe_differences(pt_model, tuco_lens.load_model(demo.FT_DIR, dtype="bfloat16"))
         ["dtype differs: pre-trained parameters are ['torch.float32'], fine-tuned ones ['torch.bfloat16']; load both with the same dtype (load_pair(..., dtype='float32') or model.to(torch.float32))."]
     """
-    kinds = model_kind(pt), model_kind(ft)
+    kinds = backend_of(pt).name, backend_of(ft).name
     if kinds[0] != kinds[1]:
         return [
             f"model class differs: pre-trained is a {kinds[0]}, fine-tuned a {kinds[1]}; "
@@ -348,7 +290,7 @@ def check_compatible(pt: Model, ft: Model, *, offload_pt: bool = False) -> None:
         >>> check_compatible(pt_model, ft_model)  # returns None when the pair is fine
     """
     for model in (pt, ft):
-        if model_kind(model) is None:
+        if not is_model(model):
             raise InputTypeError(
                 f"expected two HookedTransformer or two TransformerBridge models, got "
                 f"{type(model).__name__}; load checkpoints with tuco_lens.load_model"

@@ -32,17 +32,17 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from tuco_lens import adapters
-from tuco_lens.backend import (
+from tuco_lens.backends import (
     HAS_HOOKED_TRANSFORMER,
     HookedTransformer,
     HookedTransformerConfig,
     Model,
     backend_of,
     bridge_from_hf,
-    model_kind,
+    is_model,
+    record_processing,
     tl_loading,
 )
-from tuco_lens.compatibility import PROCESSING_ATTR
 from tuco_lens.errors import InputError, InputTypeError, ModelLoadError
 
 if TYPE_CHECKING:
@@ -148,11 +148,8 @@ def check_device(device: Any) -> None:
 def _route(source: Any) -> str:
     """Which loader handles ``source``: 'hooked', 'hf_model', 'peft_model', 'adapter', 'local',
     'official' or 'hub'."""
-    kind = model_kind(source)
-    if kind == "HookedTransformer":
-        return "hooked"
-    if kind == "TransformerBridge":
-        return "bridge"
+    if is_model(source):
+        return backend_of(source).kind  # "hooked" or "bridge"
     if isinstance(source, transformers.PreTrainedModel):
         return "hf_model"
     if adapters.is_peft_model(source):
@@ -438,7 +435,7 @@ def _convert(
         )
     model.move_model_modules_to_device()
     model.eval()
-    setattr(model, PROCESSING_ATTR, processing)
+    record_processing(model, processing)
     return model
 
 
@@ -488,7 +485,7 @@ def _bridge(
     )
     if default_padding_side is not None:
         model.tokenizer.padding_side = default_padding_side
-    setattr(model, PROCESSING_ATTR, dict(processing))
+    record_processing(model, processing)
     return model
 
 
@@ -668,8 +665,9 @@ def load_model(
       base nor the ``PeftModel`` is modified. Needs ``pip install peft``; prompt / prefix tuning
       adapters are refused (they change no weight). See ``docs/lora.md``.
 
-    Models loaded here carry ``model.tuco_processing``, the processing flags that took effect,
-    so :func:`tuco_lens.compatibility.check_compatible` can compare them. Supported
+    tuco_lens records the processing flags that took effect for the models it loads
+    (:func:`tuco_lens.compatibility.processing_of` reads them), so
+    :func:`tuco_lens.compatibility.check_compatible` can compare them. Supported
     architectures for directories and objects: those TransformerLens converts from a config
     (GPT-2, Llama 2/3, Mistral, Qwen2, GPT-NeoX/Pythia, ...) plus Gemma (v1).
 
@@ -712,7 +710,7 @@ def load_model(
 
     Example:
         >>> model = load_model(demo.FT_DIR, dtype="bfloat16")
-        >>> model.cfg.dtype, model.tuco_processing["fold_ln"]
+        >>> model.cfg.dtype, tuco_lens.compatibility.processing_of(model)["fold_ln"]
         (torch.bfloat16, False)
     """
     route = _route(source)
@@ -758,9 +756,9 @@ def _ready_model(
 ) -> Model:
     """A HookedTransformer or TransformerBridge passed in: the same object, moved in place if asked."""
     wanted = "HookedTransformer" if backend == "hooked" else "TransformerBridge"
-    if model_kind(source) != wanted and requested_backend != "auto":
+    if backend_of(source).kind != backend and requested_backend != "auto":
         raise InputTypeError(
-            f"backend={backend!r} asks for a {wanted}, but a ready {model_kind(source)} was "
+            f"backend={backend!r} asks for a {wanted}, but a ready {backend_of(source).name} was "
             "passed: pass backend='auto' to use it as it is, or load from the checkpoint."
         )
     moves = {} if route == "bridge" else {"print_details": False}
@@ -799,7 +797,7 @@ def _official_model(
         tokenizer_kwargs = {k: v for k, v in hf_model_kwargs.items() if k in _TOKENIZER_KWARGS}
         tokenizer_kwargs.pop("local_files_only", None)
         _follow_tokenizer_bos(model, given_tokenizer, tokenizer_kwargs)
-    setattr(model, PROCESSING_ATTR, _applicable(model.cfg, processing))
+    record_processing(model, _applicable(model.cfg, processing))
     return model
 
 

@@ -11,7 +11,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tuco_lens.attribution import FrozenNorm, LogitAttribution, OutputComparison, kl_per_token
-from tuco_lens.backend import ActivationCache, Model, backend_of, linear_layout, model_kind, native_modules
+from tuco_lens.backends import ActivationCache, Model, backend_of, linear_layout, native_modules
 from tuco_lens.compatibility import check_compatible
 from tuco_lens.components import ComponentAccumulator, mixer_for
 from tuco_lens.decomposition import (
@@ -22,7 +22,7 @@ from tuco_lens.decomposition import (
     check_accumulate_dtype,
     check_norm,
 )
-from tuco_lens.errors import InputError, InputTypeError, TuCoError
+from tuco_lens.errors import InputError, TuCoError
 from tuco_lens.generation import generate_tokens, stop_tokens
 from tuco_lens.hooks import (
     PairedBlocks,
@@ -78,14 +78,9 @@ class TuCoPair:
 
     def __init__(self, pt: Model, ft: Model, *, offload_pt: bool = False) -> None:
         for name, model in (("pt", pt), ("ft", ft)):
-            if model_kind(model) is None:
-                raise InputTypeError(
-                    f"TuCoPair({name}=...) needs a HookedTransformer or TransformerBridge, got "
-                    f"{type(model).__name__}. Use tuco_lens.load_pair(...) to load names, "
-                    "directories, adapters or transformers models."
-                )
+            backend_of(model, role=f"TuCoPair({name}=...)")
         check_compatible(pt, ft, offload_pt=offload_pt)
-        check_versions(model_kind(ft))
+        check_versions(backend_of(ft).name)
         self.pt = pt
         self.ft = ft
         self.offload_pt = offload_pt
