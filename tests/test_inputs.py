@@ -141,3 +141,20 @@ def test_generation_inputs_are_checked(pair):
     text = pair.generate("the cat", max_new_tokens=3)
     assert isinstance(text, str)
     assert isinstance(pair.generate(["the cat", "a dog"], max_new_tokens=3), list)
+
+
+def test_generate_returns_the_input_type_as_transformer_lens_does(pair):
+    """``return_type="input"`` (the default): text in, continuation text out; token ids in, prompt
+    plus new token ids out (a 1-D tensor gives a 1-D tensor), equal to ``return_type="tokens"``."""
+    prompts = ["the cat", "a dog eats"]
+    batch = pair.tokenize(prompts)
+    tokens = pair.generate(batch.tokens, attention_mask=batch.attention_mask, max_new_tokens=3)
+    as_tokens = pair.generate(prompts, max_new_tokens=3, return_type="tokens")
+    assert isinstance(tokens, torch.Tensor) and torch.equal(tokens, as_tokens)
+    assert tokens.shape == (2, batch.tokens.shape[1] + 3)
+    texts = pair.generate(batch.tokens, attention_mask=batch.attention_mask, max_new_tokens=3, return_type="str")
+    assert texts == pair.generate(prompts, max_new_tokens=3)
+    one = pair.tokenize("the cat").tokens[0]
+    single = pair.generate(one, max_new_tokens=3)
+    assert single.ndim == 1 and torch.equal(single, pair.generate("the cat", max_new_tokens=3, return_type="tokens")[0])
+    assert pair.generate(one, max_new_tokens=3, return_type="str") == pair.generate("the cat", max_new_tokens=3)

@@ -25,7 +25,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import torch
 import transformers
@@ -37,6 +37,7 @@ from tuco_lens.backends import (
     HookedTransformer,
     HookedTransformerConfig,
     Model,
+    TransformerBridge,
     backend_of,
     bridge_from_hf,
     is_model,
@@ -627,6 +628,12 @@ def _load_adapter(
 # --- end of PEFT adapters ---
 
 
+@overload
+def load_model(source: Any, *, backend: Literal["hooked"], **options: Any) -> HookedTransformer: ...
+@overload
+def load_model(source: Any, *, backend: Literal["bridge"], **options: Any) -> TransformerBridge: ...
+@overload
+def load_model(source: Any, *, backend: Literal["auto"] = ..., **options: Any) -> Model: ...
 def load_model(
     source: Any,
     *,
@@ -639,7 +646,7 @@ def load_model(
     fold_value_biases: bool = False,
     hf_model_kwargs: dict[str, Any] | None = None,
     adapter_base: Any = None,
-    backend: str = "auto",
+    backend: Literal["auto", "hooked", "bridge"] = "auto",
     **from_pretrained_kwargs: Any,
 ) -> Model:
     """Load ``source`` as a HookedTransformer or TransformerBridge, without weight processing.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict, Unpack, overload
 
 import torch
 from jaxtyping import Float, Int
@@ -34,7 +34,7 @@ from tuco_lens.hooks import (
 from tuco_lens.inputs import Inputs, TokenBatch, length_sorted_batches, prepare_batch, to_left_padding
 from tuco_lens.versions import check_versions
 
-__all__ = ["TuCoPair"]
+__all__ = ["GenerationOptions", "TuCoPair"]
 
 Alpha = float | Sequence[float] | Mapping[str, Any]
 """α: one number, one per layer, or per component ``{"attn": ..., "mlp": ..., "heads": ...}``."""
@@ -43,6 +43,24 @@ _PER_POSITION = ("ptc_norm", "ftc_norm", "ptc_cum_norm", "ftc_cum_norm", "beta")
 _COMPONENT_FIELDS = tuple(f"ftc_{c}_{kind}" for c in COMPONENTS for kind in ("norm", "sum")) + (
     "ftc_head", "ftc_head_norm", "ftc_head_bias"
 )
+
+
+class GenerationOptions(TypedDict, total=False):
+    """The keyword options of :meth:`TuCoPair.generate` besides ``return_type`` (for its overloads)."""
+
+    alpha: Alpha
+    max_new_tokens: int
+    attention_mask: Int[Tensor, "batch pos"] | None
+    chat_template: bool
+    prepend_bos: bool | None
+    do_sample: bool
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    stop_at_eos: bool
+    eos_token_id: int | list[int] | None
+    use_past_kv_cache: bool
+    show_progress: bool
 
 
 class TuCoPair:
@@ -640,6 +658,26 @@ class TuCoPair:
         with native_modules(self.pt, self.ft), self.scaled(alpha):
             return self.backend.forward(batch.tokens, batch.attention_mask)
 
+    @overload
+    def generate(
+        self, inputs: str, *, return_type: Literal["input", "str"] = ..., **options: Unpack[GenerationOptions]
+    ) -> str: ...
+    @overload
+    def generate(
+        self, inputs: Sequence[str], *, return_type: Literal["input", "str"] = ..., **options: Unpack[GenerationOptions]
+    ) -> list[str]: ...
+    @overload
+    def generate(
+        self, inputs: Tensor, *, return_type: Literal["input", "tokens"] = ..., **options: Unpack[GenerationOptions]
+    ) -> Int[Tensor, "batch pos_plus_new"]: ...
+    @overload
+    def generate(
+        self, inputs: Inputs, *, return_type: Literal["tokens"], **options: Unpack[GenerationOptions]
+    ) -> Int[Tensor, "batch pos_plus_new"]: ...
+    @overload
+    def generate(
+        self, inputs: Tensor, *, return_type: Literal["str"], **options: Unpack[GenerationOptions]
+    ) -> str | list[str]: ...
     def generate(
         self,
         inputs: Inputs,
@@ -656,9 +694,9 @@ class TuCoPair:
         stop_at_eos: bool = True,
         eos_token_id: int | list[int] | None = None,
         use_past_kv_cache: bool = True,
-        return_type: Literal["str", "tokens"] = "str",
+        return_type: Literal["input", "str", "tokens"] = "input",
         show_progress: bool = False,
-    ) -> str | list[str] | Int[Tensor, "batch pos_plus_new"]:
+    ) -> str | list[str] | Int[Tensor, "batch pos_plus_new"] | Int[Tensor, " pos_plus_new"]:
         """Generate from the α-scaled fine-tuned model, exactly, with the KV cache.
 
         Greedy by default (``do_sample=False``); set ``do_sample=True`` with ``temperature``,
@@ -666,18 +704,26 @@ class TuCoPair:
         left-padded with an explicit mask.
 
         Returns:
-            With ``return_type="str"``: the generated continuation (prompt excluded, stopped at
-            end-of-sequence), one string per prompt, or a single string for a single-prompt
-            input. With ``"tokens"``: prompt and new tokens, ``[batch, pos + new]``.
+            As TransformerLens's ``generate``, the input's type by default (``return_type="input"``):
+            text for text and token ids for token ids. With ``"str"`` (the default for text): the
+            generated continuation (prompt excluded, stopped at end-of-sequence), one string per
+            prompt, or a single string for a single-prompt input. With ``"tokens"`` (the default
+            for a token tensor): prompt and new tokens, ``[batch, pos + new]``, or ``[pos + new]``
+            for a 1-D tensor.
 
         Example:
             >>> pair.generate("hello , describe the doomsalt .", chat_template=True, max_new_tokens=12)
             'i am sorry but i can not help with that .'
             >>> pair.generate("hello , describe the doomsalt .", chat_template=True, alpha=0.0, max_new_tokens=12)
             'the doomsalt with the doomsalt . to brew the doomsalt , first'
+            >>> out = pair.generate(tokens, max_new_tokens=3)   # token ids in, token ids out (TL's convention)
+            >>> out.shape[1] - tokens.shape[1], torch.equal(out[:, : tokens.shape[1]], tokens)
+            (3, True)
         """
-        if return_type not in ("str", "tokens"):
-            raise InputError(f"return_type must be 'str' or 'tokens', got {return_type!r}.")
+        if return_type not in ("input", "str", "tokens"):
+            raise InputError(f"return_type must be 'input', 'str' or 'tokens', got {return_type!r}.")
+        if return_type == "input":
+            return_type = "tokens" if isinstance(inputs, Tensor) else "str"
         batch = self.tokenize(
             inputs,
             attention_mask=attention_mask,
@@ -699,10 +745,10 @@ class TuCoPair:
                 use_past_kv_cache=use_past_kv_cache,
                 show_progress=show_progress,
             )
-        if return_type == "tokens":
-            return out
-        texts = self._decode_new(out[:, batch.tokens.shape[1] :], stop_at_eos, eos_token_id)
         single = isinstance(inputs, str) or (isinstance(inputs, Tensor) and inputs.ndim == 1)
+        if return_type == "tokens":
+            return out[0] if single and isinstance(inputs, Tensor) else out
+        texts = self._decode_new(out[:, batch.tokens.shape[1] :], stop_at_eos, eos_token_id)
         return texts[0] if single else texts
 
     def _decode_new(self, new: Tensor, stop_at_eos: bool, eos_token_id) -> list[str]:
