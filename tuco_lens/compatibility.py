@@ -89,7 +89,7 @@ def processing_of(model: Model) -> dict[str, bool | None]:
 
 
 def _architecture_differences(pt: Model, ft: Model) -> list[str]:
-    fields = list(_ARCHITECTURE_FIELDS)
+    fields: list[str] = list(_ARCHITECTURE_FIELDS)
     if _cfg_value(pt, "positional_embedding_type") in _LEARNED_POSITIONS:
         fields.append("n_ctx")  # the learned position table has n_ctx rows
     messages = []

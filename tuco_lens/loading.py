@@ -243,7 +243,7 @@ def _applicable(cfg: HookedTransformerConfig, requested: dict[str, bool]) -> dic
     """The processing flags that take effect for ``cfg`` (TransformerLens drops some silently)."""
     flags = dict(requested)
     no_norm = cfg.normalization_type not in ("LN", "LNPre", "RMS", "RMSPre")
-    post_norm = cfg.original_architecture in tl_loading.POST_NORM_ARCHITECTURES
+    post_norm = cfg.original_architecture in tl_loading.POST_NORM_ARCHITECTURES  # pyright: ignore[reportPrivateImportUsage]  # defined there, not re-exported
     if cfg.positional_embedding_type == "shortformer":
         flags.update(fold_ln=False, center_writing_weights=False, center_unembed=False)
     if no_norm or post_norm:
@@ -440,7 +440,7 @@ def _convert(
     return model
 
 
-def _resolve_backend(backend: str) -> str:
+def _resolve_backend(backend: str) -> Literal["hooked", "bridge"]:
     """``"hooked"`` or ``"bridge"``: what ``backend="auto"`` means with this transformer-lens."""
     if backend not in BACKENDS:
         raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}.")
@@ -451,7 +451,7 @@ def _resolve_backend(backend: str) -> str:
             "backend='hooked' needs HookedTransformer, which transformer-lens 4.x removed: use "
             "backend='bridge' (or 'auto'), or install transformer-lens>=3,<4."
         )
-    return backend
+    return "hooked" if backend == "hooked" else "bridge"
 
 
 def _bridge(

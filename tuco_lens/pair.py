@@ -277,6 +277,7 @@ class TuCoPair:
             for name, table in acc.per_position_tables().items():
                 out[name].index_put_(index, table)
             if parts is not None:
+                assert isinstance(acc, ComponentAccumulator)  # _accumulate builds one when parts are asked for
                 for name, value in acc.component_results().items():
                     if name not in out:
                         out[name] = value.new_empty((b, *value.shape[1:]))
@@ -334,8 +335,8 @@ class TuCoPair:
         for rows, cols, sub in tqdm(chunks, disable=not show_progress, desc="TuCo", unit="batch"):
             if positions == "last":
                 sub = to_left_padding(sub)  # the scored token at -1 in every row
-            options = dict(n_layers=self.n_layers, attention_mask=sub.attention_mask, norm=norm,
-                           positions=positions, dtype=dtype)
+            options: dict[str, Any] = dict(n_layers=self.n_layers, attention_mask=sub.attention_mask, norm=norm,
+                                           positions=positions, dtype=dtype)
             if parts is None:
                 acc = DecompositionAccumulator(**options)
             else:
@@ -397,9 +398,10 @@ class TuCoPair:
         for rows, _, acc in self._accumulate(
             batch, "last", batch_size, token_budget, show_progress, "l1", torch.float32, parts
         ):
-            found = dict(zip(("embedding", "final"), acc.last_token_streams()))
+            found: dict[str, Tensor] = dict(zip(("embedding", "final"), acc.last_token_streams()))
             found["ptc"], found["ftc"] = acc.last_token_sums()
             if parts is not None:
+                assert isinstance(acc, ComponentAccumulator)  # _accumulate builds one when parts are asked for
                 found.update(acc.component_results())
             for name, value in found.items():
                 if name not in vectors:

@@ -14,9 +14,9 @@ import abc
 import contextlib
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, overload
 
 import torch
 from jaxtyping import Float
@@ -29,6 +29,7 @@ from tuco_lens.versions import installed_versions, tested_versions
 __all__ = [
     "Backend",
     "BlockCall",
+    "LensModule",
     "Model",
     "ObjectMap",
     "PROCESSING_FLAGS",
@@ -49,6 +50,11 @@ _POST_ATTENTION_NORM = (
     "the attention output is not a sum of per-head terms: the per-head split is refused. The "
     "attention / MLP split works: pass heads=False (decompose, logit_attribution)."
 )
+
+LensModule: TypeAlias = Any
+"""A TransformerLens module reached by attribute name: a block (``TransformerBlock`` or ``BlockBridge``), an
+attention or norm bridge. ``Any`` to type checkers because ``nn.Module.__getattr__`` types every
+sub-module and parameter as ``Tensor | Module``."""
 
 #: The weight-processing flags of ``HookedTransformer.from_pretrained`` that tuco_lens tracks.
 PROCESSING_FLAGS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
@@ -116,7 +122,7 @@ _PAIRED_CACHES = ObjectMap()
 _PROCESSING = ObjectMap()
 
 
-def record_processing(model: Any, flags: dict[str, bool | None]) -> None:
+def record_processing(model: Any, flags: Mapping[str, bool | None]) -> None:
     """Remember how tuco_lens processed ``model``'s weights (read by :func:`recorded_processing`)."""
     _PROCESSING.set(model, dict(flags))
 
@@ -199,11 +205,11 @@ class Backend(abc.ABC):
         return self.model.embed
 
     @abc.abstractmethod
-    def resid_pre(self, block: torch.nn.Module) -> HookPoint:
+    def resid_pre(self, block: LensModule) -> HookPoint:
         """The hook point whose output is the stream the block consumes."""
 
     @abc.abstractmethod
-    def resid_post(self, block: torch.nn.Module) -> HookPoint:
+    def resid_post(self, block: LensModule) -> HookPoint:
         """The hook point whose output is the block's output stream."""
 
     def block_output(self, output: Any) -> Tensor:
@@ -245,10 +251,10 @@ class Backend(abc.ABC):
         """Validate a recorded call (e.g. that the paired pre-trained KV cache is in step)."""
 
     @abc.abstractmethod
-    def call_pt_block(self, block: torch.nn.Module, layer: int, call: BlockCall, x: Tensor, key: int) -> Tensor:
+    def call_pt_block(self, block: LensModule, layer: int, call: BlockCall, x: Tensor, key: int) -> Tensor:
         """Run pre-trained ``block`` on ``x`` the way the fine-tuned twin was called."""
 
-    def call_pt_block_at_last_token(self, block: torch.nn.Module, call: BlockCall, x: Tensor) -> Tensor:
+    def call_pt_block_at_last_token(self, block: LensModule, call: BlockCall, x: Tensor) -> Tensor:
         """A block's output at the last position only (``[batch, 1, d_model]``), reading keys and
         values at every position; rows must be left padded. Only called where
         :meth:`supports_last_token_path` is True."""
@@ -277,11 +283,11 @@ class Backend(abc.ABC):
 
     # -- inside a block (the component split: docs/components.md) -----------------
     @abc.abstractmethod
-    def is_parallel(self, block: torch.nn.Module) -> bool:
+    def is_parallel(self, block: LensModule) -> bool:
         """Whether attention and MLP both read the block input (GPT-NeoX parallel residual)."""
 
     @abc.abstractmethod
-    def resid_mid(self, block: torch.nn.Module) -> HookPoint:
+    def resid_mid(self, block: LensModule) -> HookPoint:
         """Sequential blocks: the hook point whose output is ``y = x + A(x)``, the MLP's input."""
 
     @abc.abstractmethod
@@ -294,11 +300,11 @@ class Backend(abc.ABC):
         """
 
     @abc.abstractmethod
-    def attn_out(self, block: torch.nn.Module) -> HookPoint:
+    def attn_out(self, block: LensModule) -> HookPoint:
         """The hook point whose output is ``A(x)``, what attention adds to the stream."""
 
     @abc.abstractmethod
-    def hook_z(self, block: torch.nn.Module) -> HookPoint:
+    def hook_z(self, block: LensModule) -> HookPoint:
         """The hook point whose output holds every head's ``z`` (the output projection's input)."""
 
     def heads_of(self, z: Tensor) -> Float[Tensor, "batch pos head d_head"]:
@@ -306,7 +312,7 @@ class Backend(abc.ABC):
         return z
 
     @abc.abstractmethod
-    def head_weights(self, block: torch.nn.Module) -> tuple[Float[Tensor, "head d_head d_model"], Tensor | None]:
+    def head_weights(self, block: LensModule) -> tuple[Float[Tensor, "head d_head d_model"], Tensor | None]:
         """``(W_O per head, b_O or None)``: ``A(x) = Σ_h z_h W_O[h] + b_O``.
 
         Raises:
@@ -315,7 +321,7 @@ class Backend(abc.ABC):
         """
 
     @abc.abstractmethod
-    def call_mlp(self, block: torch.nn.Module, y: Tensor) -> Tensor:
+    def call_mlp(self, block: LensModule, y: Tensor) -> Tensor:
         """``M(y)``: the block's MLP sub-block, with its norms, on ``y`` (without the residual)."""
 
     @abc.abstractmethod
@@ -327,6 +333,14 @@ class Backend(abc.ABC):
         """``(W_U, b_U or None)``: ``logits = final_norm(x_L) @ W_U + b_U``."""
 
     # -- forward passes -----------------------------------------------------------
+    @overload
+    def forward(
+        self, tokens: Tensor, attention_mask: Tensor, *, logits: Literal[False], cache: Any = None
+    ) -> None: ...
+    @overload
+    def forward(
+        self, tokens: Tensor, attention_mask: Tensor, *, logits: Literal[True, "last"] = True, cache: Any = None
+    ) -> Tensor: ...
     @abc.abstractmethod
     def forward(
         self,
@@ -356,7 +370,7 @@ class Backend(abc.ABC):
         """
         return self._forward_until(self.resid_post(self.blocks[-1]), tokens, attention_mask, before=False)
 
-    def _forward_until(self, module: torch.nn.Module, tokens: Tensor, attention_mask: Tensor, *, before: bool) -> Any:
+    def _forward_until(self, module: LensModule, tokens: Tensor, attention_mask: Tensor, *, before: bool) -> Any:
         """Run a forward pass until ``module`` is reached and stop it there.
 
         Returns what ``module`` was called with, ``(args, kwargs)``, for ``before=True``, or what it
@@ -367,11 +381,11 @@ class Backend(abc.ABC):
         class _Reached(Exception):
             pass
 
-        def stop_before(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        def stop_before(module: LensModule, args: tuple, kwargs: dict) -> None:
             seen.append((args, kwargs))
             raise _Reached
 
-        def stop_after(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        def stop_after(module: LensModule, args: tuple, output: Any) -> None:
             seen.append(output)
             raise _Reached
 
@@ -398,6 +412,7 @@ class Backend(abc.ABC):
 
 def _check_grown(layer: int, call: BlockCall, ft_lengths: list[int], pt_lengths: list[int]) -> None:
     """Raise if a KV cache did not grow by the positions of ``call`` (see ``check_cache_advanced``)."""
+    assert call.x is not None  # check_cache_advanced returns first for a call that never ran
     n_new = call.x.shape[1]
     for before, ft_after, pt_after in zip(call.cache_lengths or [], ft_lengths, pt_lengths):
         if ft_after != before + n_new or pt_after != before + n_new:

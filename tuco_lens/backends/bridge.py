@@ -23,13 +23,14 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge import TransformerBridge
 from transformer_lens.model_bridge.generalized_components import AttentionBridge
-from transformer_lens.utilities import get_device
+from transformer_lens.utilities.devices import get_device
 
 from tuco_lens.backends.base import (
     _POST_ATTENTION_NORM,
     PROCESSING_FLAGS,
     Backend,
     BlockCall,
+    LensModule,
     ObjectMap,
     _check_grown,
     paired_cache,
@@ -79,10 +80,10 @@ class BridgeBackend(Backend):
         repair_cache_keyword(model)
         repair_float64_attention(model)
 
-    def resid_pre(self, block: torch.nn.Module) -> HookPoint:
+    def resid_pre(self, block: LensModule) -> HookPoint:
         return block.hook_in
 
-    def resid_post(self, block: torch.nn.Module) -> HookPoint:
+    def resid_post(self, block: LensModule) -> HookPoint:
         return block.hook_out
 
     def input_device(self) -> torch.device:
@@ -103,7 +104,8 @@ class BridgeBackend(Backend):
             return []
         mine, theirs = self._hf_config(), other._hf_config()
         found = [(key, getattr(mine, key, None), getattr(theirs, key, None)) for key in HF_COMPUTE_KEYS]
-        found.append(("compatibility_mode", *(bool(getattr(m, "compatibility_mode", False)) for m in (self.model, other.model))))
+        modes = [bool(getattr(model, "compatibility_mode", False)) for model in (self.model, other.model)]
+        found.append(("compatibility_mode", modes[0], modes[1]))
         return [(key, a, b) for key, a, b in found if a != b]
 
     def device_map(self) -> dict[str, Any] | None:
@@ -154,7 +156,7 @@ class BridgeBackend(Backend):
         pt_lengths = [paired_cache(c, key).get_seq_length(layer) for c in caches]
         _check_grown(layer, call, ft_lengths, pt_lengths)
 
-    def call_pt_block(self, block: torch.nn.Module, layer: int, call: BlockCall, x: Tensor, key: int) -> Tensor:
+    def call_pt_block(self, block: LensModule, layer: int, call: BlockCall, x: Tensor, key: int) -> Tensor:
         device = x.device
 
         def swap(value: Any) -> Any:
@@ -184,7 +186,7 @@ class BridgeBackend(Backend):
             for block in self.blocks
         )
 
-    def call_pt_block_at_last_token(self, block: torch.nn.Module, call: BlockCall, x: Tensor) -> Tensor:
+    def call_pt_block_at_last_token(self, block: LensModule, call: BlockCall, x: Tensor) -> Tensor:
         """A block's output at the last position only, reading keys and values at every position.
 
         As for a HookedTransformer (:meth:`HookedBackend.call_pt_block_at_last_token`): the
@@ -197,7 +199,7 @@ class BridgeBackend(Backend):
         """
         arguments = _layer_arguments(block, call)
         cache_name = None if arguments is None else next((k for k in _CACHE_KEYWORDS if k in arguments), None)
-        if cache_name is None:
+        if arguments is None or cache_name is None:
             return self.call_pt_block(block, 0, call, x, 0)
         if arguments[cache_name] is not None:
             raise TuCoError("The last-token path cannot run with a KV cache.")
@@ -221,10 +223,10 @@ class BridgeBackend(Backend):
             return self.call_pt_block(block, 0, call, x, 0)
         return self.block_output(block(**{**last, "hidden_states": x[:, -1:], cache_name: cache}))
 
-    def is_parallel(self, block: torch.nn.Module) -> bool:
+    def is_parallel(self, block: LensModule) -> bool:
         return "hook_resid_mid" not in block.hook_aliases
 
-    def _sub(self, module: torch.nn.Module, name: str) -> torch.nn.Module:
+    def _sub(self, module: LensModule, name: str) -> LensModule:
         """A bridge sub-module (``ln2``, ``mlp``, ``attn``, ``o``) of a standard block."""
         found = getattr(module, name, None)
         if found is None or type(module).__name__ not in _SPLIT_MODULES:
@@ -235,24 +237,24 @@ class BridgeBackend(Backend):
             )
         return found
 
-    def resid_mid(self, block: torch.nn.Module) -> HookPoint:
+    def resid_mid(self, block: LensModule) -> HookPoint:
         return self._sub(block, "ln2").hook_in
 
     def mid_edit_reaches_residual(self) -> bool:
         return False
 
-    def attn_out(self, block: torch.nn.Module) -> HookPoint:
+    def attn_out(self, block: LensModule) -> HookPoint:
         post = getattr(block, "ln1_post", None)
         return (post if post is not None else self._sub(block, "attn")).hook_out
 
-    def hook_z(self, block: torch.nn.Module) -> HookPoint:
+    def hook_z(self, block: LensModule) -> HookPoint:
         return self._sub(self._sub(block, "attn"), "o").hook_in
 
     def heads_of(self, z: Tensor) -> Tensor:
         n_heads = self.model.cfg.n_heads
         return z.reshape(*z.shape[:-1], n_heads, z.shape[-1] // n_heads)
 
-    def head_weights(self, block: torch.nn.Module) -> tuple[Tensor, Tensor | None]:
+    def head_weights(self, block: LensModule) -> tuple[Tensor, Tensor | None]:
         if getattr(block, "ln1_post", None) is not None:
             raise TuCoError(_POST_ATTENTION_NORM)
         proj = self._sub(self._sub(block, "attn"), "o").original_component
@@ -260,7 +262,7 @@ class BridgeBackend(Backend):
         n_heads = self.model.cfg.n_heads
         return weight.reshape(n_heads, weight.shape[0] // n_heads, weight.shape[1]), proj.bias
 
-    def call_mlp(self, block: torch.nn.Module, y: Tensor) -> Tensor:
+    def call_mlp(self, block: LensModule, y: Tensor) -> Tensor:
         # the Hugging Face layer's second half: pre-MLP norm, MLP, any post-MLP norm
         out = self._sub(block, "mlp")(self._sub(block, "ln2")(y))
         post = getattr(block, "ln2_post", None)
@@ -318,7 +320,7 @@ def _takes_logits_to_keep(forward: Callable) -> bool:
     return "logits_to_keep" in inspect.signature(forward).parameters
 
 
-def _cache_as_past_key_values(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+def _cache_as_past_key_values(module: LensModule, args: tuple, kwargs: dict) -> tuple | None:
     """Forward pre-hook: hand a ``cache=`` keyword to the attention bridge as ``past_key_values``."""
     if kwargs.get("cache") is None or kwargs.get("past_key_values") is not None:
         return None
@@ -386,7 +388,7 @@ class _PrefixCache(transformers.DynamicCache):
         return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
 
 
-def _layer_arguments(block: torch.nn.Module, call: BlockCall) -> dict[str, Any] | None:
+def _layer_arguments(block: LensModule, call: BlockCall) -> dict[str, Any] | None:
     """The recorded call of a bridge block as ``{parameter name: value}`` of its Hugging Face layer."""
     signature = inspect.signature(block.original_component.forward)
     try:
@@ -455,12 +457,12 @@ class _NativeState:
     bridge_only_points: dict[torch.nn.Module, list[HookPoint]]
 
 
-def _has_hooks(module: torch.nn.Module) -> bool:
+def _has_hooks(module: LensModule) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks)
 
 
-def _bridge_only_points(module: torch.nn.Module) -> list[HookPoint]:
+def _bridge_only_points(module: LensModule) -> list[HookPoint]:
     """Hook points of a bridge module that the wrapped Hugging Face module's forward does not fire.
 
     The Hugging Face module calls its own sub-modules (for Llama-style attention the bridge's
@@ -473,7 +475,7 @@ def _bridge_only_points(module: torch.nn.Module) -> list[HookPoint]:
     return [m for m in module.modules() if isinstance(m, HookPoint) and id(m) not in reached]
 
 
-def _native_allowed(module: torch.nn.Module, state: _NativeState) -> bool:
+def _native_allowed(module: LensModule, state: _NativeState) -> bool:
     """This call may run the Hugging Face module: this thread is inside the context, no hook needs
     the bridge's path, and no option computes the module the bridge's own way."""
     cfg = module.config
@@ -486,18 +488,18 @@ def _native_allowed(module: torch.nn.Module, state: _NativeState) -> bool:
     )
 
 
-def _dispatching_forward(module: torch.nn.Module, state: _NativeState) -> Callable:
+def _dispatching_forward(module: LensModule, state: _NativeState) -> Callable:
     """The module's ``forward`` inside the context: the Hugging Face module's, or the bridge's."""
     bridge = type(module).forward.__get__(module)
     wrapped = module.original_component
     if type(module).__name__ in _NATIVE_NORMS:
 
-        def forward(hidden_states: Tensor, **kwargs: Any) -> Tensor:
+        def norm_forward(hidden_states: Tensor, **kwargs: Any) -> Tensor:
             if not _native_allowed(module, state):
                 return bridge(hidden_states, **kwargs)
             return module.hook_out(wrapped(module.hook_in(hidden_states), **kwargs))
 
-        return forward
+        return norm_forward
     cache_keyword = "cache" in inspect.signature(wrapped.forward).parameters
 
     def forward(*args: Any, **kwargs: Any) -> Any:
@@ -555,17 +557,17 @@ def _float64_softmax(scores: Tensor) -> Tensor:
     return pattern.masked_fill(fully_masked, 0.0)
 
 
-def _exact_pattern_hooks(attention: torch.nn.Module, args: tuple) -> None:
+def _exact_pattern_hooks(attention: LensModule, args: tuple) -> None:
     """Forward pre-hook of an attention bridge: for this call, recompute its pattern in float64."""
     parameter = next(attention.parameters(), None)
     if attention.training or parameter is None or parameter.dtype != torch.float64:
         return
     scores: list[Tensor] = []
 
-    def keep_scores(module: torch.nn.Module, inputs: tuple, output: Tensor) -> None:
+    def keep_scores(module: LensModule, inputs: tuple, output: Tensor) -> None:
         scores.append(output)
 
-    def exact_pattern(module: torch.nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
+    def exact_pattern(module: LensModule, inputs: tuple, output: Tensor) -> Tensor | None:
         if not scores:
             return None
         pattern = _float64_softmax(scores.pop())
@@ -589,7 +591,7 @@ def _exact_pattern_hooks(attention: torch.nn.Module, args: tuple) -> None:
     _FLOAT64_HANDLES.setdefault(attention, list).append(handles)
 
 
-def _remove_pattern_hooks(attention: torch.nn.Module, args: tuple, output: Any) -> None:
+def _remove_pattern_hooks(attention: LensModule, args: tuple, output: Any) -> None:
     """Forward hook of an attention bridge (also after an error): drop this call's hooks."""
     stack = _FLOAT64_HANDLES.get(attention)
     if stack:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -19,24 +19,34 @@ from tuco_lens.backends.base import (
     _POST_ATTENTION_NORM,
     Backend,
     BlockCall,
+    LensModule,
     ObjectMap,
     _check_grown,
     paired_cache,
 )
 from tuco_lens.errors import TuCoError
 
-try:  # transformer-lens 3.x; removed in 4.0
+if TYPE_CHECKING:  # the type checker runs with transformer-lens 3.x (the lint environment)
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens import loading_from_pretrained as tl_loading
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
     from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
-    from transformer_lens.components import AbstractAttention, GatedMLP, Unembed
-except ImportError:  # pragma: no cover - exercised by the transformer-lens 4.x CI job
-    AbstractAttention = GatedMLP = Unembed = None  # type: ignore[assignment,misc]
-    HookedTransformer = None  # type: ignore[assignment,misc]
-    HookedTransformerConfig = None  # type: ignore[assignment,misc]
-    tl_loading = None  # type: ignore[assignment]
-    TransformerLensKeyValueCache = None  # type: ignore[assignment,misc]
+    from transformer_lens.components.abstract_attention import AbstractAttention
+    from transformer_lens.components.mlps.gated_mlp import GatedMLP
+    from transformer_lens.components.unembed import Unembed
+else:
+    try:  # transformer-lens 3.x; removed in 4.0
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+        from transformer_lens import loading_from_pretrained as tl_loading
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+        from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+        from transformer_lens.components.abstract_attention import AbstractAttention
+        from transformer_lens.components.mlps.gated_mlp import GatedMLP
+        from transformer_lens.components.unembed import Unembed
+    except ImportError:  # pragma: no cover - exercised by the transformer-lens 4.x CI job
+        AbstractAttention = GatedMLP = Unembed = None
+        HookedTransformer = HookedTransformerConfig = tl_loading = None
+        TransformerLensKeyValueCache = TransformerLensKeyValueCacheEntry = None
 
 __all__ = [
     "HAS_HOOKED_TRANSFORMER",
@@ -95,10 +105,10 @@ class HookedBackend(Backend):
             "fold_value_biases": fold_value_biases,
         }
 
-    def resid_pre(self, block: torch.nn.Module) -> HookPoint:
+    def resid_pre(self, block: LensModule) -> HookPoint:
         return block.hook_resid_pre
 
-    def resid_post(self, block: torch.nn.Module) -> HookPoint:
+    def resid_post(self, block: LensModule) -> HookPoint:
         return block.hook_resid_post
 
     def input_device(self) -> torch.device:
@@ -156,7 +166,7 @@ class HookedBackend(Backend):
         pt_entry = paired_cache(entry, key)
         _check_grown(layer, call, [entry.past_keys.shape[1]], [pt_entry.past_keys.shape[1]])
 
-    def call_pt_block(self, block: torch.nn.Module, layer: int, call: BlockCall, x: Tensor, key: int) -> Tensor:
+    def call_pt_block(self, block: LensModule, layer: int, call: BlockCall, x: Tensor, key: int) -> Tensor:
         device = x.device
         entry = call.kwargs.get("past_kv_cache_entry")
         spe = call.kwargs.get("shortformer_pos_embed")
@@ -168,7 +178,7 @@ class HookedBackend(Backend):
             attention_mask=None if mask is None else mask.to(device),
         )
 
-    def call_pt_block_at_last_token(self, block: torch.nn.Module, call: BlockCall, x: Tensor) -> Tensor:
+    def call_pt_block_at_last_token(self, block: LensModule, call: BlockCall, x: Tensor) -> Tensor:
         """A block's output at the last position only, reading keys and values at every position.
 
         Attention at the last position needs keys and values of all positions, but its query,
@@ -187,7 +197,7 @@ class HookedBackend(Backend):
         entry = TransformerLensKeyValueCacheEntry(past_keys=keys, past_values=values, frozen=True)
         return block(x[:, -1:], past_kv_cache_entry=entry, attention_mask=mask)
 
-    def is_parallel(self, block: torch.nn.Module) -> bool:
+    def is_parallel(self, block: LensModule) -> bool:
         return bool(self.model.cfg.parallel_attn_mlp)
 
     def _check_sublayers(self) -> None:
@@ -199,26 +209,26 @@ class HookedBackend(Backend):
                 f"{'no MLP' if cfg.attn_only else 'post-norm blocks'}."
             )
 
-    def resid_mid(self, block: torch.nn.Module) -> HookPoint:
+    def resid_mid(self, block: LensModule) -> HookPoint:
         self._check_sublayers()
         return block.hook_resid_mid
 
     def mid_edit_reaches_residual(self) -> bool:
         return True
 
-    def attn_out(self, block: torch.nn.Module) -> HookPoint:
+    def attn_out(self, block: LensModule) -> HookPoint:
         self._check_sublayers()
         return block.hook_attn_out
 
-    def hook_z(self, block: torch.nn.Module) -> HookPoint:
+    def hook_z(self, block: LensModule) -> HookPoint:
         return block.attn.hook_z
 
-    def head_weights(self, block: torch.nn.Module) -> tuple[Tensor, Tensor | None]:
+    def head_weights(self, block: LensModule) -> tuple[Tensor, Tensor | None]:
         if self.model.cfg.use_normalization_before_and_after:
             raise TuCoError(_POST_ATTENTION_NORM)
         return block.attn.W_O, block.attn.b_O
 
-    def call_mlp(self, block: torch.nn.Module, y: Tensor) -> Tensor:
+    def call_mlp(self, block: LensModule, y: Tensor) -> Tensor:
         self._check_sublayers()
         mlp_in = block.hook_mlp_in(y.clone()) if self.model.cfg.use_hook_mlp_in else y
         return block.apply_mlp(block.ln2(mlp_in))
@@ -264,11 +274,11 @@ _LAYOUT_DEPTH = ObjectMap()
 _LAYOUT_LOCK = threading.Lock()
 
 
-def _layout_plan(model: Any) -> list[tuple[torch.nn.Parameter, tuple[int, ...]]]:
+def _layout_plan(model: Any) -> list[tuple[Tensor, tuple[int, ...]]]:
     """``(parameter, order)``: the weights TransformerLens copies into ``parameter.permute(order)``
     (made contiguous) on every call, and that order."""
     cfg = model.cfg
-    plan: list[tuple[torch.nn.Parameter, tuple[int, ...]]] = []
+    plan: list[tuple[Tensor, tuple[int, ...]]] = []
     if getattr(cfg, "load_in_4bit", False):
         return plan
     plain_attention = not (cfg.use_split_qkv_input or cfg.use_attn_in or cfg.use_attn_result)
