@@ -10,6 +10,8 @@ import torch
 from tuco_lens import AlphaError, TuCoError, TuCoPair
 from tiny_models import KINDS, make_pair, random_tokens
 
+pytestmark = pytest.mark.hooked  # tiny HookedTransformers: transformer-lens 3.x only (skipped on 4.x)
+
 
 @pytest.fixture(scope="module", params=KINDS)
 def pair(request):

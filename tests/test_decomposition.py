@@ -9,6 +9,8 @@ import tuco_lens
 from tuco_lens import InputError, TuCoPair
 from tiny_models import KINDS, make_pair, plain_decomposition, random_tokens
 
+pytestmark = pytest.mark.hooked  # tiny HookedTransformers: transformer-lens 3.x only (skipped on 4.x)
+
 
 def l1(x):
     return x.abs().sum(-1)

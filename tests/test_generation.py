@@ -11,6 +11,8 @@ from tuco_lens.generation import generate_tokens
 from tuco_lens.inputs import TokenBatch, to_left_padding
 from tiny_models import KINDS, make_pair, random_tokens
 
+pytestmark = pytest.mark.hooked  # tiny HookedTransformers: transformer-lens 3.x only (skipped on 4.x)
+
 
 @pytest.fixture(scope="module", params=KINDS)
 def pair(request):

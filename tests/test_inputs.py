@@ -157,4 +157,89 @@ def test_generate_returns_the_input_type_as_transformer_lens_does(pair):
     one = pair.tokenize("the cat").tokens[0]
     single = pair.generate(one, max_new_tokens=3)
     assert single.ndim == 1 and torch.equal(single, pair.generate("the cat", max_new_tokens=3, return_type="tokens")[0])
+    assert pair.generate(one, max_new_tokens=3, return_type="tokens").shape == (1, single.shape[0])
     assert pair.generate(one, max_new_tokens=3, return_type="str") == pair.generate("the cat", max_new_tokens=3)
+
+
+# ------------------------------------------------------------------------------ run_batched
+RAGGED = ["the cat", "a dog and a bird and a fish", "the sun", "hello there , how are you ?", "a bird"]
+SPLITS = [(None, None), (1, None), (2, None), (4, None), (None, 1), (None, 12), (3, 20)]
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("batch_size, token_budget", SPLITS)
+def test_run_batched_equals_the_unbatched_computation(pair, padding_side, batch_size, token_budget):
+    from tuco_lens.inputs import run_batched
+
+    batch = pair.tokenize(RAGGED, padding_side=padding_side)
+    real = batch.attention_mask.bool()
+    everything = torch.arange(len(batch))
+
+    def running_sum(sub, rows):  # exact: integer sums of the real tokens so far, per position
+        return (sub.tokens * sub.attention_mask).cumsum(-1)
+
+    exact = run_batched(batch, running_sum, batch_size, token_budget, per_position=True, fill=-1)
+    assert torch.equal(exact[real], running_sum(batch, everything)[real])
+    assert run_batched(batch, lambda sub, rows: sub.n_tokens, batch_size, token_budget).tolist() == batch.n_tokens.tolist()
+    assert run_batched(batch, lambda sub, rows: list(sub.prompts), batch_size, token_budget) == RAGGED
+    assert run_batched(batch, lambda sub, rows: rows.tolist(), batch_size, token_budget) == list(range(len(RAGGED)))
+
+    def logits(sub, rows):
+        with torch.no_grad():
+            return pair.backend.forward(sub.tokens, sub.attention_mask)
+
+    def last_logits(sub, rows):
+        return logits(sub, rows)[torch.arange(len(sub)), sub.last_index]
+
+    whole = logits(batch, everything)
+    per_position = run_batched(batch, logits, batch_size, token_budget, per_position=True, fill=float("nan"))
+    assert per_position.shape == whole.shape
+    torch.testing.assert_close(per_position[real], whole[real], atol=2e-5, rtol=1e-5)
+    per_row = run_batched(batch, last_logits, batch_size, token_budget)
+    torch.testing.assert_close(per_row, last_logits(batch, everything), atol=2e-5, rtol=1e-5)
+    if batch_size is None and token_budget is None:  # one call on the whole batch: the very same numbers
+        assert torch.equal(per_position, whole)
+
+
+def test_run_batched_in_input_order_and_dropped_columns():
+    from tuco_lens.inputs import run_batched
+
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1], [0, 1, 0, 0], [0, 0, 1, 0]])
+    batch = TokenBatch(torch.arange(20).reshape(5, 4), mask)
+    calls = []
+
+    def record(sub, rows):
+        calls.append(rows.tolist())
+        return sub.tokens
+
+    tokens = run_batched(batch, record, 2, sort_by_length=False, per_position=True, fill=-1)
+    assert calls == [[0, 1], [2, 3], [4]]
+    assert tokens.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15], [-1, -1, 18, -1]]
+    calls.clear()
+    run_batched(batch, record, 2, per_position=True)
+    assert calls == [[2, 1], [0, 3], [4]]  # longest first (stable), as length_sorted_batches
+
+
+@pytest.mark.parametrize(
+    "fn, kwargs, error, message",
+    [
+        (lambda sub, rows: sub.n_tokens, {"batch_size": 0}, InputError, "batch_size must be a positive integer"),
+        (lambda sub, rows: sub.n_tokens, {"token_budget": 0}, InputError, "token_budget must be a positive integer"),
+        (lambda sub, rows: sub.n_tokens, {"batch_size": 0, "sort_by_length": False}, InputError, "batch_size must be"),
+        (lambda sub, rows: sub.n_tokens, {"token_budget": 8, "sort_by_length": False}, InputError, "sort_by_length=True"),
+        (lambda sub, rows: sub.n_tokens[:1], {"batch_size": 2}, InputError, r"shape \(1,\) for a sub-batch"),
+        (lambda sub, rows: sub.tokens, {"batch_size": 2}, InputError, "per_position=True"),
+        (lambda sub, rows: sub.n_tokens, {"per_position": True}, InputError, r"\[rows, sub_pos, \.\.\.\]"),
+        (lambda sub, rows: ["x"], {"batch_size": 2}, InputError, "1 results for a sub-batch of 2 rows"),
+        (lambda sub, rows: ["x"] * len(sub), {"per_position": True}, InputError, "not a list"),
+        (lambda sub, rows: {"x": 1}, {}, InputTypeError, "tensor .* or a list"),
+        (lambda sub, rows: sub.n_tokens if len(sub) == 2 else ["x"], {"batch_size": 2}, InputError, "same kind"),
+    ],
+)
+def test_run_batched_errors(fn, kwargs, error, message):
+    from tuco_lens.inputs import run_batched
+
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1], [0, 0, 1]])
+    batch = TokenBatch(torch.arange(9).reshape(3, 3), mask)
+    with pytest.raises(error, match=message):
+        run_batched(batch, fn, **kwargs)

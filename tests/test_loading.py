@@ -8,14 +8,17 @@ import re
 import pytest
 import torch
 import transformers
-from transformer_lens import HookedTransformer
+from checkpoints import MODEL_VOCAB_SIZE, build_checkpoint, hf_config_for
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from checkpoints import MODEL_VOCAB_SIZE, build_checkpoint, hf_config_for
 from tuco_lens import loading
+from tuco_lens.backends import HookedTransformer  # None on transformer-lens 4.x
+from tuco_lens.backends import recorded_processing
 from tuco_lens.compatibility import check_compatible
 from tuco_lens.errors import IncompatiblePairError, InputError, InputTypeError, ModelLoadError
 from tuco_lens.loading import load_model, load_pair, resolve_dtype
+
+pytestmark = pytest.mark.hooked  # tiny HookedTransformers: transformer-lens 3.x only (skipped on 4.x)
 
 HF_CLASS = {
     "gpt2": "GPT2LMHeadModel",
@@ -62,7 +65,7 @@ def test_local_directory_matches_hugging_face(arch_pair):
     model = load_model(ft_dir)
     assert model.cfg.original_architecture == HF_CLASS[arch]
     assert model.cfg.device == "cpu" and model.cfg.dtype == torch.float32
-    assert model.tuco_processing == NO_PROCESSING
+    assert recorded_processing(model) == NO_PROCESSING
     assert model.tokenizer is not None
     assert model.tokenizer.get_vocab() == AutoTokenizer.from_pretrained(ft_dir).get_vocab()
     _assert_matches_hf(model, _hf_outputs(ft_dir, tokens), tokens)
@@ -152,7 +155,7 @@ def test_unsupported_models_raise_model_load_error():
 def test_ready_hooked_transformer_is_returned_as_is(checkpoint_pair, tiny_hooked):
     model = load_model(checkpoint_pair("gpt2")[0])
     assert load_model(model, fold_ln=True) is model
-    assert model.tuco_processing == NO_PROCESSING
+    assert recorded_processing(model) == NO_PROCESSING
 
     class MyHooked(HookedTransformer):  # e.g. SAE-Lens' HookedSAETransformer
         pass
@@ -250,7 +253,7 @@ def test_official_names_use_transformer_lens(monkeypatch, tiny_hooked, name):
     assert kwargs["dtype"] == torch.bfloat16 and kwargs["n_ctx"] == 64
     assert kwargs["fold_ln"] is True and kwargs["center_writing_weights"] is False
     assert kwargs["center_unembed"] is False and kwargs["fold_value_biases"] is False
-    assert model.tuco_processing["fold_ln"] is True
+    assert recorded_processing(model)["fold_ln"] is True
 
 
 def test_hub_ids_load_the_fine_tunes_own_config(monkeypatch, checkpoint_pair):
@@ -285,7 +288,7 @@ def test_fold_ln_is_recorded_and_refused_against_an_unprocessed_twin(checkpoint_
     plain = load_model(pt_dir)
     folded = load_model(pt_dir, fold_ln=True)
     assert folded.cfg.normalization_type == "LNPre"
-    assert folded.tuco_processing == {**NO_PROCESSING, "fold_ln": True}
+    assert recorded_processing(folded) == {**NO_PROCESSING, "fold_ln": True}
     tokens = _tokens(1, 16)
     with torch.no_grad():  # folding keeps the function and the residual stream
         _assert_matches_hf(folded, _hf_outputs(pt_dir, tokens), tokens)
@@ -296,9 +299,9 @@ def test_fold_ln_is_recorded_and_refused_against_an_unprocessed_twin(checkpoint_
 
 def test_centering_is_recorded_only_where_it_applies(checkpoint_pair):
     gpt2 = load_model(checkpoint_pair("gpt2")[0], center_writing_weights=True)
-    assert gpt2.tuco_processing["center_writing_weights"] is True
+    assert recorded_processing(gpt2)["center_writing_weights"] is True
     llama = load_model(checkpoint_pair("llama")[0], center_writing_weights=True)
-    assert llama.tuco_processing["center_writing_weights"] is False  # RMSNorm: a no-op
+    assert recorded_processing(llama)["center_writing_weights"] is False  # RMSNorm: a no-op
     check_compatible(llama, load_model(checkpoint_pair("llama")[1]))
 
 

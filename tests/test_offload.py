@@ -15,6 +15,8 @@ from tuco_lens import IncompatiblePairError, TuCoPair, compatibility
 from tuco_lens.hooks import placed
 from tiny_models import make_pair, random_tokens
 
+pytestmark = pytest.mark.hooked  # tiny HookedTransformers: transformer-lens 3.x only (skipped on 4.x)
+
 
 @pytest.fixture(scope="module")
 def models():

@@ -3,12 +3,16 @@
 ``make_pair(kind)`` returns ``(pt, ft)`` where ``ft`` is ``pt`` with Gaussian noise added to
 its blocks only (embedding, final norm and unembedding shared), so α = 0 must reproduce ``pt``.
 Norm weights and biases are perturbed too, so a mistake that ignores them shows up.
+
+transformer-lens 3.x only: this module imports on 4.x, but its functions need HookedTransformer,
+so the tests that use them carry the ``hooked`` marker (conftest skips them on 4.x).
 """
 
 from __future__ import annotations
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from tuco_lens.backends import HookedTransformer, HookedTransformerConfig  # None on transformer-lens 4.x
 
 KINDS = ("llama", "gpt2", "neox")
 

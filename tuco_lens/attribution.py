@@ -17,7 +17,7 @@ fine-tuning changed most.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 import torch
@@ -122,11 +122,11 @@ class LogitAttribution:
 
     def total(self) -> Float[Tensor, "batch d_vocab"]:
         """``embedding + ptc + ftc + bias``: equals :attr:`logits` (checked at construction)."""
-        return sum(self.direct[p] for p in self.SUM_PARTS)
+        return cast(Tensor, sum(self.direct[p] for p in self.SUM_PARTS))  # not 0: SUM_PARTS is not empty
 
     def head_direct(self, layer: int, head: int) -> Float[Tensor, "batch d_vocab"]:
         """The direct effect of head ``(layer, head)``'s FTC on the logits."""
-        if self.head_normed is None:
+        if self.head_normed is None or self.unembed is None:  # both come with heads
             raise InputError("head_direct() needs pair.logit_attribution(..., components=True) with heads.")
         return self.head_normed[:, layer, head].to(self.unembed.device) @ self.unembed.float()
 

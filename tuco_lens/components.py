@@ -37,7 +37,7 @@ from torch import Tensor
 
 from tuco_lens.backend import Backend
 from tuco_lens.decomposition import DecompositionAccumulator, Norm, vector_norm
-from tuco_lens.errors import AlphaError
+from tuco_lens.errors import AlphaError, TuCoError
 from tuco_lens.hooks import BlockParts, alpha_mixer, check_alpha
 
 __all__ = [
@@ -171,6 +171,11 @@ class ComponentAccumulator(DecompositionAccumulator):
     def add(self, layer: int, resid_pre: Tensor, pt_resid_post: Tensor, ft_resid_post: Tensor,
             parts: BlockParts | None = None) -> None:
         """Add layer ``layer`` with its sub-block tensors (see the module docstring)."""
+        if parts is None:
+            raise TuCoError(
+                "ComponentAccumulator needs each layer's sub-block tensors: run it as the on_layer "
+                "of PairedBlocks(..., parts='blocks' or 'heads')."
+            )
         super().add(layer, resid_pre, pt_resid_post, ft_resid_post)
         x, pt, ft = (self._select(t) for t in (resid_pre, pt_resid_post, ft_resid_post))
         if parts.parallel:
@@ -181,6 +186,7 @@ class ComponentAccumulator(DecompositionAccumulator):
             y, y_pt = parts.ft["mid"], parts.pt["mid"]
             if self.positions == "last":
                 y = y[:, -1:]
+            assert parts.pt_mlp is not None  # PairedBlocks sets it on every block's parts
             m_pt_y = self._select(parts.pt_mlp(y))
             y, y_pt = self._select(y), self._select(y_pt)
             terms = {"attn": y - y_pt, "mlp": (ft - y) - m_pt_y, "mlp_via_attn": m_pt_y - (pt - y_pt)}
@@ -243,8 +249,9 @@ class ComponentMixer:
 
     def _head_delta(self, layer: int, parts: BlockParts, like: Tensor) -> Tensor:
         """``Σ_h a_{l,h} (o_h^FT - o_h^PT) + a_l (b_O^FT - b_O^PT)`` at every position."""
-        a = self.alpha.attn[layer]
-        per_head = self.alpha.heads[layer].to(like.device, like.dtype)
+        a, heads = self.alpha.attn[layer], self.alpha.heads
+        assert heads is not None  # only called where _uniform(layer) is False: per-head α
+        per_head = heads[layer].to(like.device, like.dtype)
         delta = torch.zeros_like(like)
         for backend, sign, z in ((self.ft_backend, 1.0, parts.ft["z"]), (self.pt_backend, -1.0, parts.pt["z"])):
             w_o, b_o = backend.head_weights(backend.blocks[layer])
@@ -280,6 +287,8 @@ class ComponentMixer:
             a_ft, a_pt = parts.ft["attn"], parts.pt["attn"].to(ft_post.device)
             m_ft, m_pt = ft_post - x - a_ft, pt_post - x - a_pt
             return x + self._attention(layer, a_pt, a_ft, parts) + torch.lerp(m_pt, m_ft, b)
+        # Sequential block: PairedBlocks set mid_residual (at its middle) and pt_mlp.
+        assert parts.mid_residual is not None and parts.pt_mlp is not None
         y, m_ft = parts.ft["mid"], ft_post - parts.mid_residual
         if b == 1.0:  # M_FT(y) alone: the fine-tuned block's output when its residual is y
             return ft_post if parts.mid_residual is y else y + m_ft

@@ -21,11 +21,15 @@ import html
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, SupportsFloat, SupportsInt, cast
 
 import pandas as pd
 import plotly.graph_objects as go
 
 from tuco_lens.errors import InputError
+
+if TYPE_CHECKING:
+    from tuco_lens.plotting.tokens import TokenHTML
 
 __all__ = ["LABEL_COLUMNS", "TopPrompts", "top_prompts", "top_page_items", "write_top_page"]
 
@@ -100,7 +104,8 @@ def top_prompts(scores: pd.DataFrame | str | os.PathLike, k: int = 20, *, label:
         label = None
     elif label not in table:
         raise InputError(f"the score table has no label column {label!r}; its columns are {list(table.columns)}")
-    table = table[table["tuco"].notna()].sort_values("index", kind="stable")
+    # A boolean mask selects rows (a DataFrame); pandas types DataFrame[...] as possibly a Series.
+    table = cast(pd.DataFrame, table[table["tuco"].notna()]).sort_values("index", kind="stable")
     if table.empty:
         raise InputError("the score table holds no prompt with a finite TuCo")
     ordered = table.sort_values(["tuco", "index"], ascending=[False, True], kind="stable")
@@ -112,13 +117,15 @@ def top_prompts(scores: pd.DataFrame | str | os.PathLike, k: int = 20, *, label:
 def _prompt_html(row: pd.Series, label: str | None, rank: int) -> str:
     from tuco_lens.plotting.tokens import tokens_row
 
-    name = f"#{rank} · prompt {int(row['index'])}" + (f" · {label} = {row[label]}" if label else "")
+    # The cells are scalars; pandas types Series[label] as possibly a Series.
+    index, tuco = cast(SupportsInt, row["index"]), cast(SupportsFloat, row["tuco"])
+    name = f"#{rank} · prompt {int(index)}" + (f" · {label} = {row[label]}" if label else "")
     tokens, values = row.get("tokens"), row.get("tuco_per_token")
     if isinstance(tokens, list) and isinstance(values, list) and len(tokens) == len(values):
-        return tokens_row(tokens, values, label=name, tuco=float(row["tuco"]))
+        return tokens_row(tokens, values, label=name, tuco=float(tuco))
     return (
         '<div style="margin:6px 0">'
-        f'<div style="font-size:12px;color:#444">{html.escape(name, quote=False)} — TuCo = {float(row["tuco"]):.4f}</div>'
+        f'<div style="font-size:12px;color:#444">{html.escape(name, quote=False)} — TuCo = {float(tuco):.4f}</div>'
         f'<div style="font-family:monospace;white-space:pre-wrap">{html.escape(str(row["prompt"]), quote=False)}</div>'
         "</div>"
     )
@@ -134,7 +141,7 @@ def _distribution(top: TopPrompts) -> go.Figure:
     return plot_prompt_sets(sets, title=f"TuCo by {html.escape(top.label)}")
 
 
-def top_page_items(top: TopPrompts) -> list[go.Figure | object | str]:
+def top_page_items(top: TopPrompts) -> list[go.Figure | TokenHTML | str]:
     """The page's parts, in order, for :func:`~tuco_lens.plotting.save_report`: summary, distribution, both lists."""
     from tuco_lens.plotting.tokens import TokenHTML, tokens_block
 
@@ -146,7 +153,7 @@ def top_page_items(top: TopPrompts) -> list[go.Figure | object | str]:
         + ("" if has_tokens else " Tokens are not coloured: score with <code>--per-token</code> for per-token TuCo.")
         + "</p>"
     )
-    items: list[go.Figure | object | str] = [summary, _distribution(top)]
+    items: list[go.Figure | TokenHTML | str] = [summary, _distribution(top)]
     for heading, frame in ((f"Highest TuCo (top {len(top.highest)})", top.highest),
                            (f"Lowest TuCo (bottom {len(top.lowest)})", top.lowest)):
         rows = [_prompt_html(row, top.label, rank) for rank, (_, row) in enumerate(frame.iterrows(), start=1)]
@@ -178,4 +185,4 @@ def write_top_page(scores: pd.DataFrame | str | os.PathLike, path: str | os.Path
 
     top = top_prompts(scores, k, label=label)
     name = Path(scores).name if not isinstance(scores, pd.DataFrame) else "a score table"
-    return save_report(top_page_items(top), path, title=title or f"Highest and lowest TuCo in {name}")
+    return save_report(top_page_items(top), Path(path), title=title or f"Highest and lowest TuCo in {name}")

@@ -18,7 +18,7 @@ produced (so no per-layer activation is kept), and :class:`Decomposition` holds 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Literal
+from typing import Literal, cast
 
 import pandas as pd
 import torch
@@ -60,7 +60,7 @@ def check_norm(norm: str) -> Norm:
     """Validate a norm name, raising :class:`~tuco_lens.errors.InputError` otherwise."""
     if norm not in _ORDERS:
         raise InputError(f"norm must be 'l1' (the paper's) or 'l2', got {norm!r}.")
-    return norm  # type: ignore[return-value]
+    return cast(Norm, norm)  # checked against _ORDERS just above
 
 
 def check_accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -388,7 +388,7 @@ class DecompositionAccumulator:
         dtype: torch.dtype = torch.float32,
     ) -> None:
         self.n_layers = n_layers
-        self.norm = check_norm(norm)
+        self.norm: Norm = check_norm(norm)
         self.positions = positions
         self.dtype = dtype
         self.mask = attention_mask
@@ -432,16 +432,21 @@ class DecompositionAccumulator:
     def last_token_streams(self) -> tuple[Float[Tensor, "batch d_model"], Float[Tensor, "batch d_model"]]:
         """``(x_0, x_L)`` at the last real token: the embedding and the final residual stream."""
         self._check_complete()
+        # Complete: layer 0 set the first stream and layer n_layers - 1 the last.
+        assert self.first_stream is not None and self.last_stream is not None
         return self.first_stream, self.last_stream
 
     def add(
         self,
         layer: int,
         resid_pre: Float[Tensor, "batch pos d_model"],
-        pt_resid_post: Float[Tensor, "batch pos d_model"],
+        pt_resid_post: Float[Tensor, "batch #pos d_model"],
         ft_resid_post: Float[Tensor, "batch pos d_model"],
     ) -> None:
-        """Add layer ``layer``: ``PTC = pt_resid_post - resid_pre``, ``FTC = ft - pt``."""
+        """Add layer ``layer``: ``PTC = pt_resid_post - resid_pre``, ``FTC = ft - pt``.
+
+        ``pt_resid_post`` holds the last position only (``[batch, 1, d_model]``) on the last-token
+        path (``PairedBlocks(pt_last_only=True)``: ``pair.tuco``, ``pair.logit_attribution``)."""
         if layer != self.next_layer:
             raise TuCoError(
                 f"Layer {layer} reached the decomposition out of order (expected layer "
@@ -456,7 +461,7 @@ class DecompositionAccumulator:
         ptc = (pt - x).to(device)
         ftc = (ft - pt).to(device)
         self._record_non_finite(ptc, ftc, resid_pre.dtype)
-        if self.ptc_total is None:
+        if self.ptc_total is None or self.ftc_total is None:  # layer 0: both are None
             self.ptc_total, self.ftc_total = ptc, ftc  # fresh tensors, made above
         else:
             self.ptc_total += ptc
@@ -495,10 +500,12 @@ class DecompositionAccumulator:
     def last_token_sums(self) -> tuple[Float[Tensor, "batch d_model"], Float[Tensor, "batch d_model"]]:
         """``(Σ_l PTC_l, Σ_l FTC_l)`` at the last real token."""
         self._check_complete()
+        ptc_total, ftc_total = self.ptc_total, self.ftc_total
+        assert ptc_total is not None and ftc_total is not None  # complete: layer 0 set them
         if self.positions == "last":
-            return self.ptc_total, self.ftc_total
+            return ptc_total, ftc_total
         rows = torch.arange(self.mask.shape[0], device=self.mask.device)
-        return self.ptc_total[rows, self.last_index], self.ftc_total[rows, self.last_index]
+        return ptc_total[rows, self.last_index], ftc_total[rows, self.last_index]
 
     def tuco(self) -> Float[Tensor, " batch"]:
         """TuCo at the last real token (Definition 4.3)."""

@@ -95,6 +95,7 @@ def generate_tokens(
             logits = backend.forward(tokens, mask, logits="last")
         else:
             logits = backend.forward(new_tokens, mask, logits="last", cache=cache)
+        assert logits is not None  # Backend.forward returns them with logits="last"
         final = logits[:, -1, :]
         if do_sample:
             next_token = sample_logits(final, top_k=top_k, top_p=top_p, temperature=temperature, tokens=tokens)

@@ -43,14 +43,22 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard, cast
 
 import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tuco_lens.backend import BlockCall, HookPoint, Model, add_permanent_hook, backend_of, remove_permanent_hook
+from tuco_lens.backends import (
+    BlockCall,
+    HookPoint,
+    Model,
+    ObjectMap,
+    add_permanent_hook,
+    backend_of,
+    remove_permanent_hook,
+)
 from tuco_lens.errors import AlphaError, TuCoError
 from tuco_lens.inputs import warn_if_doubled_bos
 
@@ -70,8 +78,10 @@ __all__ = [
 LayerFn = Callable[[int, Tensor, Tensor, Tensor], Tensor | None]
 """``on_layer(layer, resid_pre, pt_resid_post, ft_resid_post) -> new resid_post | None``."""
 
-_ACTIVE = "_tuco_lens_paired_blocks"  # {thread id: active PairedBlocks} on a fine-tuned model
-_OFFLOAD_LOCK = "_tuco_lens_offload_lock"
+#: Per fine-tuned model: ``{thread id: the PairedBlocks context active in that thread}``.
+_ACTIVE = ObjectMap()
+#: Per pre-trained model with offloaded blocks: the lock one pre-trained block call holds.
+_OFFLOAD_LOCK = ObjectMap()
 # Held while hooks are added or removed: torch's and TransformerLens's hook lists are shared by
 # every thread that runs the model.
 _REGISTRATION = threading.Lock()
@@ -84,7 +94,7 @@ def _offload_lock(pt: Model, offload: bool) -> Iterator[None]:
         yield
         return
     with _REGISTRATION:
-        lock = pt.__dict__.setdefault(_OFFLOAD_LOCK, threading.Lock())
+        lock = _OFFLOAD_LOCK.setdefault(pt, threading.Lock)
     with lock:
         yield
 
@@ -150,7 +160,7 @@ def check_alpha(alpha: float | Sequence[float] | Tensor, n_layers: int) -> list[
     return values
 
 
-def _is_real(value: object) -> bool:
+def _is_real(value: object) -> TypeGuard[numbers.Real]:
     """A real number (Python, numpy or 0-d torch), not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
@@ -284,7 +294,7 @@ class PairedBlocks:
     # ---------------------------------------------------------------- context protocol
     def __enter__(self) -> PairedBlocks:
         with _REGISTRATION:
-            active = self.ft.__dict__.setdefault(_ACTIVE, {})
+            active = _ACTIVE.setdefault(self.ft, dict)
             if threading.get_ident() in active:
                 raise TuCoError(
                     "tuco_lens is already scaling or decomposing this fine-tuned model in this "
@@ -329,7 +339,7 @@ class PairedBlocks:
             remove_permanent_hook(hook_point, hook)
         self._handles, self._lens_hooks = [], []
         self._calls = [None] * len(self._calls)  # drop references to masks and KV caches
-        active = self.ft.__dict__.get(_ACTIVE, {})
+        active = _ACTIVE.get(self.ft, {})
         if active.get(self._owner) is self:
             del active[self._owner]
 
@@ -399,8 +409,14 @@ class PairedBlocks:
             parts.ft["mid"] = parts.mid_residual = y
             if self.on_mid is None:
                 return None
-            call.pt_post = self._run_pt_block(layer, call, call.x)
-            new = self.on_mid(layer, call.x, y, parts)
+            x = call.x
+            if x is None:
+                raise TuCoError(
+                    f"tuco_lens did not see the input of fine-tuned block {layer} before its middle. "
+                    "Was the block called without going through its hook_resid_pre?"
+                )
+            call.pt_post = self._run_pt_block(layer, call, x)
+            new = self.on_mid(layer, x, y, parts)
             if new is not None:
                 parts.ft["mid"] = new
                 if self.backend.mid_edit_reaches_residual():
@@ -470,9 +486,10 @@ class PairedBlocks:
         call, x = self._consume(layer)
         pt_post = call.pt_post if call.pt_post is not None else self._run_pt_block(layer, call, x)
         self.backend.check_cache_advanced(layer, call, id(self))
+        # on_layer is a PartsFn exactly when parts are recorded (parts=...), else a LayerFn.
         if call.parts is None:
-            return self.on_layer(layer, x, pt_post, ft_post)
-        return self.on_layer(layer, x, pt_post, ft_post, call.parts)
+            return cast(LayerFn, self.on_layer)(layer, x, pt_post, ft_post)
+        return cast(PartsFn, self.on_layer)(layer, x, pt_post, ft_post, call.parts)
 
     def _read_hook(self, layer: int) -> Callable:
         def read_hook(block: torch.nn.Module, args: tuple, output: Any) -> None:
@@ -533,12 +550,10 @@ def alpha_hooks(
         >>> seen, torch.allclose(logits, pair.run_with_alpha(tokens, alpha=0.5), atol=1e-5)
         ([(1, 9, 128)], True)
     """
-    if backend_of(ft).name != "HookedTransformer":
-        raise TuCoError(
-            "alpha_hooks needs HookedTransformers: a TransformerBridge layer's mask and position "
-            "embeddings are not visible to hook functions. Use `with pair.scaled(alpha):` (it "
-            "composes with run_with_hooks and run_with_cache) instead."
-        )
+    backend = backend_of(ft)
+    refusal = backend.hook_function_refusal()
+    if refusal:
+        raise TuCoError(f"alpha_hooks cannot scale this model: {refusal} Use `with pair.scaled(alpha):` instead.")
     spliced = _spliced_resid_hooks(ft)
     if spliced:
         raise TuCoError(
@@ -547,11 +562,6 @@ def alpha_hooks(
             "docs/sae-lens.md)."
         )
     alphas = check_alpha(alpha, ft.cfg.n_layers)
-    if ft.cfg.positional_embedding_type == "shortformer":
-        raise TuCoError(
-            "alpha_hooks cannot pass shortformer positional embeddings to the pre-trained "
-            "blocks; use `with pair.scaled(alpha):` instead."
-        )
     seen: dict[int, Tensor] = {}
 
     def reader(layer: int) -> Callable:
@@ -564,8 +574,8 @@ def alpha_hooks(
         def write(ft_post: Tensor, hook: HookPoint) -> Tensor:
             x = seen.pop(layer)
             with placed(pt.blocks[layer], x.device, offload_pt) as (block, device):
-                mask = None if attention_mask is None else attention_mask.to(device)
-                pt_post = block(x.to(device), attention_mask=mask).to(ft_post.device)
+                call = BlockCall((), {"attention_mask": attention_mask})
+                pt_post = backend.call_pt_block(block, layer, call, x.to(device), 0).to(ft_post.device)
             return torch.lerp(pt_post, ft_post, alphas[layer])
 
         return write

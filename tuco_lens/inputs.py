@@ -18,13 +18,14 @@ The scoring code never infers padding from pad-token ids: it always passes the m
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, cast
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from tuco_lens.backend import Model, backend_of
 from tuco_lens.errors import ChatTemplateTwiceWarning, DoubledBOSWarning, InputError, InputTypeError
@@ -34,6 +35,7 @@ __all__ = [
     "prepare_batch",
     "last_real_index",
     "length_sorted_batches",
+    "run_batched",
     "pad_id",
     "to_left_padding",
     "encode_prompt",
@@ -222,6 +224,156 @@ def length_sorted_batches(
         sub, cols = batch.sub_batch(rows)
         yield rows, cols, sub
         start += size
+
+
+R = TypeVar("R", bound="Tensor | list[Any]")
+
+RowFn = Callable[[TokenBatch, Int[Tensor, " rows"]], R]
+"""``fn(sub_batch, rows)`` as :func:`run_batched` calls it: ``rows`` are the input rows of ``sub_batch``."""
+
+
+def run_batched(
+    batch: TokenBatch,
+    fn: RowFn[R],
+    batch_size: int | None = None,
+    token_budget: int | None = None,
+    *,
+    sort_by_length: bool = True,
+    per_position: bool = False,
+    fill: float = 0.0,
+    show_progress: bool = False,
+    desc: str = "batches",
+) -> R:
+    """Call ``fn`` on padding-trimmed sub-batches and put its results back in the input order.
+
+    The sub-batches are those of :func:`length_sorted_batches` (sorted by length, ``batch_size``
+    rows and/or ``rows × padded length <= token_budget`` each, all-padding columns dropped), or,
+    with ``sort_by_length=False``, runs of ``batch_size`` consecutive rows (for computations whose
+    result depends on which rows run together, such as sampling, which draws from the random
+    number generator row by row). ``fn(sub, rows)`` gets a sub-batch and the input rows it holds,
+    and returns one result per row: a tensor ``[rows, ...]`` or a list. With ``per_position`` the
+    tensor is ``[rows, sub_pos, ...]``, in the sub-batch's columns, and comes back as
+    ``[batch, pos, ...]`` with ``fill`` at the columns a sub-batch dropped.
+
+    Args:
+        batch: The rows to run.
+        fn: ``fn(sub_batch, rows) -> Tensor | list``, one result per row of ``sub_batch``.
+        batch_size: Rows per call (``None``: no limit).
+        token_budget: Limit on ``rows × padded length`` per call (length-sorted only).
+        sort_by_length: Group rows by length (longest first); ``False``: in input order.
+        per_position: ``fn`` returns per-position tensors ``[rows, sub_pos, ...]``.
+        fill: The value at dropped (all-padding) columns of per-position results.
+        show_progress: A progress bar over the calls.
+        desc: Its label.
+
+    Returns:
+        ``fn``'s results for every row of ``batch``, in its order: a tensor on the batch's device
+        (``[batch, ...]``, or ``[batch, pos, ...]`` per position), or a list.
+
+    Raises:
+        InputError: an empty batch, ``batch_size`` or ``token_budget`` not a positive integer
+            (or ``None``), a ``token_budget`` without length sorting, or ``fn`` results of the
+            wrong size or kind.
+        InputTypeError: ``fn`` returned something other than a tensor or a list.
+
+    Example:
+        >>> batch = prepare_batch(pair.ft, ["the fox", "the fox eats berries", "the fox eats"])
+        >>> run_batched(batch, lambda sub, rows: sub.n_tokens, batch_size=2).tolist()
+        [3, 5, 4]
+        >>> run_batched(batch, lambda sub, rows: [f"row {r}" for r in rows.tolist()], batch_size=2)
+        ['row 0', 'row 1', 'row 2']
+        >>> mask = run_batched(batch, lambda sub, rows: sub.attention_mask, batch_size=2, per_position=True)
+        >>> torch.equal(mask, batch.attention_mask)
+        True
+    """
+    if len(batch) == 0:
+        raise InputError("run_batched got a batch with no rows; pass at least one.")
+    if sort_by_length:
+        chunks = list(length_sorted_batches(batch, batch_size, token_budget))
+    else:
+        chunks = list(_consecutive_batches(batch, batch_size, token_budget))
+    results = _Scattered(batch, per_position, fill)
+    for rows, cols, sub in tqdm(chunks, disable=not show_progress, desc=desc, unit="batch"):
+        results.add(rows, cols, fn(sub, rows))
+    return cast(R, results.value())  # a tensor if fn returned tensors, else a list: R either way
+
+
+def _consecutive_batches(
+    batch: TokenBatch, batch_size: int | None, token_budget: int | None
+) -> Iterator[tuple[Int[Tensor, " rows"], Int[Tensor, " cols"], TokenBatch]]:
+    """:func:`length_sorted_batches` without the sorting: runs of ``batch_size`` rows in input order."""
+    if token_budget is not None:
+        raise InputError(
+            "token_budget groups rows by length, so it needs sort_by_length=True; pass batch_size "
+            "to run the rows in input order."
+        )
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise InputError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
+    step = batch_size if batch_size is not None else max(len(batch), 1)
+    for start in range(0, len(batch), step):
+        rows = torch.arange(start, min(start + step, len(batch)))
+        sub, cols = batch.sub_batch(rows)
+        yield rows, cols, sub
+
+
+class _Scattered:
+    """The results of :func:`run_batched`'s calls, each put at its rows (and columns) of the batch."""
+
+    def __init__(self, batch: TokenBatch, per_position: bool, fill: float) -> None:
+        self.n_rows, self.n_pos = batch.tokens.shape
+        self.device = batch.tokens.device
+        self.per_position, self.fill = per_position, fill
+        self.tensor: Tensor | None = None
+        self.items: list[Any] | None = None
+
+    def add(self, rows: Int[Tensor, " rows"], cols: Int[Tensor, " cols"], result: object) -> None:
+        if isinstance(result, Tensor) and self.items is None:
+            self._add_tensor(rows, cols, result)
+        elif isinstance(result, list) and self.tensor is None:
+            self._add_list(rows, result)
+        elif isinstance(result, (Tensor, list)):
+            raise InputError(
+                "run_batched: fn returned a tensor for one sub-batch and a list for another; return "
+                "the same kind every time."
+            )
+        else:
+            raise InputTypeError(
+                f"run_batched: fn must return a tensor [rows, ...] or a list (one result per row), "
+                f"got {type(result).__name__}."
+            )
+
+    def _add_tensor(self, rows: Tensor, cols: Tensor, result: Tensor) -> None:
+        lead = (len(rows), len(cols)) if self.per_position else (len(rows),)
+        tail = tuple(result.shape[len(lead) :])
+        if tuple(result.shape[: len(lead)]) != lead or (self.tensor is not None and self.tensor.shape[len(lead) :] != tail):
+            what = "[rows, sub_pos, ...] with the same trailing shape every time" if self.per_position else (
+                "[rows, ...] with the same trailing shape every time (per_position=True for [rows, pos, ...])"
+            )
+            raise InputError(
+                f"run_batched: fn returned shape {tuple(result.shape)} for a sub-batch of shape "
+                f"{(len(rows), len(cols))}; it must be {what}."
+            )
+        if self.tensor is None:
+            shape = ((self.n_rows, self.n_pos) if self.per_position else (self.n_rows,)) + tail
+            self.tensor = torch.full(shape, self.fill, dtype=result.dtype, device=self.device)
+        index = rows.to(self.device)
+        if self.per_position:
+            self.tensor[index[:, None], cols.to(self.device)[None, :]] = result.to(self.device)
+        else:
+            self.tensor[index] = result.to(self.device)
+
+    def _add_list(self, rows: Tensor, result: list[Any]) -> None:
+        if self.per_position:
+            raise InputError("run_batched: per_position=True needs fn to return a tensor [rows, sub_pos, ...], not a list.")
+        if len(result) != len(rows):
+            raise InputError(f"run_batched: fn returned {len(result)} results for a sub-batch of {len(rows)} rows.")
+        if self.items is None:
+            self.items = [None] * self.n_rows
+        for row, item in zip(rows.tolist(), result):
+            self.items[row] = item
+
+    def value(self) -> Tensor | list[Any]:
+        return self.tensor if self.tensor is not None else (self.items or [])
 
 
 def _input_device(model: Model) -> torch.device:

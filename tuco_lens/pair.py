@@ -710,8 +710,8 @@ class TuCoPair:
             text for text and token ids for token ids. With ``"str"`` (the default for text): the
             generated continuation (prompt excluded, stopped at end-of-sequence), one string per
             prompt, or a single string for a single-prompt input. With ``"tokens"`` (the default
-            for a token tensor): prompt and new tokens, ``[batch, pos + new]``, or ``[pos + new]``
-            for a 1-D tensor.
+            for a token tensor): prompt and new tokens, ``[batch, pos + new]`` (by default
+            ``[pos + new]`` for a 1-D tensor, as it came in).
 
         Example:
             >>> pair.generate("hello , describe the doomsalt .", chat_template=True, max_new_tokens=12)
@@ -724,7 +724,8 @@ class TuCoPair:
         """
         if return_type not in ("input", "str", "tokens"):
             raise InputError(f"return_type must be 'input', 'str' or 'tokens', got {return_type!r}.")
-        if return_type == "input":
+        same_as_input = return_type == "input"
+        if same_as_input:
             return_type = "tokens" if isinstance(inputs, Tensor) else "str"
         batch = self.tokenize(
             inputs,
@@ -749,7 +750,7 @@ class TuCoPair:
             )
         single = isinstance(inputs, str) or (isinstance(inputs, Tensor) and inputs.ndim == 1)
         if return_type == "tokens":
-            return out[0] if single and isinstance(inputs, Tensor) else out
+            return out[0] if same_as_input and single else out
         texts = self._decode_new(out[:, batch.tokens.shape[1] :], stop_at_eos, eos_token_id)
         return texts[0] if single else texts
 

@@ -81,10 +81,12 @@ class TuCoScorer:
                                   batch_size=self.batch_size, norm=self.norm, per_token=self.per_token):
             for row in rows:
                 results[row["index"]] = row
+        scored = [row for row in results if row is not None]
+        assert len(scored) == len(results)  # score_batches scores every index it is given
         columns = ["tuco", "n_tokens", *(PER_TOKEN_COLUMNS if self.per_token else ())]
         added = {}
         for name in columns:
-            values = [row[name] for row in results]
+            values = [row[name] for row in scored]
             if name in PER_TOKEN_COLUMNS:
                 array = np.empty(len(values), dtype=object)
                 array[:] = values

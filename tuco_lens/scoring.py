@@ -32,7 +32,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pandas as pd
 
@@ -54,6 +54,9 @@ from tuco_lens.scoring_io import (
     source_identity,
 )
 from tuco_lens.sharding import ProcessInfo, Shard, current_process, layout, parse_shard, split_threads
+
+if TYPE_CHECKING:
+    from tuco_lens.pair import TuCoPair
 
 __all__ = [
     "PER_TOKEN_COLUMNS",
@@ -280,7 +283,8 @@ def read_scores(path: str | os.PathLike) -> pd.DataFrame:
             if column in frame:
                 frame[column] = frame[column].map(list)
     elif path.suffix == ".jsonl":
-        frame = pd.read_json(path, lines=True, dtype=False)
+        # pandas documents dtype=False (keep the values as read); its annotation omits bool.
+        frame = pd.read_json(path, lines=True, dtype=False)  # pyright: ignore[reportArgumentType]
     elif path.suffix == ".csv":
         frame = pd.read_csv(path, keep_default_na=False, na_values={"tuco": ["nan", "NaN", ""]},
                             dtype={"prompt": str})
@@ -503,14 +507,15 @@ class _Job:
             settings["per_token"] = True
         return settings
 
-    def pair(self):
+    def pair(self) -> TuCoPair:
+        """The pair given, the one the given function returns (called once), or one loaded."""
         if self._pair is None:
             from tuco_lens.loading import load_pair
 
             self._pair = load_pair(self.pt, self.ft, device=self.device, dtype=self.dtype)
         elif callable(self._pair) and not hasattr(self._pair, "tuco"):
             self._pair = self._pair()
-        return self._pair
+        return cast("TuCoPair", self._pair)  # `pair=` takes a TuCoPair or any object with its methods
 
     # -- scoring ---------------------------------------------------------------------
     def score(self, todo: list[int], write: Callable[[list[dict[str, Any]]], None], desc: str,
@@ -788,6 +793,7 @@ class _RowWriter:
             table = pa.Table.from_pylist([{c: row.get(c) for c in self.columns} for row in rows], schema=self.schema)
         except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
             raise OutputError(f"a field cannot be stored in Parquet with one type ({error}); write .jsonl instead") from error
+        assert self.parquet is not None  # opened in __init__ for fmt ".parquet"
         self.parquet.write_table(table)
 
     def close(self) -> None:

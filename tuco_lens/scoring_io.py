@@ -54,7 +54,7 @@ from tuco_lens.errors import OutputError, OutputLockedError, ResumeMismatchError
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
+    fcntl = None
 
 __all__ = [
     "RESULT_COLUMNS",
@@ -205,8 +205,8 @@ class RunRecord:
         """The record of a run of this tuco_lens over ``records`` with ``settings``."""
         from tuco_lens import __version__
 
-        settings = json.loads(json.dumps(dict(settings)))  # plain JSON values, as read back
-        return cls(settings, prompts_digest(records), len(records), __version__)
+        plain = json.loads(json.dumps(dict(settings)))  # plain JSON values, as read back
+        return cls(plain, prompts_digest(records), len(records), __version__)
 
     @classmethod
     def read(cls, path: Path) -> RunRecord:
@@ -481,9 +481,9 @@ class _Table:
         return row if isinstance(row, dict) and self.problem(row) is None else None
 
     # -- one row -----------------------------------------------------------------------
-    def row(self, fields: list | dict) -> dict[str, Any] | str:
+    def row(self, fields: list[str] | dict[str, Any]) -> dict[str, Any] | str:
         """The row as a dict, or why it is malformed."""
-        if self.fmt == "jsonl":
+        if isinstance(fields, dict):  # a JSONL line (_json_fields); a CSV line is a list of cells
             missing = [c for c in RESULT_COLUMNS + ("prompt",) if c not in fields]
             return f"no {missing} field" if missing else fields
         if len(fields) != len(self.columns):
@@ -528,7 +528,10 @@ class _Table:
         return None
 
     def index(self, row: dict[str, Any]) -> int:
-        return self.result_values(row)[0]  # type: ignore[index]
+        """The index of a row that :meth:`problem` accepted."""
+        values = self.result_values(row)
+        assert values is not None, "index() of a row that problem() did not accept"
+        return values[0]
 
 
 def _clip(value: Any, width: int = 60) -> str:
@@ -648,6 +651,7 @@ class ResumableOutput:
                 + "; ".join(changes)
                 + f". Resuming would mix rows of both; {_OVERWRITE_HINT}"
             )
+        assert scan is not None  # no changes, so the output was scanned above
         if scan.end < len(data):
             cut = data[scan.end:]
             where = f"line {scan.bad_line}" if scan.bad_line else "the end"
@@ -742,7 +746,7 @@ class ResumableOutput:
                 view = view[written:]
             os.fsync(self._fd)
         except BaseException as error:
-            rolled_back = self._roll_back()
+            rolled_back = self._roll_back(self._fd)
             if not isinstance(error, OSError):
                 raise
             state = (
@@ -757,9 +761,9 @@ class ResumableOutput:
         self._size += len(data)
         self.done.update(int(row["index"]) for row in rows)
 
-    def _roll_back(self) -> bool:
+    def _roll_back(self, fd: int) -> bool:
         try:
-            os.ftruncate(self._fd, self._size)
+            os.ftruncate(fd, self._size)
             return True
         except OSError:
             return False

@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from typing import cast
 
 from tuco_lens.errors import InputError
 
@@ -177,13 +178,14 @@ def current_process() -> ProcessInfo:
     # accelerate takes the CPU route (gloo) only when asked to: with cpu=True
     cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     state = PartialState(cpu=cpu)
+    device = cast(torch.device, state.device)  # set by PartialState(); accelerate infers it as optional
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
     return ProcessInfo(
         rank=state.process_index,
         world_size=state.num_processes,
         local_rank=state.local_process_index,
         local_world_size=local_world,
-        device="cpu" if state.device.type == "cpu" else str(state.device),
+        device="cpu" if device.type == "cpu" else str(device),
     )
 
 
