@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from app_support import free_port  # noqa: E402
 
 from tuco_lens import demo  # noqa: E402
-from tuco_lens.app import AppDefaults, analyze, render_panels, steer, ANALYZE_PANELS  # noqa: E402
+from tuco_lens.app import ANALYZE_PANELS, AppDefaults, analyze, render_panels, steer  # noqa: E402
 
 PROMPT = "hello , describe the doomsalt ."
 NEW_TOKENS = 16

@@ -35,10 +35,10 @@ def main(argv: list[str] | None = None) -> None:
     # Longer rows than single demo prompts: four web-text prompts joined (about 60-100 tokens).
     prompts = [" ".join(web[(4 * i + k) % len(web)] for k in range(4)) for i in range(args.batch)]
     ops = {}
+    gen = dict(max_new_tokens=args.new_tokens, stop_at_eos=False)
     for name, pair in pairs.items():
         batch = pair.tokenize(prompts)
         tokens, mask = batch.tokens, batch.attention_mask
-        gen = dict(max_new_tokens=args.new_tokens, stop_at_eos=False)
         ops[name] = {
             "forward": lambda p=pair, t=tokens, m=mask: p.backend.forward(t, m),
             "decompose": lambda p=pair, t=tokens, m=mask: p.decompose(t, attention_mask=m),

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
             t_goal, m_goal = GOALS.get(name, (None, None))
             ratio, mem = medians[name] / medians["fwd"], memory[name] / memory["fwd"]
             print(f"| {shape} | {name} | {ratio:.2f}x ({1e3 * medians[name]:.0f} ms) | "
-                  f"{'≤ %.1fx' % t_goal if t_goal else '-'} | {mem:.2f}x | {'≤ %.1fx' % m_goal if m_goal else '-'} |")
+                  f"{f'≤ {t_goal:.1f}x' if t_goal else '-'} | {mem:.2f}x | {f'≤ {m_goal:.1f}x' if m_goal else '-'} |")
     results["loadavg_end"] = loadavg()
     forwards = {s: 1e3 * statistics.median(r["times_s"]["fwd"]) for s, r in results["shapes"].items()}
     print("forward: " + ", ".join(f"{s}: {ms:.0f} ms" for s, ms in forwards.items())

@@ -43,7 +43,6 @@ import json
 import os
 import platform
 import shlex
-import statistics
 import sys
 import tempfile
 import time
@@ -59,9 +58,8 @@ import transformers  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generation import SMOLLM2_135M, build_pair_dirs  # noqa: E402
-from bench_tuco import naive_tuco, timed  # noqa: E402  (Algorithm 1 literally; one timing)
+from bench_tuco import naive_tuco, profiler_self_check, timed  # noqa: E402  (Algorithm 1 literally; memory check; one timing)
 from bench_tuco import profiled_peak as tuco_profiled_peak  # noqa: E402  (one memory probe)
-from bench_tuco import profiler_self_check  # noqa: E402  (and its check)
 
 import tuco_lens  # noqa: E402
 from tuco_lens.backends import HAS_HOOKED_TRANSFORMER, native_modules  # noqa: E402

@@ -3,8 +3,11 @@
 
 Usage::
 
-    python benchmarks/bench_tuco.py [--quick] [--out benchmarks/results/DATE.json]
-                                    [--markdown hooked-grid.md] [--self-check]
+    python benchmarks/bench_tuco.py [--quick] [--out benchmarks/results/DATE.json] [--self-check]
+    python benchmarks/render_tuco.py benchmarks/results/DATE.json --out hooked-grid.md
+
+This script measures and writes raw timings and peak-memory bytes to the JSON file; the page of
+tables is rendered from that JSON (and nothing else) by ``render_tuco.py``.
 
 Builds two benchmark pairs in place from ``HookedTransformerConfig`` (no download, no file):
 
@@ -50,15 +53,14 @@ Linux ``/proc/self/clear_refs`` to reset the high-water mark) measures the whole
 from __future__ import annotations
 
 import argparse
-import ctypes
 import copy
+import ctypes
 import datetime as _dt
 import gc
 import json
 import os
 import platform
 import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -70,6 +72,7 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # silence the profiler's start/s
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
+from tuco_grid import ALPHA, NOISE, goal_verdicts, med, summarize_shape  # noqa: E402
 
 THREADS = 2
 MB = 1e6
@@ -117,17 +120,6 @@ MODEL_SPECS = {
         act_fn="gelu_new", normalization_type="LN", positional_embedding_type="standard",
     ),
 }
-NOISE = 0.2  # ft = pt + NOISE * std(param) * N(0, 1) on every block parameter
-ALPHA = 0.5
-
-# Goals from the issue: (operation, time ratio, memory ratio); generate is vs plain generate.
-GOALS = {
-    "decompose": (2.1, 1.3),
-    "tuco": (1.4, 1.2),
-    "alpha_fwd": (2.1, 1.3),
-    "gen_alpha": (2.2, None),
-}
-TUCO_STRETCH = 1.25
 LOWPREC_TOL = {"bfloat16": 2e-2, "float16": 5e-3}
 
 
@@ -436,64 +428,6 @@ def _rss_self_check() -> dict:
     }
 
 
-# ---------------------------------------------------------------------------- summaries
-def med(xs):
-    return statistics.median(xs) if xs else float("nan")
-
-
-def summarize_shape(times: dict, new_tokens: int) -> dict:
-    n = len(times["fwd"])
-    per_round = {k: [times[k][i] / times["fwd"][i] for i in range(n)] for k in times}
-    s = {
-        "median_s": {k: med(v) for k, v in times.items()},
-        "ratio_to_fwd": {k: med(v) for k, v in per_round.items()},
-        "ratio_of_medians_to_fwd": {k: med(v) / med(times["fwd"]) for k, v in times.items()},
-        "ratio_to_fwd_iqr": {
-            k: [statistics.quantiles(v, n=4)[0], statistics.quantiles(v, n=4)[2]] if len(v) >= 2 else None
-            for k, v in per_round.items()
-        },
-    }
-    gen_ratio = [times["gen_alpha"][i] / times["gen"][i] for i in range(n)]
-    decode = []
-    for i in range(n):
-        plain = times["gen"][i] - times["gen1"][i]
-        alpha = times["gen_alpha"][i] - times["gen1_alpha"][i]
-        if plain > 0 and alpha > 0:
-            decode.append(alpha / plain)
-    s["gen_alpha_vs_gen"] = med(gen_ratio)
-    s["gen_per_token_s"] = med(times["gen"]) / new_tokens
-    s["gen_alpha_per_token_s"] = med(times["gen_alpha"]) / new_tokens
-    s["decode_only_alpha_vs_plain"] = med(decode)
-    s["decode_only_per_token_s"] = {
-        "gen": (med(times["gen"]) - med(times["gen1"])) / max(new_tokens - 1, 1),
-        "gen_alpha": (med(times["gen_alpha"]) - med(times["gen1_alpha"])) / max(new_tokens - 1, 1),
-    }
-    s["naive_vs_tuco"] = med([times["naive"][i] / times["tuco"][i] for i in range(n)])
-    # Against the forward pass without unembedding. run_with_alpha computes logits too, so the
-    # unembedding's time (fwd - fwd_blocks, same repeat) is taken out of it first.
-    def vs_blocks(k, t, i=None):
-        get = (lambda name: t[name][i]) if i is not None else (lambda name: t[name])
-        unembed = get("fwd") - get("fwd_blocks") if k == "alpha_fwd" else 0.0
-        return (get(k) - unembed) / get("fwd_blocks")
-
-    s["ratio_to_fwd_blocks"] = {
-        k: med([vs_blocks(k, times, i) for i in range(n)]) for k in ("tuco", "decompose", "alpha_fwd")
-    }
-    # Load from other processes only ever slows an operation down, so the fastest repeat of each
-    # operation is a second, burst-insensitive estimate (ratios of minimums).
-    fast = {k: min(v) for k, v in times.items()}
-    decode_plain = fast["gen"] - fast["gen1"]
-    decode_alpha = fast["gen_alpha"] - fast["gen1_alpha"]
-    s["fastest"] = {
-        "ratio_to_fwd": {k: v / fast["fwd"] for k, v in fast.items()},
-        "ratio_to_fwd_blocks": {k: vs_blocks(k, fast) for k in ("tuco", "decompose", "alpha_fwd")},
-        "gen_alpha_vs_gen": fast["gen_alpha"] / fast["gen"],
-        "decode_only_alpha_vs_plain": decode_alpha / decode_plain if decode_plain > 0 and decode_alpha > 0 else float("nan"),
-        "naive_vs_tuco": fast["naive"] / fast["tuco"],
-    }
-    return s
-
-
 # ---------------------------------------------------------------------------- benchmark parts
 def bench_grid(pair, kind: str, cfg: dict, log) -> dict:
     results = {}
@@ -672,369 +606,11 @@ def loadavg() -> list[float]:
         return []
 
 
-# ---------------------------------------------------------------------------- markdown
-def fmt_ratio(x: float, goal: float | None = None) -> str:
-    if x != x:  # nan
-        return "–"
-    s = f"{x:.2f}×"
-    if goal is not None and x > goal:
-        s = f"**{s}**"
-    return s
-
-
-def fr_join(ratios: dict) -> str:
-    return " / ".join(fmt_ratio(ratios[k]) for k in ("tuco", "decompose", "alpha_fwd"))
-
-
-def goal_verdicts(results: dict) -> list[dict]:
-    rows = []
-    for op, (tgoal, mgoal) in GOALS.items():
-        worst_t, worst_t_at, worst_m, worst_m_at, worst_f, worst_f_at = 0.0, "", 0.0, "", 0.0, ""
-        worst_b, worst_b_at = float("nan"), ""
-        for kind, res in results["models"].items():
-            for key, r in res["grid"].items():
-                if op == "gen_alpha":
-                    t = r["summary"]["gen_alpha_vs_gen"]
-                    f = r["summary"]["fastest"]["gen_alpha_vs_gen"]
-                    m = r["memory_ratio_to_fwd"]["gen_alpha_vs_gen"]
-                else:
-                    t = r["summary"]["ratio_to_fwd"][op]
-                    f = r["summary"]["fastest"]["ratio_to_fwd"][op]
-                    m = r["memory_ratio_to_fwd"][op]
-                    tb = r["summary"]["ratio_to_fwd_blocks"][op]
-                    if not tb <= worst_b:  # also replaces the initial nan
-                        worst_b, worst_b_at = tb, f"{kind} {key}"
-                if t > worst_t:
-                    worst_t, worst_t_at = t, f"{kind} {key}"
-                if f > worst_f:
-                    worst_f, worst_f_at = f, f"{kind} {key}"
-                if m > worst_m:
-                    worst_m, worst_m_at = m, f"{kind} {key}"
-        rows.append(dict(op=op, time_goal=tgoal, worst_time=worst_t, worst_time_at=worst_t_at,
-                         worst_fastest=worst_f, worst_fastest_at=worst_f_at,
-                         worst_vs_blocks=worst_b, worst_vs_blocks_at=worst_b_at,
-                         mem_goal=mgoal, worst_mem=worst_m, worst_mem_at=worst_m_at))
-    return rows
-
-
-OP_LABELS = {
-    "tuco": "`pair.tuco`",
-    "decompose": "`pair.decompose`",
-    "alpha_fwd": "`pair.run_with_alpha`",
-    "gen_alpha": "`pair.generate` (α) per token vs plain `generate`",
-}
-
-
-def write_markdown(results: dict, path: Path) -> None:
-    meta, m = results["meta"], results["meta"]["machine"]
-    L = []
-    add = L.append
-    add("# Performance of tuco_lens")
-    add("")
-    add("*Generated by `benchmarks/bench_tuco.py`; do not edit by hand — re-run the command below.*")
-    add("")
-    add("```bash")
-    add(meta["command"])
-    add("```")
-    add("")
-    add(f"- **Date**: {meta['date']} (run took {meta['duration_s'] / 60:.1f} min)")
-    add(f"- **Machine**: {m['cpu_model']}, {m['logical_cpus']} logical CPUs, "
-        f"`torch.set_num_threads({m['torch_threads']})`, {m['platform']}")
-    add(f"- **Software**: Python {m['python']}, torch {m['torch']}, transformer-lens "
-        f"{m['transformer_lens']}, transformers {m['transformers']}, tuco_lens {m['tuco_lens']}")
-    add(f"- **Load average** (1/5/15 min) at start {meta['loadavg_start']}, at end "
-        f"{meta['loadavg_end']}. {meta.get('note', '')}")
-    add(f"- **Mode**: {'`--quick` smoke run (small shapes; not representative)' if meta['quick'] else 'full grid'}; "
-        f"float32 on CPU; everything under `torch.inference_mode()`; α = {ALPHA}; greedy generation "
-        f"of {results['config']['new_tokens']} new tokens, `stop_at_eos=False`.")
-    add("")
-    add("## Benchmark pairs")
-    add("")
-    add("Built in place from `HookedTransformerConfig` (no download): `pt` with a seeded random init, "
-        f"`ft = pt + {NOISE}·std(param)·N(0,1)` on every block parameter (embedding, final norm and "
-        "unembedding shared). Inputs: random token ids, all-ones attention mask.")
-    add("")
-    add("| pair | layers | d_model | heads (kv) | d_mlp | norm / positions | vocab | parameters |")
-    add("|---|---|---|---|---|---|---|---|")
-    for kind, res in results["models"].items():
-        s = MODEL_SPECS[kind]
-        heads = f"{s['n_heads']} ({s.get('n_key_value_heads') or s['n_heads']})"
-        mlp = f"{s['d_mlp']}{' gated' if s.get('gated_mlp') else ''}"
-        add(f"| {kind} | {s['n_layers']} | {s['d_model']} | {heads} | {mlp} | "
-            f"{s['normalization_type']} / {s['positional_embedding_type']} | {s['d_vocab']} | "
-            f"{res['n_params'] / 1e6:.2f}M |")
-    add("")
-    add("## How to read")
-    add("")
-    add("- Every ratio is **time (or peak memory added) of the operation ÷ that of one plain forward "
-        "pass of the fine-tuned model** (`pair.ft(tokens, attention_mask=mask)`, logits returned) on "
-        "the same batch, measured in the same run. Time ratios are the median over repeats of the "
-        "per-repeat ratio (operations interleaved round-robin within each repeat, one warm-up repeat "
-        "first), so slow drift of a shared machine cancels. A ratio below its goal meets the goal; "
-        "**bold** marks a ratio above its goal.")
-    add("- `generate` columns compare `pair.generate(..., alpha)` with plain `generate_tokens(pair.ft, …)` "
-        "for the same number of new tokens: *per token* is total time ÷ new tokens (prefill "
-        "included, as a user experiences it); *decode only* is (time with N tokens − time with 1 "
-        "token) of α ÷ the same for plain, i.e. the steady-state cost per step with the KV cache.")
-    add("- `naive` is Algorithm 1 of the paper taken literally: `run_with_cache` of the fine-tuned "
-        "model caching everything (logits included), then each pre-trained block called on the "
-        "cached block inputs, one prompt at a time. It agrees with `pair.tuco` within 1e-5 "
-        "(asserted at every shape before timing counts). *Speed-up* = naive time ÷ `pair.tuco` time.")
-    add("- Peak memory added is the maximum, over the operation, of CPU bytes allocated by torch minus "
-        "bytes freed (see *Memory method* below). At 8 × 128 the plain forward's peak is set by its "
-        "logits (`batch × length × vocab × 4` bytes), which `pair.tuco` and `pair.decompose` never "
-        "compute; from 8 × 256 on it is set by TransformerLens's attention temporaries (several "
-        "`batch × heads × length²` float32 tensors inside one layer), which every operation shares.")
-    add("")
-    add("## Goals")
-    add("")
-    add("Worst case over both pairs and all shapes of the grid. The goals are defined against the plain "
-        "forward pass with logits; the column *worst vs forward w/o unembed* is the same median ratio "
-        "against the forward pass without the unembedding (see below), the closer guide for a large "
-        "model, whose unembedding is a small part of the forward pass.")
-    add("")
-    add("| operation | time goal | worst time ratio (median of repeats) | time | worst, fastest repeats | worst vs forward w/o unembed | memory goal | worst memory ratio | memory |")
-    add("|---|---|---|---|---|---|---|---|---|")
-    for g in results["goals"]:
-        t_ok = g["worst_time"] <= g["time_goal"]
-        t_txt = "met" if t_ok else f"not met (+{(g['worst_time'] / g['time_goal'] - 1) * 100:.0f}%)"
-        if g["op"] == "tuco":
-            t_txt += "; stretch " + ("met" if g["worst_time"] <= TUCO_STRETCH else "not met") + f" (≤ {TUCO_STRETCH}×)"
-        if g["mem_goal"] is None:
-            m_txt, m_goal = "–", "–"
-        else:
-            m_ok = g["worst_mem"] <= g["mem_goal"]
-            m_goal = f"≤ {g['mem_goal']}×"
-            m_txt = "met" if m_ok else f"not met (+{(g['worst_mem'] / g['mem_goal'] - 1) * 100:.0f}%)"
-        f_txt = f"{g['worst_fastest']:.2f}× ({g['worst_fastest_at']})"
-        if g["worst_vs_blocks"] == g["worst_vs_blocks"]:
-            f_txt += f" | {g['worst_vs_blocks']:.2f}× ({g['worst_vs_blocks_at']})"
-        else:
-            f_txt += " | –"
-        add(f"| {OP_LABELS[g['op']]} | ≤ {g['time_goal']}× | {g['worst_time']:.2f}× ({g['worst_time_at']}) | "
-            f"{t_txt} | {f_txt} | {m_goal} | {g['worst_mem']:.2f}× ({g['worst_mem_at']}) | {m_txt} |")
-    add("")
-    over = []
-    for g in results["goals"]:
-        if g["op"] == "gen_alpha" or g["worst_vs_blocks"] != g["worst_vs_blocks"]:
-            continue
-        goal = TUCO_STRETCH if g["op"] == "tuco" else g["time_goal"]
-        if g["worst_vs_blocks"] > goal:
-            name = "the stretch goal of " if g["op"] == "tuco" else ""
-            over.append(f"{OP_LABELS[g['op']]} exceeds {name}{goal}× by "
-                        f"{(g['worst_vs_blocks'] / goal - 1) * 100:.0f}% ({g['worst_vs_blocks']:.2f}× at "
-                        f"{g['worst_vs_blocks_at']})")
-    not_met = [g for g in results["goals"] if g["worst_time"] > g["time_goal"]
-               or (g["mem_goal"] is not None and g["worst_mem"] > g["mem_goal"])]
-    add(("Every goal is met against the forward pass with logits. " if not not_met else
-         "Goals not met: " + ", ".join(OP_LABELS[g["op"]] for g in not_met) + ". ")
-        + ("Against the forward pass without the unembedding, " + "; ".join(over) + "." if over else
-           "Against the forward pass without the unembedding every time goal is met too."))
-    add("")
-    add("## Time (ratio to one fine-tuned forward)")
-    add("")
-    add("| pair | batch × length | forward | forward w/o unembed | `tuco` | `decompose` | `run_with_alpha` | generate α ÷ plain, per token | decode only | naive | speed-up naive → `tuco` | repeats |")
-    add("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for kind, res in results["models"].items():
-        for key, r in res["grid"].items():
-            s = r["summary"]
-            rt = s["ratio_to_fwd"]
-            add(f"| {kind} | {r['batch']} × {r['length']} | {s['median_s']['fwd'] * 1e3:.0f} ms | "
-                f"{fmt_ratio(rt['fwd_blocks'])} | {fmt_ratio(rt['tuco'], GOALS['tuco'][0])} | {fmt_ratio(rt['decompose'], GOALS['decompose'][0])} | "
-                f"{fmt_ratio(rt['alpha_fwd'], GOALS['alpha_fwd'][0])} | "
-                f"{fmt_ratio(s['gen_alpha_vs_gen'], GOALS['gen_alpha'][0])} "
-                f"({s['gen_per_token_s'] * 1e3:.0f} → {s['gen_alpha_per_token_s'] * 1e3:.0f} ms) | "
-                f"{fmt_ratio(s['decode_only_alpha_vs_plain'])} | {fmt_ratio(rt['naive'])} | "
-                f"{s['naive_vs_tuco']:.2f}× | {r['repeats']} |")
-    add("")
-    add("The same ratios from the **fastest repeat** of each operation (ratio of minimums). Load from "
-        "other processes only slows operations down, so on a shared machine this is the less "
-        "burst-sensitive estimate; on an idle machine both agree:")
-    add("")
-    add("| pair | batch × length | `tuco` | `decompose` | `run_with_alpha` | generate α ÷ plain | decode only | naive |")
-    add("|---|---|---|---|---|---|---|---|")
-    for kind, res in results["models"].items():
-        for key, r in res["grid"].items():
-            fs = r["summary"]["fastest"]
-            fr = fs["ratio_to_fwd"]
-            add(f"| {kind} | {r['batch']} × {r['length']} | {fmt_ratio(fr['tuco'], GOALS['tuco'][0])} | "
-                f"{fmt_ratio(fr['decompose'], GOALS['decompose'][0])} | "
-                f"{fmt_ratio(fr['alpha_fwd'], GOALS['alpha_fwd'][0])} | "
-                f"{fmt_ratio(fs['gen_alpha_vs_gen'], GOALS['gen_alpha'][0])} | "
-                f"{fmt_ratio(fs['decode_only_alpha_vs_plain'])} | {fmt_ratio(fr['naive'])} |")
-    add("")
-    add("The benchmark pairs have a large vocabulary for their width (8192 × 256), so the unembedding "
-        "is a sizeable part of one forward pass (column *forward w/o unembed*); in a 7B model it is a "
-        "few per cent. The same ratios against the forward pass **without** the unembedding "
-        "(`stop_at_layer=n_layers`) are closer to what a large model shows (`run_with_alpha` returns "
-        "logits, so the unembedding's time, forward − forward w/o unembed in the same repeat, is "
-        "subtracted from it first):")
-    add("")
-    add("| pair | batch × length | `tuco` | `decompose` | `run_with_alpha` | same, fastest repeats |")
-    add("|---|---|---|---|---|---|")
-    for kind, res in results["models"].items():
-        for key, r in res["grid"].items():
-            rb = r["summary"]["ratio_to_fwd_blocks"]
-            fb = r["summary"]["fastest"]["ratio_to_fwd_blocks"]
-            add(f"| {kind} | {r['batch']} × {r['length']} | {fmt_ratio(rb['tuco'])} | "
-                f"{fmt_ratio(rb['decompose'])} | {fmt_ratio(rb['alpha_fwd'])} | "
-                f"{fr_join(fb)} |")
-    add("")
-    add("## Peak memory added (ratio to the plain forward's)")
-    add("")
-    add("| pair | batch × length | forward | forward w/o unembed | `tuco` | `decompose` | `run_with_alpha` | generate α ÷ plain generate | naive |")
-    add("|---|---|---|---|---|---|---|---|---|")
-    for kind, res in results["models"].items():
-        for key, r in res["grid"].items():
-            mr, mem = r["memory_ratio_to_fwd"], r["memory"]
-            add(f"| {kind} | {r['batch']} × {r['length']} | {mem['fwd']['peak_bytes'] / MB:.1f} MB | "
-                f"{fmt_ratio(mr['fwd_blocks'])} | {fmt_ratio(mr['tuco'], GOALS['tuco'][1])} | {fmt_ratio(mr['decompose'], GOALS['decompose'][1])} | "
-                f"{fmt_ratio(mr['alpha_fwd'], GOALS['alpha_fwd'][1])} | {fmt_ratio(mr['gen_alpha_vs_gen'])} "
-                f"({mem['gen']['peak_bytes'] / MB:.1f} → {mem['gen_alpha']['peak_bytes'] / MB:.1f} MB) | "
-                f"{fmt_ratio(mr['naive'])} |")
-    add("")
-    rss = {k: v.get("rss") for k, v in results["models"].items() if v.get("rss")}
-    if rss:
-        add("RSS cross-check (whole process, see *Memory method*), peak added in MB, torch-profiler "
-            "value in parentheses:")
-        add("")
-        names = ["fwd", "tuco", "decompose", "alpha_fwd", "gen", "gen_alpha", "naive"]
-        add("| pair | batch × length | " + " | ".join(f"`{n}`" for n in names) + " |")
-        add("|---|---|" + "---|" * len(names))
-        for kind, per_shape in rss.items():
-            for key, vals in per_shape.items():
-                prof = results["models"][kind]["grid"].get(key, {}).get("memory", {})
-                cells = []
-                for n in names:
-                    p = prof.get(n, {}).get("peak_bytes")
-                    cells.append(f"{vals[n]['peak_bytes'] / MB:.1f}" + (f" ({p / MB:.1f})" if p is not None else ""))
-                add(f"| {kind} | {key.replace('x', ' × ')} | " + " | ".join(cells) + " |")
-        add("")
-    add("## Growth with length and batch (`pair.tuco` vs plain forward)")
-    add("")
-    for axis, title in (("length", "batch 1"), ("batch", f"length {results['config']['growth_lengths'][0]}")):
-        add(f"Vs {axis} ({title}):")
-        add("")
-        add(f"| pair | batch × length | forward | × previous row | `pair.tuco` | × previous row | `tuco` ÷ forward | forward per token | `tuco` per token |")
-        add("|---|---|---|---|---|---|---|---|---|")
-        for kind, res in results["models"].items():
-            prev = None
-            for key, g in res["growth"][axis].items():
-                ntok = g["batch"] * g["length"]
-                grow_f = "–" if prev is None else f"{g['fwd_s'] / prev['fwd_s']:.2f}×"
-                grow_t = "–" if prev is None else f"{g['tuco_s'] / prev['tuco_s']:.2f}×"
-                add(f"| {kind} | {g['batch']} × {g['length']} | {g['fwd_s'] * 1e3:.0f} ms | {grow_f} | "
-                    f"{g['tuco_s'] * 1e3:.0f} ms | {grow_t} | {g['ratio']:.2f}× | "
-                    f"{g['fwd_s'] / ntok * 1e6:.0f} µs | {g['tuco_s'] / ntok * 1e6:.0f} µs |")
-                prev = g
-        add("")
-    add("## Prompts per second")
-    add("")
-    add("| pair | workload | `pair.tuco` | `pair.decompose` | naive |")
-    add("|---|---|---|---|---|")
-    for kind, res in results["models"].items():
-        tp = res["throughput"]
-        add(f"| {kind} | {tp['n_prompts']} prompts × {tp['length']} tokens, `batch_size={tp['batch_size']}` | "
-            f"{tp['prompts_per_s']['tuco']:.1f} | {tp['prompts_per_s']['decompose']:.1f} | – |")
-        for key, r in res["grid"].items():
-            add(f"| {kind} | one batch {r['batch']} × {r['length']} | {r['prompts_per_s_tuco']:.1f} | "
-                f"{r['prompts_per_s_decompose']:.1f} | {r['prompts_per_s_naive']:.1f} |")
-    demo = results.get("demo", {})
-    if demo.get("available"):
-        add(f"| demo (`tuco_lens.demo.load_pair()`, {demo['n_params'] / 1e6:.2f}M params) | "
-            f"{demo['n_prompts']} prompt-set prompts, mean {demo['mean_tokens']:.0f} tokens, `batch_size=32` | "
-            f"{demo['prompts_per_s']['tuco']:.1f} | {demo['prompts_per_s']['decompose']:.1f} | – |")
-    add("")
-    if not demo.get("available"):
-        add(f"The demo pair was not measured: {demo.get('reason', 'not run')}.")
-        add("")
-    add("## Low precision")
-    add("")
-    add("The same pairs cast to bfloat16 and float16 (sums accumulated in float32, tuco_lens's "
-        "default), scored on the same prompts as float32:")
-    add("")
-    add("| pair | prompts | dtype | max \\|TuCo − TuCo_fp32\\| | mean | max over all positions (`tuco_per_token`) | stated tolerance | within |")
-    add("|---|---|---|---|---|---|---|---|")
-    for kind, res in results["models"].items():
-        lp = res["lowprec"]
-        for name in ("bfloat16", "float16"):
-            v = lp[name]
-            add(f"| {kind} | {lp['batch']} × {lp['length']} | {name} | {v['max_abs_diff_tuco']:.1e} | "
-                f"{v['mean_abs_diff_tuco']:.1e} | {v['max_abs_diff_tuco_per_token']:.1e} | "
-                f"{v['tolerance']:.0e} | {'yes' if v['within_tolerance'] else '**no**'} |")
-    add("")
-    add("## Memory method")
-    add("")
-    add("Peak memory added is measured with `torch.profiler.profile(profile_memory=True)`: while "
-        "profiling, PyTorch's CPU allocator reports every allocation (+bytes) and free (−bytes) with a "
-        "timestamp. The benchmark walks the profiler's event tree, sorts the CPU allocation events by "
-        "time and integrates them; the running sum's maximum is the peak added by the operation "
-        "(the result stays alive until profiling stops, so it is included). Frees of blocks allocated "
-        "before profiling began are not reported, so the baseline is exactly what existed before and "
-        "nothing depends on what ran earlier in the process; every operation therefore runs in the "
-        "benchmark process itself, once, after its timing warm-up. This counts exactly the tensors "
-        "torch allocates; it does not see Python objects or scratch memory of libraries such as "
-        "oneDNN. `--self-check` validates it: `torch.empty(100 MB)` reads "
-        f"{results.get('self_check', {}).get('profiler_empty_100MB', float('nan')):.2f} MB, and a "
-        "sequence alloc 100 MB, alloc 50 MB, free 100 MB, alloc/free 20 MB reads a peak of "
-        f"{results.get('self_check', {}).get('profiler_sequence_peak_150MB', float('nan')):.2f} MB.")
-    add("")
-    add("Cross-check (whole process): a child process started with glibc's mmap threshold pinned at "
-        "128 KiB (`MALLOC_MMAP_THRESHOLD_`, so freed large blocks go back to the OS instead of being "
-        "silently reused from the heap) warms each operation up, calls `malloc_trim(0)`, resets the "
-        "kernel's RSS high-water mark (`echo 5 > /proc/self/clear_refs`, Linux ≥ 4.0), runs the "
-        "operation and reads `VmHWM − VmRSS(before)`. Validated on `torch.ones(100 MB)`: "
-        f"{results.get('self_check', {}).get('rss_ones_100MB', float('nan')):.2f} MB.")
-    add("")
-    add("## Notes")
-    add("")
-    for note in results["notes"]:
-        add(f"- {note}")
-    add("")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(L))
-
-
-def make_notes(results: dict) -> list[str]:
-    cfg, budget_min = results["config"], results["meta"].get("budget_min")
-    notes = [
-        "Timed repeats per shape are in the *repeats* column (+" + str(cfg["warmup"]) + " warm-up "
-        "repeat); planned: " + "; ".join(
-            [f"{k.replace('x', ' × ')}: {r}" for k, r in cfg["repeats"].items()]
-            + [f"other shapes: {cfg['default_repeats']}"]) + ". "
-        + (f"With `--budget-min {budget_min:g}`, a shape whose warm-up repeat showed that its "
-           "planned repeats would overrun its share of the time budget (70% of the budget for the "
-           "timed grid; each shape gets what is left divided by the shapes left) got fewer, at least 3. "
-           if budget_min else "")
-        + f"Growth tables {cfg['growth_repeats']}, prompts/s {cfg['throughput']['repeats']}. The "
-        "naive baseline is timed with the same repeats as everything else.",
-        "Timings on a shared 2-core machine are noisy; the per-repeat ratios cancel slow drift but "
-        "not bursts. Raw timings of every repeat are in the JSON file.",
-        "Generation prompts are the grid batches themselves, so at long prompts the prefill "
-        "dominates the per-token figure; the decode-only column isolates the steady state, but at "
-        "8 × 512 it is a small difference of two large times and the noisiest number of the tables.",
-        "TransformerLens 3.9 copies transposed weights on every call (`W.T.contiguous()` in the "
-        "gated MLP of the Llama-style pair, and the unembedding of both). Plain and tuco_lens "
-        "operations alike pay it (the pre-trained gated MLPs once more); it weighs most in "
-        "generation with the KV cache, where each step touches few tokens, and the unembedding "
-        "copy (`d_vocab × d_model` floats) is part of every logits-producing forward's peak memory.",
-        "Inputs are unpadded; with padding, `pair.tuco` / `pair.decompose` (given `batch_size` or "
-        "`token_budget`) sort prompts by length and trim padding per sub-batch, which the plain "
-        "forward does not.",
-    ]
-    for kind, res in results["models"].items():
-        for key, r in res["grid"].items():
-            if not r["prompt_kept_in_generate"]:
-                notes.append(f"{kind} {key}: generate outputs did not start with the prompt?")
-    return notes
-
-
 # ---------------------------------------------------------------------------- main
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small grid, smoke run (< 1 min)")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for all raw timings")
-    parser.add_argument("--markdown", type=Path, default=None, help="write the tables to this file")
     parser.add_argument("--self-check", action="store_true", help="validate the memory methods and exit")
     parser.add_argument("--models", default="llama,gpt2", help="comma-separated: llama,gpt2")
     parser.add_argument("--repeats", type=int, default=None, help="override repeats for every shape")
@@ -1046,11 +622,7 @@ def main(argv=None) -> None:
         help="target duration of a full run in minutes: the timed repeats of a shape are lowered "
         "(not below 3) when its warm-up repeat shows they would not fit (0 = no limit)",
     )
-    parser.add_argument("--note", default="", help="free text recorded in the JSON and markdown")
-    parser.add_argument(
-        "--from-json", type=Path, default=None,
-        help="re-write --markdown from a saved JSON file (summaries recomputed from raw timings)",
-    )
+    parser.add_argument("--note", default="", help="free text recorded in the JSON (render_tuco.py shows it)")
     parser.add_argument("--_rss-child", dest="rss_child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_rss-self-check", dest="rss_self_check", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1062,17 +634,6 @@ def main(argv=None) -> None:
         return
     if args.rss_self_check:
         print(json.dumps(_rss_self_check()))
-        return
-
-    if args.from_json:
-        results = json.loads(args.from_json.read_text())
-        for res in results["models"].values():
-            for r in res["grid"].values():
-                r["summary"] = summarize_shape(r["times_s"], r["new_tokens"])
-        results["goals"] = goal_verdicts(results)
-        results["meta"].setdefault("budget_min", 25.0 if not results["meta"]["quick"] else None)
-        results["notes"] = make_notes(results)
-        write_markdown(results, args.markdown or Path("hooked-grid.md"))
         return
 
     start = time.time()
@@ -1109,7 +670,6 @@ def main(argv=None) -> None:
                    for k, v in cfg.items() if k != "budget"},
         "self_check": checks,
         "models": {},
-        "notes": [],
     }
     for kind in args.models.split(","):
         log(f"building pair {kind}")
@@ -1135,14 +695,10 @@ def main(argv=None) -> None:
     results["meta"]["loadavg_end"] = loadavg()
     results["meta"]["duration_s"] = time.time() - start
     results["meta"]["budget_min"] = args.budget_min if cfg.get("budget") else None
-    results["notes"] = make_notes(results)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))
         log(f"wrote {args.out}")
-    if args.markdown:
-        write_markdown(results, args.markdown)
-        log(f"wrote {args.markdown}")
     for g in results["goals"]:
         log(f"goal {g['op']}: worst time {g['worst_time']:.2f}x (goal {g['time_goal']}) at {g['worst_time_at']}; "
             f"worst memory {g['worst_mem']:.2f}x (goal {g['mem_goal']}) at {g['worst_mem_at']}")

@@ -9,10 +9,9 @@ timings and peak-memory bytes, so re-rendering an old run gives the same page.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-from pathlib import Path
+
+from render_common import MB, fmt_ratio, render_cli
 
 BACKENDS = {"bridge": "TransformerBridge", "hooked": "HookedTransformer"}
 OPERATIONS = {
@@ -28,7 +27,6 @@ DENOMINATORS = {
     "hf_all": "plain `transformers` forward, logits at every position",
     "hf_generate": "plain `transformers` `generate`, greedy, KV cache: its decode step",
 }
-MB = 1e6
 PAIR_LABELS = {"llama10m": "10M Llama-style", "smollm30": "30 layers, d 576, GQA (SmolLM2-135M shape)"}
 
 
@@ -45,11 +43,6 @@ def decode_ratio(times: dict, op: str, den: str, n: int) -> float:
 
 def shape(entry: dict) -> str:
     return f"{entry['pair']} {entry['batch']} × {entry['length']}"
-
-
-def fmt(x: float, goal: float | None = None) -> str:
-    text = f"{x:.2f}×"
-    return f"**{text}**" if goal is not None and x > goal else text
 
 
 def backends_in(results: dict) -> list[str]:
@@ -163,7 +156,7 @@ def render(results: dict) -> str:
     for row in rows:
         lines.append(
             f"| {OPERATIONS[row['op']]} | {row['kind']} | ≤ {row['goal']}× | {BACKENDS[row['backend']]} | "
-            f"{fmt(row['worst'], row['goal'])} | {row['where']} | {verdict(row)} |"
+            f"{fmt_ratio(row['worst'], row['goal'])} | {row['where']} | {verdict(row)} |"
         )
     lines += ["", *misses_text(rows, backends), "", *causes_text(results, backends)]
     lines += time_tables(results, backends)
@@ -184,7 +177,7 @@ def misses_text(rows: list[dict], backends: list[str]) -> list[str]:
         return ["Every goal is met on every backend measured."]
     out = ["Missed goals, and by how much (causes under *Why*, below):", ""]
     for r in missed:
-        out.append(f"- {OPERATIONS[r['op']]} ({r['kind']}) on {BACKENDS[r['backend']]}: {fmt(r['worst'])} at "
+        out.append(f"- {OPERATIONS[r['op']]} ({r['kind']}) on {BACKENDS[r['backend']]}: {fmt_ratio(r['worst'])} at "
                    f"{r['where']} against ≤ {r['goal']}× ({verdict(r)}).")
     return out
 
@@ -240,7 +233,7 @@ def time_tables(results: dict, backends: list[str]) -> list[str]:
     for entry in results["times"]:
         t = entry["times_s"]
         for b in backends:
-            cells = [fmt(ratio(t, f"{b}:{o}", goals[o][1]), goals[o][0]) for o in ops]
+            cells = [fmt_ratio(ratio(t, f"{b}:{o}", goals[o][1]), goals[o][0]) for o in ops]
             out.append(f"| {PAIR_LABELS[entry['pair']]}, {entry['batch']} × {entry['length']} | "
                        f"{1e3 * statistics.median(t['hf_last']):.0f} ms | {1e3 * statistics.median(t['hf_all']):.0f} ms | "
                        f"{BACKENDS[b]} | " + " | ".join(cells) + f" | {len(t['hf_last'])} |")
@@ -296,7 +289,7 @@ def generation_tables(results: dict, backends: list[str]) -> list[str]:
             per_token = ratio(t, f"{b}:generate:{n}", f"hf_generate:{n}")
             loop = decode_ratio(t, f"{b}:loop", "hf_generate", n)
             out.append(f"| {PAIR_LABELS[entry['pair']]}, {entry['batch']} × {entry['length']} | {1e3 * hf_step:.1f} ms | "
-                       f"{1e3 * hf_tok:.1f} ms | {BACKENDS[b]} | {fmt(step, goal)} | {per_token:.2f}× | {loop:.2f}× |")
+                       f"{1e3 * hf_tok:.1f} ms | {BACKENDS[b]} | {fmt_ratio(step, goal)} | {per_token:.2f}× | {loop:.2f}× |")
     checks = results.get("generation_checks", {})
     if checks:
         out += ["", "tuco_lens's loop gives Hugging Face `generate`'s tokens: "
@@ -320,7 +313,7 @@ def memory_tables(results: dict, backends: list[str]) -> list[str]:
             cells = []
             for op, den in (("tuco", "hf_last"), ("decompose", "hf_last"), ("run_with_alpha", "hf_all")):
                 value = p[f"{b}:{op}"] / p[den]
-                cells.append(f"{fmt(value, goals.get(op, (None,))[0])} ({p[f'{b}:{op}'] / 1e6:.0f} MB)")
+                cells.append(f"{fmt_ratio(value, goals.get(op, (None,))[0])} ({p[f'{b}:{op}'] / 1e6:.0f} MB)")
             out.append(f"| {PAIR_LABELS[entry['pair']]}, {entry['batch']} × {entry['length']} | {p['hf_last'] / 1e6:.0f} MB | "
                        f"{p['hf_all'] / 1e6:.0f} MB | {BACKENDS[b]} | " + " | ".join(cells) + " |")
     return out + [""]
@@ -363,8 +356,8 @@ def components_section(results: dict, backends: list[str]) -> list[str]:
         t = e["times_s"]
         for b in backends:
             out.append(f"| {PAIR_LABELS[e['pair']]}, {e['batch']} × {e['length']} | {BACKENDS[b]} | "
-                       f"{fmt(ratio(t, f'{b}:components', 'hf_last'), goals['components'][0])} | "
-                       f"{fmt(ratio(t, f'{b}:last_components', 'hf_last'), goals['last_components'][0])} | "
+                       f"{fmt_ratio(ratio(t, f'{b}:components', 'hf_last'), goals['components'][0])} | "
+                       f"{fmt_ratio(ratio(t, f'{b}:last_components', 'hf_last'), goals['last_components'][0])} | "
                        f"{ratio(t, f'{b}:decompose', 'hf_last'):.2f}× |")
     return out + [""]
 
@@ -410,23 +403,13 @@ def closing_note(rows: list[dict], meta: dict) -> list[str]:
             worst[key] = r
     for (op, kind), r in worst.items():
         pair = r["where"].split()[0]
-        out.append(f"- {OPERATIONS[op]} ({kind}): {fmt(r['worst'])} on {BACKENDS[r['backend']]} at {r['where']} "
+        out.append(f"- {OPERATIONS[op]} ({kind}): {fmt_ratio(r['worst'])} on {BACKENDS[r['backend']]} at {r['where']} "
                    f"(goal ≤ {r['goal']}×, {verdict(r)}): `python benchmarks/bench_performance.py --pairs {pair} --out RESULTS.json`")
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", type=Path, help="JSON written by bench_performance.py --out")
-    parser.add_argument("--out", type=Path, help="markdown file to write (default: print)")
-    args = parser.parse_args(argv)
-    results = json.loads(args.results.read_text())
-    results["meta"]["out"] = str(args.results)
-    text = render(results)
-    if args.out:
-        args.out.write_text(text)
-    else:
-        print(text)
+    render_cli(argv, __doc__, "bench_performance.py", render)
 
 
 if __name__ == "__main__":
