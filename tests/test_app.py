@@ -7,6 +7,7 @@ pairs). Runs on both backends (the demo pair loads as a TransformerBridge on tra
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -94,8 +95,8 @@ def test_the_chat_template_changes_what_is_scored(pair):
 
 def test_analyze_errors_are_the_pairs(pair):
     for prompt in ("", "the " * 400):
-        got = _outcome(lambda: analyze(pair, prompt))
-        assert got == _outcome(lambda: pair.decompose([prompt]))
+        got = _outcome(functools.partial(analyze, pair, prompt))
+        assert got == _outcome(functools.partial(pair.decompose, [prompt]))
         assert got[0] is InputError
     with pytest.raises(InputTypeError, match="must be a string"):
         analyze(pair, ["a", "b"])
@@ -117,7 +118,7 @@ def test_default_panels_draw_the_plotting_functions(pair):
     dec = result.decomposition
     assert rendered["tokens"] == token_html(dec, 0).html
     assert rendered["tokens"].count("<span title=") == len(result.tokens)
-    for value, token in zip(result.tuco_per_token, result.tokens):
+    for value, _ in zip(result.tuco_per_token, result.tokens):
         assert f"per-token TuCo {value:.4f}" in rendered["tokens"]
     assert figure_json(rendered["layers"]) == figure_json(plot_layers(dec, 0))
     assert figure_json(rendered["heatmap"]) == figure_json(plot_token_heatmap(dec, 0))
@@ -231,8 +232,8 @@ def test_steer_generates_the_chosen_alpha_first_and_once(pair):
 def test_steer_errors_are_the_pairs(pair):
     for alpha in ("nan", "inf", "0 1", {"attn": 0.5, "mlp": 1.0}):
         value = parse_alpha(alpha) if isinstance(alpha, str) else alpha
-        got = _outcome(lambda: steer(pair, REQUEST, alpha, max_new_tokens=4))
-        reference = _outcome(lambda: pair.generate(REQUEST, alpha=value, max_new_tokens=4))
+        got = _outcome(functools.partial(steer, pair, REQUEST, alpha, max_new_tokens=4))
+        reference = _outcome(functools.partial(pair.generate, REQUEST, alpha=value, max_new_tokens=4))
         if reference[0] == "value":  # a tuco_lens that takes this α: the chosen column is the pair's
             assert got[1].generations[1].text == reference[1]
         else:
@@ -340,7 +341,6 @@ def test_missing_gradio_is_a_clear_error(monkeypatch, capsys):
 
 def test_app_command_help_and_arguments(monkeypatch, capsys):
     import tuco_lens.app
-
     from tuco_lens.cli import main
 
     monkeypatch.setattr(tuco_lens.app, "require_gradio", lambda: None)  # also without Gradio

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import tuco_lens
 from tuco_lens.cli import main
@@ -102,8 +101,8 @@ IMPORT_BUDGET_S = 0.3  # all imports of `tuco-lens --help`; the whole command mu
 def _cli_imports(argv: list[str]) -> tuple[set[str], float, str]:
     """Modules loaded by ``main(argv)`` and the import time of the whole module graph (-X importtime)."""
     code = (
-        "import sys\nfrom tuco_lens.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
-        "print('MODULES', ' '.join(sorted(sys.modules)))" % (argv,)
+        f"import sys\nfrom tuco_lens.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+        "print('MODULES', ' '.join(sorted(sys.modules)))"
     )
     result = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True, timeout=120)
     modules = set(result.stdout.split("MODULES", 1)[1].split())

@@ -217,7 +217,6 @@ def test_every_section_explains_its_figure_and_links_its_docs_page(run):
 def test_every_report_figure_fits_a_notebook_cell(run):
     _, results = run
     import plotly.graph_objects as go
-
     from figure_layout import layout_problems
 
     figures = [item for s in results.sections for item in s.items() if isinstance(item, go.Figure)]

@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import html
-import itertools
 import re
 
 import numpy as np
 import plotly.graph_objects as go
 import pytest
 import torch
+from figure_layout import layout_problems
+from tiny_models import make_pair, random_tokens
 
 import tuco_lens
 from tuco_lens import Decomposition, InputError, InputTypeError, TuCoPair
@@ -29,8 +30,8 @@ from tuco_lens.plotting import (
     token_html,
 )
 from tuco_lens.plotting._util import PALETTE, colour_at, set_colours
-from figure_layout import layout_problems
-from tiny_models import make_pair, random_tokens
+
+pytestmark = pytest.mark.hooked  # tiny HookedTransformers: transformer-lens 3.x only (skipped on 4.x)
 
 # Row 0 unpadded; row 1 has 2 left pads, row 2 has 1. Tokens repeat ("the") and need escaping.
 STR_TOKENS = [

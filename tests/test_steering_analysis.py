@@ -14,8 +14,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 import torch
-
 from hf_reference import reference_alpha_logits
+
 from tuco_lens import InputError, demo
 from tuco_lens.analyses.steering import (
     DEFAULT_ALPHAS,

@@ -108,7 +108,7 @@ def independent_gradient(pair, prompts, suffix_ids, target, alpha=1.0):
         ids = torch.cat([row, target_ids])[None]
         leaf = {}
 
-        def grab(embed, hook):
+        def grab(embed, hook, leaf=leaf):  # this prompt's leaf
             leaf["e"] = embed.detach().clone().requires_grad_(True)
             return leaf["e"]
 

@@ -440,7 +440,7 @@ class DecompositionAccumulator:
         self,
         layer: int,
         resid_pre: Float[Tensor, "batch pos d_model"],
-        pt_resid_post: Float[Tensor, "batch #pos d_model"],
+        pt_resid_post: Float[Tensor, "batch #pos d_model"],  # noqa: F821, UP037 - "#pos": pos or 1 (jaxtyping)
         ft_resid_post: Float[Tensor, "batch pos d_model"],
     ) -> None:
         """Add layer ``layer``: ``PTC = pt_resid_post - resid_pre``, ``FTC = ft - pt``.

@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from torch import Tensor
 
-from tuco_lens.decomposition import check_norm
+from tuco_lens.decomposition import Norm, check_norm
 from tuco_lens.errors import InputError, InputTypeError
-from tuco_lens.inputs import encode_prompt
+from tuco_lens.inputs import TokenBatch, encode_prompt, run_batched
 from tuco_lens.metrics import roc_auc, tpr_at_fpr
 from tuco_lens.pair import TuCoPair
 
@@ -65,10 +66,21 @@ def check_callable(value: object, name: str) -> None:
         raise InputTypeError(f"{name} must be a function (or None), got {type(value).__name__}.")
 
 
-def check_common(batch_size: object, norm: str) -> None:
+def check_common(batch_size: object, norm: str) -> Norm:
+    """Check ``batch_size`` (a positive int or None) and return the checked ``norm``."""
     if batch_size is not None:
         check_int(batch_size, "batch_size", 1)
-    check_norm(norm)
+    return check_norm(norm)
+
+
+def check_sampling(n_samples: object, max_new_tokens: object, seed: object, temperature: object) -> tuple[int, int, int, float]:
+    """The checked ``(n_samples, max_new_tokens, seed, temperature)`` of an analysis that generates."""
+    return (
+        check_int(n_samples, "n_samples", 1),
+        check_int(max_new_tokens, "max_new_tokens", 1),
+        check_int(seed, "seed"),
+        check_float(temperature, "temperature", positive=True),
+    )
 
 
 # ---------------------------------------------------------------------------------- reading
@@ -229,13 +241,10 @@ def read_labelled_prompts(source: PromptSource | SetSource) -> pd.DataFrame:
     A plain list (or a DataFrame without a ``set`` column, or a JSONL file whose first record
     has no ``set`` field) becomes one set named :data:`DEFAULT_SET`.
     """
-    labelled = isinstance(source, Mapping) or (isinstance(source, pd.DataFrame) and "set" in source.columns)
-    path = _as_path(source)
-    if path is not None and path.suffix == ".jsonl":
-        first = read_jsonl(path, [])[0]
-        labelled = "set" in first
-    if labelled:
+    if isinstance(source, Mapping) or (isinstance(source, pd.DataFrame) and "set" in source.columns):
         sets = read_prompt_sets(source)
+    elif (path := _as_path(source)) is not None and path.suffix == ".jsonl" and "set" in read_jsonl(path, [])[0]:
+        sets = read_prompt_sets(path)
     else:
         sets = {DEFAULT_SET: read_prompts(source)}
     return sets_frame(sets)
@@ -255,7 +264,7 @@ def score(
     prepend_bos: bool | None = None,
     batch_size: int | None = None,
     show_progress: bool = False,
-    norm: str = "l1",
+    norm: Norm = "l1",
 ) -> np.ndarray:
     """``pair.tuco`` of a list of prompts as a float64 array (input order)."""
     values = pair.tuco(
@@ -281,6 +290,16 @@ def sem(values: np.ndarray) -> float:
     if values.size < 2:
         return float("nan")
     return float(values.std(ddof=1) / math.sqrt(values.size))
+
+
+def mean_sem(values: np.ndarray, name: str) -> dict[str, float]:
+    """``{"mean_<name>": mean, "sem_<name>": standard error}`` of one group's values."""
+    return {f"mean_{name}": float(values.mean()), f"sem_{name}": sem(values)}
+
+
+def groups_of(table: pd.DataFrame, by: str, column: str) -> dict[Any, np.ndarray]:
+    """``{group: table[column] of its rows}`` for every value of ``table[by]``, in first-appearance order."""
+    return {name: table.loc[table[by] == name, column].to_numpy() for name in dict.fromkeys(table[by])}
 
 
 def auc_or_nan(positive: np.ndarray, negative: np.ndarray) -> float:
@@ -313,6 +332,17 @@ def apply_checked(fn: Callable[[str], Any], value: str, what: str) -> Any:
         return fn(value)
     except Exception as exc:  # noqa: BLE001 - re-raised with context
         raise InputError(f"{what} raised {type(exc).__name__}: {exc}") from exc
+
+
+def label(predicate: Callable[[str], Any], completion: str, name: str, where: str) -> bool:
+    """``predicate(completion)`` as a bool; its exceptions and non-bool results name ``where``.
+
+    ``True``, ``False`` (also NumPy's) and the integers 0 and 1 are accepted.
+    """
+    value = apply_checked(predicate, completion, f"{name}({where})")
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
+        return bool(value)
+    raise InputTypeError(f"{name} must return a bool (True or False), got {value!r} for {where}.")
 
 
 def seeded_generation(pair: TuCoPair, seed: int):
@@ -354,28 +384,19 @@ def generate_completions(
     """``n_samples`` completions of every prompt (``[prompt][sample]``), in batches of rows.
 
     Rows are the prompts repeated ``n_samples`` times each, in order; ``batch_size`` caps the
-    rows per ``pair.generate`` call. Sampling draws from the global torch RNG: seed it (see
-    :func:`seeded_generation`) for reproducible runs.
+    rows per ``pair.generate`` call, and the rows run in input order (:func:`run_batched` with
+    ``sort_by_length=False``), so the samples do not depend on the prompts' lengths. Sampling
+    draws from the global torch RNG: seed it (see :func:`seeded_generation`) for reproducible runs.
     """
-    rows = [p for p in prompts for _ in range(n_samples)]
-    step = len(rows) if batch_size is None else batch_size
-    texts: list[str] = []
-    starts = range(0, len(rows), step)
-    from tqdm.auto import tqdm
+    batch = pair.tokenize(prompts, chat_template=chat_template, prepend_bos=prepend_bos)
+    rows, _ = batch.sub_batch(torch.arange(len(prompts)).repeat_interleave(n_samples))
 
-    for start in tqdm(starts, disable=not show_progress, desc="generate", unit="batch"):
-        chunk = rows[start : start + step]
-        texts.extend(
-            pair.generate(
-                chunk,
-                alpha=alpha,
-                max_new_tokens=max_new_tokens,
-                chat_template=chat_template,
-                prepend_bos=prepend_bos,
-                do_sample=do_sample,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-            )
+    def generate(sub: TokenBatch, _: Tensor) -> list[str]:
+        texts = pair.generate(
+            sub.tokens, attention_mask=sub.attention_mask, alpha=alpha, max_new_tokens=max_new_tokens,
+            do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, return_type="str",
         )
+        return [texts] if isinstance(texts, str) else texts
+
+    texts = run_batched(rows, generate, batch_size, sort_by_length=False, show_progress=show_progress, desc="generate")
     return [texts[i * n_samples : (i + 1) * n_samples] for i in range(len(prompts))]

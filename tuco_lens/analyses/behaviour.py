@@ -18,10 +18,10 @@ from tqdm.auto import tqdm
 
 from tuco_lens.analyses._common import (
     DEFAULT_SET,
-    apply_checked,
     check_int,
     check_pair,
     generate_completions,
+    label,
     read_prompt_sets,
     read_prompts,
     sem,
@@ -59,7 +59,7 @@ class BehaviourSweep:
     def rates(self) -> pd.DataFrame:
         """The rates as a wide table: one row per α (index), one column per set."""
         wide = self.table.pivot(index="alpha", columns="set", values="rate")
-        return wide[list(dict.fromkeys(self.table["set"]))]
+        return wide.reindex(columns=list(dict.fromkeys(self.table["set"])))
 
     def figure(self, *, title: str | None = None) -> go.Figure:
         """The rate of each set vs α (each set in its own colour, α = 1 dashed)."""
@@ -129,8 +129,7 @@ def behaviour_sweep(
     if not callable(behaviour):
         raise InputTypeError(f"behaviour must be a function completion -> bool, got {type(behaviour).__name__}.")
     max_new_tokens = check_int(max_new_tokens, "max_new_tokens", 1)
-    if batch_size is not None:
-        check_int(batch_size, "batch_size", 1)
+    rows_per_call = None if batch_size is None else check_int(batch_size, "batch_size", 1)
     values = sorted(_check_alphas(alphas))
     sets = read_prompt_sets(prompts if isinstance(prompts, Mapping) else {DEFAULT_SET: read_prompts(prompts)})
     rows, completions = [], []
@@ -138,20 +137,16 @@ def behaviour_sweep(
         for name, texts in sets.items():
             generated = generate_completions(
                 pair, texts, max_new_tokens=max_new_tokens, do_sample=False, alpha=alpha,
-                chat_template=chat_template, batch_size=batch_size,
+                chat_template=chat_template, batch_size=rows_per_call,
             )
-            labels = []
-            for index, (prompt, (completion,)) in enumerate(zip(texts, generated)):
-                label = apply_checked(behaviour, completion, f"behaviour({completion!r})")
-                if not isinstance(label, (bool, np.bool_)):
-                    raise InputTypeError(f"behaviour must return a bool, got {type(label).__name__} for {completion!r}.")
-                labels.append(bool(label))
-                completions.append(
-                    {"alpha": alpha, "set": name, "index": index, "prompt": prompt,
-                     "completion": completion, "behaviour": bool(label)}
-                )
-            outcome = np.asarray(labels, dtype=float)
+            labelled = [
+                {"alpha": alpha, "set": name, "index": index, "prompt": prompt, "completion": completion,
+                 "behaviour": label(behaviour, completion, "behaviour", repr(completion))}
+                for index, (prompt, (completion,)) in enumerate(zip(texts, generated))
+            ]
+            outcome = np.asarray([row["behaviour"] for row in labelled], dtype=float)
             rows.append({"alpha": alpha, "set": name, "n": len(texts), "rate": float(outcome.mean()), "sem": sem(outcome)})
+            completions += labelled
     return BehaviourSweep(
         table=pd.DataFrame(rows),
         completions=pd.DataFrame(completions),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -12,14 +13,14 @@ import plotly.graph_objects as go
 from tuco_lens.analyses._common import (
     PromptSource,
     SetSource,
-    apply_checked,
     auc_or_nan,
     check_callable,
     check_common,
-    check_float,
     check_int,
     check_pair,
+    check_sampling,
     generate_completions,
+    label,
     read_labelled_prompts,
     score,
     seeded_generation,
@@ -150,7 +151,7 @@ class JailbreakResult:
         table["jailbroken"] = table["n_non_refusals"] >= m
         return replace(self, table=table, min_non_refusals=m, **_separation(table))
 
-    def figure(self, kind: str = "histogram", *, title: str | None = None) -> go.Figure:
+    def figure(self, kind: Literal["histogram", "violin"] = "histogram", *, title: str | None = None) -> go.Figure:
         """TuCo distributions of jailbroken vs not jailbroken prompts, AUC in the title."""
         t = self.table
         groups = {
@@ -163,8 +164,8 @@ class JailbreakResult:
             f"<br><sup>jailbroken: ≥{self.min_non_refusals} of {self.n_samples} sampled completions are not refusals</sup>"
         )
         if len(present) == 2:
-            return plot_prompt_sets(present, kind=kind, positive="not jailbroken", negative="jailbroken", title=heading)  # type: ignore[arg-type]
-        return plot_prompt_sets(present, kind=kind, title=f"{heading}<br><sup>{self.note}</sup>")  # type: ignore[arg-type]
+            return plot_prompt_sets(present, kind=kind, positive="not jailbroken", negative="jailbroken", title=heading)
+        return plot_prompt_sets(present, kind=kind, title=f"{heading}<br><sup>{self.note}</sup>")
 
 
 def _check_m(m: object, n_samples: int) -> int:
@@ -271,12 +272,9 @@ def jailbreak_success(
         1.0
     """
     pair = check_pair(pair)
-    check_common(batch_size, norm)
-    n_samples = check_int(n_samples, "n_samples", 1)
+    norm = check_common(batch_size, norm)
+    n_samples, max_new_tokens, seed, temperature = check_sampling(n_samples, max_new_tokens, seed, temperature)
     m = _check_m(min_non_refusals, n_samples)
-    max_new_tokens = check_int(max_new_tokens, "max_new_tokens", 1)
-    seed = check_int(seed, "seed")
-    temperature = check_float(temperature, "temperature", positive=True)
     check_callable(is_refusal, "is_refusal")
     strings = _check_strings(refusal_strings) if is_refusal is None else tuple(refusal_strings)
     table = read_labelled_prompts(prompts)
@@ -289,19 +287,7 @@ def jailbreak_success(
             top_k=top_k, top_p=top_p, alpha=alpha, chat_template=chat_template, batch_size=batch_size,
             show_progress=show_progress,
         )
-
-    records = []
-    for (label, index), outs in zip(zip(table["set"], table["index"]), samples):
-        for s, text in enumerate(outs):
-            if is_refusal is None:
-                refusal = contains_refusal(text, strings)
-            else:
-                value = apply_checked(is_refusal, text, f"is_refusal(completion {s} of {label!r}[{index}])")
-                if not isinstance(value, (bool, np.bool_)):
-                    raise InputTypeError(f"is_refusal must return True or False, got {value!r}.")
-                refusal = bool(value)
-            records.append({"set": label, "index": index, "sample": s, "completion": text, "refusal": refusal})
-    completions = pd.DataFrame(records)
+    completions = _label_refusals(table, samples, is_refusal, strings)
     refusals = completions["refusal"].to_numpy().reshape(len(table), n_samples).sum(1)
     table["n_samples"] = n_samples
     table["n_refusals"] = refusals.astype(int)
@@ -317,3 +303,18 @@ def jailbreak_success(
         table=table, completions=completions, min_non_refusals=m, n_samples=n_samples, seed=seed,
         settings=settings, **_separation(table),
     )
+
+
+def _label_refusals(
+    table: pd.DataFrame, samples: list[list[str]], is_refusal: Callable[[str], bool] | None, strings: tuple[str, ...]
+) -> pd.DataFrame:
+    """One row per completion: ``set``, ``index``, ``sample``, ``completion``, ``refusal``."""
+    records = []
+    for name, index, outs in zip(table["set"], table["index"], samples):
+        for s, text in enumerate(outs):
+            if is_refusal is None:
+                refusal = contains_refusal(text, strings)
+            else:
+                refusal = label(is_refusal, text, "is_refusal", f"completion {s} of {name!r}[{index}]")
+            records.append({"set": name, "index": index, "sample": s, "completion": text, "refusal": refusal})
+    return pd.DataFrame(records)

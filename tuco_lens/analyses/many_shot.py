@@ -17,10 +17,13 @@ from tuco_lens.analyses._common import (
     apply_checked,
     check_callable,
     check_common,
-    check_float,
     check_int,
     check_pair,
+    check_sampling,
     generate_completions,
+    groups_of,
+    label,
+    mean_sem,
     n_prompt_tokens,
     read_prompts,
     score,
@@ -28,6 +31,7 @@ from tuco_lens.analyses._common import (
     sem,
 )
 from tuco_lens.analyses.outputco import outputco as _outputco
+from tuco_lens.decomposition import Norm
 from tuco_lens.errors import InputError, InputTypeError
 from tuco_lens.pair import TuCoPair
 from tuco_lens.plotting._util import notebook_layout, set_colours
@@ -115,11 +119,10 @@ class ManyShotSweep:
             fig.update_yaxes(title_text="rate", range=[-0.05, 1.05], tickformat=".0%", row=2, col=1)
         heading = title or (
             "Many-shot prompts: TuCo vs number of shots"
-            f"<br><sup>n = {int(s['n'].max())} requests per k</sup>"
+            f"<br><sup>n = {int(s['n'].to_numpy().max())} requests per k</sup>"
         )
         notebook_layout(fig, heading, height=560 if has_rate else 450)
-        for annotation in fig.layout.annotations:  # subplot titles: left-aligned, small
-            annotation.update(x=0, xanchor="left", font_size=13)
+        fig.update_annotations(x=0, xanchor="left", font_size=13)  # subplot titles: left-aligned, small
         return fig
 
 
@@ -191,11 +194,10 @@ def _read_shots(shots: ShotPool) -> list[Shot]:
 def _check_ks(ks: Sequence[int] | None, pool_size: int) -> tuple[int, ...]:
     if ks is None:
         return default_ks(pool_size)
-    if isinstance(ks, (int, np.integer)) and not isinstance(ks, bool):
-        ks = [ks]
-    if isinstance(ks, (str, bytes)) or not isinstance(ks, Sequence):
-        raise InputTypeError(f"ks must be a list of shot counts, got {type(ks).__name__}.")
-    values = [check_int(k, "every k in ks", 0) for k in ks]
+    given = [ks] if isinstance(ks, (int, np.integer)) and not isinstance(ks, bool) else ks
+    if isinstance(given, (str, bytes)) or not isinstance(given, Sequence):
+        raise InputTypeError(f"ks must be a list of shot counts, got {type(given).__name__}.")
+    values = [check_int(k, "every k in ks", 0) for k in given]
     if not values:
         raise InputError("ks is empty: pass at least one number of shots (e.g. (0, 1, 2, 4)).")
     too_many = [k for k in values if k > pool_size]
@@ -205,16 +207,6 @@ def _check_ks(ks: Sequence[int] | None, pool_size: int) -> tuple[int, ...]:
             f"has {pool_size}; pass more shots or smaller ks."
         )
     return tuple(sorted(set(values)))
-
-
-def _check_behaviour_value(value: object, k: int, index: int) -> bool:
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)) and value in (0, 1):
-        return bool(value)
-    raise InputTypeError(
-        f"behaviour(completion) must return True or False, got {value!r} for request {index} at k = {k}."
-    )
 
 
 def many_shot_sweep(
@@ -315,7 +307,7 @@ def many_shot_sweep(
         >>> fig = sweep.figure()
     """
     pair = check_pair(pair)
-    check_common(batch_size, norm)
+    norm = check_common(batch_size, norm)
     request_list = read_prompts(requests, name="requests")
     pool = _read_shots(shots)
     ks_checked = _check_ks(ks, len(pool))
@@ -323,71 +315,27 @@ def many_shot_sweep(
         raise InputError(f"too_long must be 'raise' or 'skip', got {too_long!r}.")
     check_callable(build_prompt, "build_prompt")
     check_callable(behaviour, "behaviour")
-    n_samples = check_int(n_samples, "n_samples", 1)
-    max_new_tokens = check_int(max_new_tokens, "max_new_tokens", 1)
-    seed = check_int(seed, "seed")
-    temperature = check_float(temperature, "temperature", positive=True)
+    n_samples, max_new_tokens, seed, temperature = check_sampling(n_samples, max_new_tokens, seed, temperature)
     if n_samples > 1 and not do_sample:
         raise InputError(f"n_samples = {n_samples} needs do_sample=True (greedy decoding gives one completion).")
+    prepend_bos = None if build_prompt is not None else False  # the template's text decides BOS
+    build = build_prompt if build_prompt is not None else chat_template_builder(pair)
 
-    prepend_bos: bool | None = None
-    if build_prompt is None:
-        build_prompt = chat_template_builder(pair)
-        prepend_bos = False  # the template's text decides BOS, as with chat_template=True
-
-    limit = pair.ft.cfg.n_ctx - (max_new_tokens if behaviour is not None else 0)
-    orders = []
-    for i in range(len(request_list)):
-        order = list(range(len(pool)))
-        if shuffle:
-            random.Random(f"tuco-many-shot-{seed}-{i}").shuffle(order)
-        orders.append(order)
-
-    rows, skipped, notes = [], [], []
-    for k in ks_checked:
-        for i, request in enumerate(request_list):
-            shots_k = [pool[j] for j in orders[i][:k]]
-            prompt = apply_checked(lambda r, shots=shots_k: build_prompt(r, shots), request, f"build_prompt(request {i}, {k} shots)")
-            if not isinstance(prompt, str) or not prompt:
-                raise InputTypeError(f"build_prompt must return a non-empty str, got {prompt!r} for request {i} at k = {k}.")
-            n_tokens = n_prompt_tokens(pair, prompt, prepend_bos)
-            if n_tokens > limit:
-                what = (
-                    f"the model's context of {pair.ft.cfg.n_ctx}"
-                    if behaviour is None
-                    else f"{limit} (context {pair.ft.cfg.n_ctx} minus max_new_tokens {max_new_tokens})"
-                )
-                if too_long == "raise":
-                    raise InputError(
-                        f"The many-shot prompt with k = {k} shots for request {i} has {n_tokens} tokens, "
-                        f"more than {what}. Use smaller ks, shorter shots, or too_long='skip'."
-                    )
-                skipped.append({"request_index": i, "k": k, "n_tokens": n_tokens, "limit": limit})
-                continue
-            rows.append({"request_index": i, "request": request, "k": k, "n_tokens": n_tokens, "prompt": prompt})
-    if skipped:
-        skipped_ks = sorted({s["k"] for s in skipped})
-        notes.append(
-            f"{len(skipped)} prompt(s) did not fit in {limit} tokens and were skipped (k = {skipped_ks})."
-        )
-    if not rows:
-        raise InputError("No many-shot prompt fits the model's context; use smaller ks or shorter shots.")
-    table = pd.DataFrame(rows)
-    scored_ks = tuple(k for k in ks_checked if (table["k"] == k).any())
-
-    tuco_col = np.empty(len(table))
-    oc_col = np.empty(len(table))
-    for k in scored_ks:
-        where = np.flatnonzero(table["k"].to_numpy() == k)
-        prompts = table["prompt"].iloc[where].tolist()
-        tuco_col[where] = score(pair, prompts, prepend_bos=prepend_bos, batch_size=batch_size, show_progress=show_progress, norm=norm)
-        if with_outputco:
-            oc = _outputco(pair, prompts, prepend_bos=prepend_bos, batch_size=batch_size, norm=norm)
-            oc_col[where] = oc.detach().cpu().double().numpy()
-    table["tuco"] = tuco_col
-    if with_outputco:
-        table["outputco"] = oc_col
-
+    n_ctx = pair.ft.cfg.n_ctx
+    limit = n_ctx - (max_new_tokens if behaviour is not None else 0)
+    fits = f"the model's context of {n_ctx}" if behaviour is None else (
+        f"{limit} (context {n_ctx} minus max_new_tokens {max_new_tokens})"
+    )
+    orders = [_shot_order(len(pool), shuffle, seed, i) for i in range(len(request_list))]
+    table, skipped = _prompt_table(pair, request_list, pool, orders, ks_checked, build, prepend_bos, limit, fits, too_long)
+    notes = [] if not skipped else [
+        f"{len(skipped)} prompt(s) did not fit in {limit} tokens and were skipped "
+        f"(k = {sorted({s['k'] for s in skipped})})."
+    ]
+    present = set(table["k"].tolist())
+    scored_ks = tuple(k for k in ks_checked if k in present)
+    for name, values in _scores_by_k(pair, table, scored_ks, with_outputco, prepend_bos, batch_size, show_progress, norm).items():
+        table[name] = values
     completions = None
     if behaviour is not None:
         with seeded_generation(pair, seed):
@@ -396,37 +344,98 @@ def many_shot_sweep(
                 temperature=temperature, alpha=alpha, prepend_bos=prepend_bos, batch_size=batch_size,
                 show_progress=show_progress,
             )
-        records = []
-        for row, texts in zip(table.itertuples(index=False), samples):
-            for s, text in enumerate(texts):
-                value = apply_checked(behaviour, text, f"behaviour(completion of request {row.request_index} at k = {row.k})")
-                records.append(
-                    {"request_index": row.request_index, "k": row.k, "sample": s, "completion": text,
-                     "behaviour": _check_behaviour_value(value, row.k, row.request_index)}
-                )
-        completions = pd.DataFrame(records)
-        rates = completions.groupby(["k", "request_index"], sort=False)["behaviour"].mean()
-        table["behaviour_rate"] = [float(rates[(k, i)]) for k, i in zip(table["k"], table["request_index"])]
-        table["completion"] = [texts[0] for texts in samples]
-
-    summary_rows = []
-    for k in scored_ks:
-        part = table[table["k"] == k]
-        entry = {"k": k, "n": len(part), "mean_tuco": float(part["tuco"].mean()), "sem_tuco": sem(part["tuco"].to_numpy())}
-        if with_outputco:
-            entry["mean_outputco"] = float(part["outputco"].mean())
-            entry["sem_outputco"] = sem(part["outputco"].to_numpy())
-        if behaviour is not None:
-            per_sample = completions.loc[completions["k"] == k, "behaviour"]
-            entry["behaviour_rate"] = float(per_sample.mean())
-            entry["behaviour_sem"] = sem(part["behaviour_rate"].to_numpy())
-        summary_rows.append(entry)
+        completions = _label_completions(table, samples, behaviour)
     return ManyShotSweep(
         table=table,
-        summary=pd.DataFrame(summary_rows),
+        summary=_summary(table, completions, scored_ks, with_outputco),
         completions=completions,
         skipped=pd.DataFrame(skipped, columns=["request_index", "k", "n_tokens", "limit"]),
         ks=scored_ks,
         notes=notes,
         behaviour_name=behaviour_name,
     )
+
+
+def _shot_order(pool_size: int, shuffle: bool, seed: int, request_index: int) -> list[int]:
+    """The order of the shot pool for one request: seeded by ``(seed, request_index)``, or kept."""
+    order = list(range(pool_size))
+    if shuffle:
+        random.Random(f"tuco-many-shot-{seed}-{request_index}").shuffle(order)
+    return order
+
+
+def _prompt_table(
+    pair: TuCoPair, requests: list[str], pool: list[Shot], orders: list[list[int]], ks: tuple[int, ...],
+    build: Callable[[str, list[Shot]], str], prepend_bos: bool | None, limit: int, fits: str, too_long: str,
+) -> tuple[pd.DataFrame, list[dict[str, int]]]:
+    """One row per (k, request) whose prompt fits in ``limit`` tokens, and the skipped ones."""
+    rows, skipped = [], []
+    for k in ks:
+        for i, request in enumerate(requests):
+            shots_k = [pool[j] for j in orders[i][:k]]
+            prompt = apply_checked(lambda r, shots=shots_k: build(r, shots), request, f"build_prompt(request {i}, {k} shots)")
+            if not isinstance(prompt, str) or not prompt:
+                raise InputTypeError(f"build_prompt must return a non-empty str, got {prompt!r} for request {i} at k = {k}.")
+            n_tokens = n_prompt_tokens(pair, prompt, prepend_bos)
+            if n_tokens <= limit:
+                rows.append({"request_index": i, "request": request, "k": k, "n_tokens": n_tokens, "prompt": prompt})
+            elif too_long == "raise":
+                raise InputError(
+                    f"The many-shot prompt with k = {k} shots for request {i} has {n_tokens} tokens, "
+                    f"more than {fits}. Use smaller ks, shorter shots, or too_long='skip'."
+                )
+            else:
+                skipped.append({"request_index": i, "k": k, "n_tokens": n_tokens, "limit": limit})
+    if not rows:
+        raise InputError("No many-shot prompt fits the model's context; use smaller ks or shorter shots.")
+    return pd.DataFrame(rows), skipped
+
+
+def _scores_by_k(
+    pair: TuCoPair, table: pd.DataFrame, ks: tuple[int, ...], with_outputco: bool, prepend_bos: bool | None,
+    batch_size: int | None, show_progress: bool, norm: Norm,
+) -> dict[str, np.ndarray]:
+    """``tuco`` (and ``outputco``) of every row of ``table``, one scoring call per k."""
+    columns = {name: np.empty(len(table)) for name in (("tuco", "outputco") if with_outputco else ("tuco",))}
+    for k in ks:
+        where = np.flatnonzero(table["k"].to_numpy() == k)
+        prompts = table["prompt"].iloc[where].tolist()
+        columns["tuco"][where] = score(pair, prompts, prepend_bos=prepend_bos, batch_size=batch_size, show_progress=show_progress, norm=norm)
+        if with_outputco:
+            oc = _outputco(pair, prompts, prepend_bos=prepend_bos, batch_size=batch_size, norm=norm)
+            columns["outputco"][where] = oc.detach().cpu().double().numpy()
+    return columns
+
+
+def _label_completions(table: pd.DataFrame, samples: list[list[str]], behaviour: Callable[[str], bool]) -> pd.DataFrame:
+    """One row per completion with its ``behaviour`` label; adds ``behaviour_rate`` and ``completion``
+    (the first sample) to ``table``."""
+    records, rates = [], []
+    for i, k, texts in zip(table["request_index"].tolist(), table["k"].tolist(), samples):
+        labels = [label(behaviour, text, "behaviour", f"completion of request {i} at k = {k}") for text in texts]
+        records += [
+            {"request_index": i, "k": k, "sample": s, "completion": text, "behaviour": value}
+            for s, (text, value) in enumerate(zip(texts, labels))
+        ]
+        rates.append(sum(labels) / len(labels))
+    table["behaviour_rate"] = rates
+    table["completion"] = [texts[0] for texts in samples]
+    return pd.DataFrame(records)
+
+
+def _summary(table: pd.DataFrame, completions: pd.DataFrame | None, ks: tuple[int, ...], with_outputco: bool) -> pd.DataFrame:
+    """One row per k: mean TuCo (and OutputCo) with standard errors, and the behaviour rate."""
+    tuco = groups_of(table, "k", "tuco")
+    outputco = groups_of(table, "k", "outputco") if with_outputco else {}
+    rates = groups_of(table, "k", "behaviour_rate") if completions is not None else {}
+    labels = groups_of(completions, "k", "behaviour") if completions is not None else {}
+    rows = []
+    for k in ks:
+        entry = {"k": k, "n": len(tuco[k]), **mean_sem(tuco[k], "tuco")}
+        if with_outputco:
+            entry.update(mean_sem(outputco[k], "outputco"))
+        if completions is not None:
+            entry["behaviour_rate"] = float(labels[k].mean())  # over requests and samples
+            entry["behaviour_sem"] = sem(rates[k])  # over requests
+        rows.append(entry)
+    return pd.DataFrame(rows)

@@ -19,7 +19,6 @@ import torch
 from jaxtyping import Float, Int
 from plotly.subplots import make_subplots
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from tuco_lens.analyses._common import (
     PromptSource,
@@ -27,14 +26,15 @@ from tuco_lens.analyses._common import (
     auc_matrix,
     check_common,
     check_pair,
+    groups_of,
+    mean_sem,
     read_labelled_prompts,
     score,
-    sem,
 )
 from tuco_lens.backend import backend_of
-from tuco_lens.decomposition import check_accumulate_dtype, ratio, vector_norm
+from tuco_lens.decomposition import Norm, check_accumulate_dtype, ratio, vector_norm
 from tuco_lens.errors import InputError
-from tuco_lens.inputs import Inputs, length_sorted_batches, to_left_padding
+from tuco_lens.inputs import Inputs, TokenBatch, run_batched, to_left_padding
 from tuco_lens.metrics import roc_auc
 from tuco_lens.pair import TuCoPair
 from tuco_lens.plotting._util import escape, notebook_layout, set_colours
@@ -85,21 +85,24 @@ def outputco(
         [0.51, 0.622]
     """
     pair = check_pair(pair)
-    check_common(batch_size, norm)
+    norm = check_common(batch_size, norm)
     check_accumulate_dtype(accumulate_dtype)
     batch = pair.tokenize(inputs, attention_mask=attention_mask, chat_template=chat_template, prepend_bos=prepend_bos)
-    out = torch.empty(len(batch), dtype=accumulate_dtype, device=batch.tokens.device)
-    chunks = list(length_sorted_batches(batch, batch_size, token_budget))
-    for rows, _, sub in tqdm(chunks, disable=not show_progress, desc="OutputCo", unit="batch"):
-        sub = to_left_padding(sub)  # the last real token at -1 in every row
-        finals = []
-        for model in (pair.pt, pair.ft):
-            resid = backend_of(model).final_residual(sub.tokens, sub.attention_mask)
-            finals.append(resid[:, -1, :].to(accumulate_dtype))
-        pt_final, ft_final = finals
-        moved = vector_norm(ft_final - pt_final, norm)
-        out[rows.to(out.device)] = ratio(moved, vector_norm(pt_final, norm))
-    return out
+    return run_batched(
+        batch, lambda sub, _: _outputco(pair, sub, norm, accumulate_dtype), batch_size, token_budget,
+        show_progress=show_progress, desc="OutputCo",
+    )
+
+
+def _outputco(pair: TuCoPair, sub: TokenBatch, norm: Norm, dtype: torch.dtype) -> Float[Tensor, " rows"]:
+    """OutputCo of the rows of one sub-batch: each model's own final residual at the last token."""
+    sub = to_left_padding(sub)  # the last real token at -1 in every row
+    pt_final, ft_final = (
+        backend_of(model).final_residual(sub.tokens, sub.attention_mask)[:, -1, :].to(dtype)
+        for model in (pair.pt, pair.ft)
+    )
+    moved = vector_norm(ft_final - pt_final, norm)
+    return ratio(moved, vector_norm(pt_final, norm)).to(dtype)
 
 
 @dataclass(frozen=True)
@@ -180,8 +183,7 @@ class TuCoOutputCoComparison:
         fig.update_yaxes(title_text="mean value", row=1, col=2)
         notebook_layout(fig, title or f"TuCo vs the OutputCo baseline<br><sup>n = {len(t)} prompts in {len(self.set_names)} sets</sup>")
         fig.update_layout(barmode="group")
-        for annotation in fig.layout.annotations:  # subplot titles: left-aligned, small
-            annotation.update(font_size=13)
+        fig.update_annotations(font_size=13)  # subplot titles: small
         return fig
 
 
@@ -232,23 +234,17 @@ def compare_tuco_outputco(
         1.0
     """
     pair = check_pair(pair)
-    check_common(batch_size, norm)
+    norm = check_common(batch_size, norm)
     table = read_labelled_prompts(prompts)
     texts = table["prompt"].tolist()
-    options = dict(chat_template=chat_template, batch_size=batch_size, show_progress=show_progress, norm=norm)
-    table["tuco"] = score(pair, texts, **options)
-    table["outputco"] = outputco(pair, texts, **options).detach().cpu().double().numpy()
-    names = list(dict.fromkeys(table["set"]))
-    rows = []
-    groups_t, groups_o = {}, {}
-    for name in names:
-        part = table[table["set"] == name]
-        t, o = part["tuco"].to_numpy(), part["outputco"].to_numpy()
-        groups_t[name], groups_o[name] = t, o
-        rows.append(
-            {"set": name, "n": len(part), "mean_tuco": float(t.mean()), "sem_tuco": sem(t),
-             "mean_outputco": float(o.mean()), "sem_outputco": sem(o), "spearman": _spearman(t, o)}
-        )
-    return TuCoOutputCoComparison(
-        table=table, summary=pd.DataFrame(rows), auc_tuco=auc_matrix(groups_t), auc_outputco=auc_matrix(groups_o)
+    table["tuco"] = score(pair, texts, chat_template=chat_template, batch_size=batch_size, show_progress=show_progress, norm=norm)
+    scores = outputco(pair, texts, chat_template=chat_template, batch_size=batch_size, show_progress=show_progress, norm=norm)
+    table["outputco"] = scores.detach().cpu().double().numpy()
+    groups_t, groups_o = groups_of(table, "set", "tuco"), groups_of(table, "set", "outputco")
+    summary = pd.DataFrame(
+        [
+            {"set": name, "n": len(t), **mean_sem(t, "tuco"), **mean_sem(o, "outputco"), "spearman": _spearman(t, o)}
+            for (name, t), o in zip(groups_t.items(), groups_o.values())
+        ]
     )
+    return TuCoOutputCoComparison(table=table, summary=summary, auc_tuco=auc_matrix(groups_t), auc_outputco=auc_matrix(groups_o))

@@ -15,9 +15,10 @@ from tuco_lens.analyses._common import (
     auc_matrix,
     check_common,
     check_pair,
+    groups_of,
+    mean_sem,
     read_prompt_sets,
     score,
-    sem,
     sets_frame,
 )
 from tuco_lens.errors import InputError
@@ -172,35 +173,39 @@ def compare_prompt_sets(
         >>> fig = result.figure("chat", "web")
     """
     pair = check_pair(pair)
-    check_common(batch_size, norm)
-    all_sets = read_prompt_sets(sets)
-    if names is not None:
-        if isinstance(names, str):
-            names = [names]
-        unknown = [n for n in names if n not in all_sets]
-        if unknown:
-            raise InputError(f"Unknown prompt set(s) {unknown} in names=; the sets are {list(all_sets)}.")
-        if not names:
-            raise InputError("names= is empty: pick at least one set (or pass None for all).")
-        all_sets = {n: all_sets[n] for n in names}
-    table = sets_frame(all_sets)
+    norm = check_common(batch_size, norm)
+    table = sets_frame(_selected(read_prompt_sets(sets), names))
     # One call over all sets: pair.tuco sorts by length within batch_size chunks.
-    table["tuco"] = score(
-        pair,
-        table["prompt"].tolist(),
-        chat_template=chat_template,
-        batch_size=batch_size,
-        show_progress=show_progress,
-        norm=norm,
+    texts = table["prompt"].tolist()
+    table["tuco"] = score(pair, texts, chat_template=chat_template, batch_size=batch_size, show_progress=show_progress, norm=norm)
+    groups = groups_of(table, "set", "tuco")
+    return PromptSetComparison(
+        table=table, summary=_summary(groups), auc_matrix=auc_matrix(groups), chat_template=bool(chat_template), norm=norm
     )
-    groups = {name: table.loc[table["set"] == name, "tuco"].to_numpy() for name in all_sets}
-    summary = pd.DataFrame(
+
+
+def _selected(sets: dict[str, list[str]], names: Sequence[str] | None) -> dict[str, list[str]]:
+    """The sets named in ``names``, in that order (all of them for ``None``)."""
+    if names is None:
+        return sets
+    if isinstance(names, str):
+        names = [names]
+    unknown = [n for n in names if n not in sets]
+    if unknown:
+        raise InputError(f"Unknown prompt set(s) {unknown} in names=; the sets are {list(sets)}.")
+    if not names:
+        raise InputError("names= is empty: pick at least one set (or pass None for all).")
+    return {n: sets[n] for n in names}
+
+
+def _summary(groups: dict[str, np.ndarray]) -> pd.DataFrame:
+    """One row per set: its size and the statistics of its TuCo."""
+    return pd.DataFrame(
         [
             {
                 "set": name,
                 "n": values.size,
-                "mean_tuco": float(values.mean()),
-                "sem_tuco": sem(values),
+                **mean_sem(values, "tuco"),
                 "std_tuco": float(values.std(ddof=1)) if values.size > 1 else float("nan"),
                 "median_tuco": float(np.median(values)),
                 "min_tuco": float(values.min()),
@@ -208,11 +213,4 @@ def compare_prompt_sets(
             }
             for name, values in groups.items()
         ]
-    )
-    return PromptSetComparison(
-        table=table,
-        summary=summary,
-        auc_matrix=auc_matrix(groups),
-        chat_template=bool(chat_template),
-        norm=norm,
     )

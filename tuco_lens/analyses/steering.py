@@ -41,11 +41,11 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
-from tqdm.auto import tqdm
 
 from tuco_lens.analyses._common import check_int, check_pair, read_jsonl
 from tuco_lens.errors import InputError, InputTypeError
 from tuco_lens.hooks import check_alpha
+from tuco_lens.inputs import TokenBatch, run_batched
 from tuco_lens.pair import TuCoPair
 from tuco_lens.plotting import plot_alpha_sweep
 
@@ -148,7 +148,8 @@ def read_items(items: Any) -> list[ChoiceItem]:
             raise InputError(
                 f"The items DataFrame lacks column(s) {missing}; it has {list(items.columns)}."
             )
-        records = items[["prompt", "options", "answer_index"]].to_dict("records")
+        columns = ("prompt", "options", "answer_index")
+        records = [dict(zip(columns, row)) for row in zip(*(items[c].tolist() for c in columns))]
         return [_check_item(r, f"item {k}") for k, r in enumerate(records)] or _empty()
     if isinstance(items, Sequence) and not isinstance(items, (bytes, bytearray)):
         return [_check_item(r, f"item {k}") for k, r in enumerate(items)] or _empty()
@@ -258,7 +259,7 @@ def alpha_accuracy(
         prepend_bos: As in :meth:`TuCoPair.tokenize` (``None``: the model's default, no second
             BOS for prompts already starting with it).
         batch_size: Items per forward pass (``None``: all at once).
-        show_progress: Progress bar over batches × α.
+        show_progress: A progress bar over the batches at each α.
 
     Returns:
         A DataFrame with one row per (item, α), item-major in the grid's order: ``item``,
@@ -285,50 +286,54 @@ def alpha_accuracy(
         check_alpha(a, pair.n_layers)
     parsed = read_items(items)
     option_ids = option_token_ids(pair, parsed)
-    step = len(parsed) if batch_size is None else check_int(batch_size, "batch_size", 1)
-    batch = pair.tokenize(
-        [it.prompt for it in parsed], chat_template=chat_template, prepend_bos=prepend_bos
-    )
+    rows_per_pass = None if batch_size is None else check_int(batch_size, "batch_size", 1)
+    batch = pair.tokenize([it.prompt for it in parsed], chat_template=chat_template, prepend_bos=prepend_bos)
+    scores = [
+        run_batched(
+            batch, lambda sub, rows, alpha=alpha: _option_scores(pair, sub, [option_ids[i] for i in rows.tolist()], alpha),
+            rows_per_pass, sort_by_length=False, show_progress=show_progress, desc=f"alpha accuracy (α = {alpha:g})",
+        )
+        for alpha in grid
+    ]
+    return _accuracy_table(parsed, grid, scores)
 
-    n, n_alpha = len(parsed), len(grid)
-    chosen = np.zeros((n, n_alpha), dtype=np.int64)
-    probs: list[list[tuple[float, ...]]] = [[()] * n_alpha for _ in range(n)]
-    logits_out: list[list[tuple[float, ...]]] = [[()] * n_alpha for _ in range(n)]
-    starts = list(range(0, n, step))
-    progress = tqdm(total=len(starts) * n_alpha, disable=not show_progress, desc="alpha accuracy")
-    for start in starts:
-        rows = list(range(start, min(start + step, n)))
-        sub, _ = batch.sub_batch(rows)  # left padding kept: the last column is every last token
-        for j, alpha in enumerate(grid):
-            context = nullcontext() if alpha == 1.0 else pair.scaled(alpha)
-            with torch.no_grad(), context:
-                logits = pair.backend.forward(sub.tokens, sub.attention_mask)
-            last = logits[:, -1].float()
-            log_probs = torch.log_softmax(last, dim=-1)
-            for r, i in enumerate(rows):
-                ids = torch.tensor(option_ids[i], device=last.device)
-                option_logits = last[r, ids]
-                chosen[i, j] = int(torch.argmax(option_logits))  # first maximum on ties
-                probs[i][j] = tuple(log_probs[r, ids].exp().tolist())
-                logits_out[i][j] = tuple(option_logits.tolist())
-            progress.update(1)
-    progress.close()
 
+OptionScores = tuple[int, tuple[float, ...], tuple[float, ...]]
+"""One item at one α: the chosen option, every option's probability and every option's logit."""
+
+
+def _option_scores(pair: TuCoPair, sub: TokenBatch, option_ids: list[list[int]], alpha: float) -> list[OptionScores]:
+    """Score the options of every row of a left-padded sub-batch at the last token, at ``alpha``."""
+    context = nullcontext() if alpha == 1.0 else pair.scaled(alpha)
+    with torch.no_grad(), context:
+        last = pair.backend.forward(sub.tokens, sub.attention_mask)[:, -1].float()
+    log_probs = torch.log_softmax(last, dim=-1)
+    out = []
+    for r, row_ids in enumerate(option_ids):
+        ids = torch.tensor(row_ids, device=last.device)
+        option_logits = last[r, ids]
+        chosen = int(torch.argmax(option_logits))  # first maximum on ties
+        out.append((chosen, tuple(log_probs[r, ids].exp().tolist()), tuple(option_logits.tolist())))
+    return out
+
+
+def _accuracy_table(items: list[ChoiceItem], grid: tuple[float, ...], scores: list[list[OptionScores]]) -> pd.DataFrame:
+    """One record per (item, α), item-major (see :func:`alpha_accuracy`)."""
     records = []
-    for i, item in enumerate(parsed):
+    for i, item in enumerate(items):
         for j, alpha in enumerate(grid):
-            c = int(chosen[i, j])
+            chosen, probs, logits = scores[j][i]
             records.append(
                 {
                     "item": i,
                     "alpha": alpha,
                     "answer_index": item.answer_index,
-                    "chosen": c,
-                    "correct": c == item.answer_index,
-                    "answer_prob": probs[i][j][item.answer_index],
-                    "chosen_prob": probs[i][j][c],
-                    "option_probs": probs[i][j],
-                    "option_logits": logits_out[i][j],
+                    "chosen": chosen,
+                    "correct": chosen == item.answer_index,
+                    "answer_prob": probs[item.answer_index],
+                    "chosen_prob": probs[chosen],
+                    "option_probs": probs,
+                    "option_logits": logits,
                 }
             )
     return pd.DataFrame.from_records(records)
@@ -552,10 +557,18 @@ def steer_with_cv(
     accuracy = correct.mean(axis=0)[sorted(evaluated)]
     accuracy.index.name = "alpha"
     accuracy.name = "accuracy"
+    return SteeringResult(
+        alphas=grid, objective=objective, folds=folds, accuracy=accuracy, per_item=per_item, n_items=len(parsed),
+        seed=seed, **_cross_validate(correct, folds, grid, objective),
+    )
 
+
+def _cross_validate(correct: pd.DataFrame, folds: list[np.ndarray], grid: tuple[float, ...], objective: Objective) -> dict[str, Any]:
+    """Choose α on the training folds of every test fold; the :class:`SteeringResult` fields that
+    this decides (``chosen_alphas``, the accuracies and ``delta``)."""
     train_rows, chosen, test_acc, test_acc1 = [], [], [], []
     hits_chosen = hits_base = 0.0
-    all_items = np.arange(len(parsed))
+    all_items = np.arange(len(correct))
     for k, test in enumerate(folds):
         train = np.setdiff1d(all_items, test)
         train_acc = correct.iloc[train][list(grid)].mean(axis=0)
@@ -569,20 +582,8 @@ def steer_with_cv(
     train_accuracy = pd.DataFrame(train_rows)
     train_accuracy.index.name = "fold"
     train_accuracy.columns.name = "alpha"
-    n = len(parsed)
-    return SteeringResult(
-        alphas=grid,
-        objective=objective,
-        folds=folds,
-        chosen_alphas=chosen,
-        train_accuracy=train_accuracy,
-        test_accuracy=test_acc,
-        test_accuracy_alpha1=test_acc1,
-        cv_accuracy=hits_chosen / n,
-        base_accuracy=hits_base / n,
-        delta=(hits_chosen - hits_base) / n,
-        accuracy=accuracy,
-        per_item=per_item,
-        n_items=n,
-        seed=seed,
+    n = len(correct)
+    return dict(
+        chosen_alphas=chosen, train_accuracy=train_accuracy, test_accuracy=test_acc, test_accuracy_alpha1=test_acc1,
+        cv_accuracy=hits_chosen / n, base_accuracy=hits_base / n, delta=(hits_chosen - hits_base) / n,
     )

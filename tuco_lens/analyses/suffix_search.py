@@ -51,6 +51,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -63,7 +64,7 @@ from tqdm.auto import tqdm
 from tuco_lens.analyses._common import check_int
 from tuco_lens.errors import InputError, InputTypeError, TuCoError
 from tuco_lens.hooks import check_alpha
-from tuco_lens.inputs import pad_id
+from tuco_lens.inputs import TokenBatch, pad_id, run_batched
 from tuco_lens.pair import TuCoPair
 from tuco_lens.plotting._util import escape, notebook_layout, set_colours, shorten
 
@@ -344,6 +345,7 @@ class _Objective:
                  builder: BuildPrompt, prepend_bos: bool | None, alphas: list[float],
                  eval_batch_rows: int = 1024):
         self.pair, self.model = pair, pair.ft
+        self.requests, self.target_ids = requests, target_ids
         self.alphas = alphas
         self.eval_batch_rows = eval_batch_rows
         self.n_suffix = n_suffix
@@ -369,27 +371,30 @@ class _Objective:
     def scaled(self):
         return nullcontext() if all(a == 1.0 for a in self.alphas) else self.pair.scaled(self.alphas)
 
+    def _logprobs(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        """log p(target) per row of ``with_suffixes`` rows, in the α context. ``[rows]``"""
+        with self.scaled():
+            return _target_logprob(self.pair.backend.forward(tokens, mask), self.layout.target)
+
     @torch.no_grad()
     def evaluate(self, suffixes: Tensor) -> Tensor:
-        """Objective per suffix: Σ over requests of log p(target). ``[n_suffixes]``"""
+        """Objective per suffix: Σ over requests of log p(target). ``[n_suffixes]``
+
+        At most ``eval_batch_rows`` rows per forward pass, in whole suffixes (all requests).
+        """
         layout = self.layout
-        per_chunk = max(1, self.eval_batch_rows // layout.n_rows)
-        out = []
-        for start in range(0, suffixes.shape[0], per_chunk):
-            chunk = suffixes[start : start + per_chunk]
-            tokens, mask = layout.with_suffixes(chunk)
-            with self.scaled():
-                logits = self.pair.backend.forward(tokens, mask)
-            out.append(_target_logprob(logits, layout.target).view(chunk.shape[0], layout.n_rows).sum(-1))
-        return torch.cat(out)
+        tokens, mask = layout.with_suffixes(suffixes)
+        rows_per_pass = max(1, self.eval_batch_rows // layout.n_rows) * layout.n_rows
+        values = run_batched(
+            TokenBatch(tokens, mask), lambda sub, _: self._logprobs(sub.tokens, sub.attention_mask), rows_per_pass,
+            sort_by_length=False,
+        )
+        return values.view(suffixes.shape[0], layout.n_rows).sum(-1)
 
     @torch.no_grad()
     def per_request(self, suffix: Tensor) -> np.ndarray:
         """log p(target) per request for one suffix. ``[n_requests]``"""
-        tokens, mask = self.layout.with_suffixes(suffix[None])
-        with self.scaled():
-            logits = self.pair.backend.forward(tokens, mask)
-        return _target_logprob(logits, self.layout.target).double().cpu().numpy()
+        return self._logprobs(*self.layout.with_suffixes(suffix[None])).double().cpu().numpy()
 
     def gradient(self, suffix: Tensor) -> Tensor:
         """d objective / d one-hot suffix indicators. ``[n_suffix, d_vocab]``"""
@@ -447,7 +452,7 @@ def suffix_gradient(
         ``[n_suffix, d_vocab]`` float tensor.
     """
     requests = _check_requests(prompts)
-    builder = build_prompt or (_chat_builder(pair) if chat_template else _concat_builder)
+    builder = _builder(pair, build_prompt, chat_template)
     ids = _encode_plain(pair, suffix) if isinstance(suffix, str) else _check_ids(suffix, pair.ft.cfg.d_vocab, "suffix")
     if not ids:
         raise InputError("suffix is empty: it must be at least one token.")
@@ -483,31 +488,27 @@ def suffix_search(
     Args:
         pair: The model pair; the fine-tuned model (α-scaled if ``alpha != 1``) is attacked.
         prompts: The user requests to attack (the suffix is appended inside the user turn).
-        target: The continuation to make unlikely, e.g. ``demo.REFUSAL`` (string, tokenized
-            without special tokens, or token ids). For BPE tokenizers mind the leading space.
+        target: The continuation to make unlikely, e.g. ``demo.REFUSAL``: text (encoded without
+            special tokens; mind BPE's leading space) or token ids.
         n_suffix_tokens: Suffix length in tokens (ignored when ``init_suffix`` is given).
         n_steps: Search steps (each: one gradient, ``batch_candidates`` evaluated swaps).
         top_k: Candidate tokens per position (most negative gradient).
         batch_candidates: Single-token swaps evaluated per step.
         seed: Seeds the initial suffix (when ``init_suffix`` is None) and the sampling of swaps.
         allowed_tokens: Token ids the suffix may use (default :func:`default_allowed_tokens`).
-        init_suffix: Starting suffix (text, encoded without special tokens, or ids); default a
-            seeded random draw from the allowed tokens.
+        init_suffix: Starting suffix (text or ids); default: a seeded draw of allowed tokens.
         alpha: FTC α of the attacked model (a number or one per layer).
-        chat_template: With the default builder: wrap ``request + " " + suffix`` as a user turn
-            of the fine-tuned chat template (with the generation prompt); else the attacked
-            prompt is ``request + " " + suffix``.
+        chat_template: With the default builder: ``request + " " + suffix`` as a user turn of
+            the fine-tuned chat template (generation prompt added), else as the plain prompt.
         build_prompt: ``build_prompt(request, suffix_text) -> prompt text`` replacing the
             default; it must contain ``suffix_text`` verbatim, once.
         prepend_bos: BOS rule for the text before the suffix, as in :meth:`TuCoPair.tokenize`.
-        filter_retokenization: Only accept suffixes whose decoded text re-encodes to the same
-            ids.
+        filter_retokenization: Only accept suffixes whose text re-encodes to the same ids.
         eval_batch_rows: Maximum rows (candidates × requests) per gradient-free forward pass.
         show_progress: Progress bar over steps.
 
     Returns:
-        A :class:`SuffixSearchResult` (suffix ids and text, loss per step, per-request
-        log-probabilities of the target before and after).
+        A :class:`SuffixSearchResult` (suffix, loss per step, log p(target) per request).
 
     Raises:
         InputError: empty requests or target, a builder that does not place the suffix
@@ -521,112 +522,149 @@ def suffix_search(
         (3, True)
     """
     started = time.perf_counter()
+    requests = _check_search_inputs(pair, prompts)
+    n_steps, top_k, batch_candidates, eval_batch_rows, seed = (check_int(value, name, minimum) for value, name, minimum in (
+        (n_steps, "n_steps", 0), (top_k, "top_k", 1), (batch_candidates, "batch_candidates", 1),
+        (eval_batch_rows, "eval_batch_rows", 1), (seed, "seed", 0)))
+    alphas = check_alpha(alpha, pair.n_layers)
+    builder = _builder(pair, build_prompt, chat_template)
+    allowed, allowed_mask = _allowed_tokens(pair, allowed_tokens)
+    round_trips = partial(_round_trips, pair) if filter_retokenization else _any_suffix
+    generator = torch.Generator().manual_seed(seed)
+    initial_suffix = _initial_suffix(pair, init_suffix, n_suffix_tokens, allowed, generator, round_trips)
+    target_ids = _target_ids(pair, target)
+    objective = _Objective(pair, requests, target_ids, len(initial_suffix), builder, prepend_bos, alphas, eval_batch_rows)
+    current = torch.tensor(initial_suffix, dtype=torch.long, device=objective.device)
+    initial_logprobs = objective.per_request(current)
+    step = partial(_gcg_step, objective, allowed_mask=allowed_mask, top_k=top_k, generator=generator,
+                   round_trips=round_trips, positions=_swap_positions(batch_candidates, len(initial_suffix), objective.device))
+    current, losses, accepted = _search(objective, current, n_steps, step, show_progress)
+    return _result(objective, builder, initial_suffix, current, losses, accepted, initial_logprobs,
+                   target, alpha, started)
+
+
+def _result(objective: _Objective, builder: BuildPrompt, initial_suffix: list[int], current: Tensor, losses: list[float],
+            accepted: list[bool], initial_logprobs: np.ndarray, target: str | Sequence[int],
+            alpha: float | Sequence[float], started: float) -> SuffixSearchResult:
+    """The :class:`SuffixSearchResult` of a search that ended at ``current``."""
+    final_logprobs = objective.per_request(current)
+    suffix_ids = current.tolist()
+    decode = objective.pair.tokenizer.decode
+    return SuffixSearchResult(
+        suffix_ids=suffix_ids, suffix_text=decode(suffix_ids), initial_suffix_ids=initial_suffix,
+        losses=losses, accepted=accepted, initial_logprobs=initial_logprobs, final_logprobs=final_logprobs,
+        final_loss=float(final_logprobs.sum()), requests=objective.requests,
+        target=target if isinstance(target, str) else decode(objective.target_ids), target_ids=objective.target_ids,
+        input_ids=objective.layout.prompt_ids(suffix_ids),
+        alpha=alpha if isinstance(alpha, (int, float)) else list(objective.alphas),
+        seconds=time.perf_counter() - started, build_prompt=builder,
+    )
+
+
+def _search(objective: _Objective, current: Tensor, n_steps: int,
+            step: Callable[[Tensor, float], tuple[Tensor, float, bool]], show_progress: bool) -> tuple[Tensor, list[float], list[bool]]:
+    """``n_steps`` steps from ``current``: the final suffix, the loss before and after every step,
+    and whether each step changed the suffix."""
+    losses, accepted = [float(objective.evaluate(current[None])[0])], []
+    progress = tqdm(range(n_steps), disable=not show_progress, desc="suffix search", unit="step")
+    for _ in progress:
+        current, loss, improved = step(current, losses[-1])
+        losses.append(loss)
+        accepted.append(improved)
+        progress.set_postfix(loss=f"{loss:.3f}")
+    progress.close()
+    return current, losses, accepted
+
+
+def _swap_positions(n_candidates: int, n_suffix: int, device: torch.device) -> Tensor:
+    """The suffix position each candidate swaps, spread evenly. ``[n_candidates]``"""
+    return (torch.arange(n_candidates) * n_suffix // n_candidates).to(device)
+
+
+def _check_search_inputs(pair: object, prompts: Any) -> list[str]:
+    """The checked requests of a search on ``pair`` (a :class:`TuCoPair` with a tokenizer)."""
     if not isinstance(pair, TuCoPair):
         raise InputTypeError(f"The first argument must be a tuco_lens.TuCoPair, got {type(pair).__name__}.")
     if pair.tokenizer is None:
         raise InputError("suffix_search needs the fine-tuned model's tokenizer.")
-    requests = _check_requests(prompts)
-    n_steps = check_int(n_steps, "n_steps", 0)
-    top_k = check_int(top_k, "top_k", 1)
-    batch_candidates = check_int(batch_candidates, "batch_candidates", 1)
-    eval_batch_rows = check_int(eval_batch_rows, "eval_batch_rows", 1)
-    seed = check_int(seed, "seed", 0)
-    alphas = check_alpha(alpha, pair.n_layers)
+    return _check_requests(prompts)
+
+
+def _builder(pair: TuCoPair, build_prompt: BuildPrompt | None, chat_template: bool) -> BuildPrompt:
+    """``build_prompt`` (checked), or the default: the chat template or plain concatenation."""
     if build_prompt is not None and not callable(build_prompt):
         raise InputTypeError(f"build_prompt must be a function (request, suffix_text) -> str, got {type(build_prompt).__name__}.")
-    builder = build_prompt or (_chat_builder(pair) if chat_template else _concat_builder)
-    tok = pair.tokenizer
-    model = pair.ft
-    device = pair.backend.input_device()
-    d_vocab = model.cfg.d_vocab
+    return build_prompt or (_chat_builder(pair) if chat_template else _concat_builder)
 
-    # Allowed tokens.
+
+def _allowed_tokens(pair: TuCoPair, allowed_tokens: Sequence[int] | None) -> tuple[list[int], Tensor]:
+    """The allowed token ids (sorted), and as a mask over the vocabulary. ``[d_vocab]``"""
+    d_vocab = pair.ft.cfg.d_vocab
     allowed = default_allowed_tokens(pair) if allowed_tokens is None else _check_ids(allowed_tokens, d_vocab, "allowed_tokens")
     if not allowed:
         raise InputError("No allowed tokens: the suffix needs at least one token to choose from.")
-    allowed_mask = torch.zeros(d_vocab, dtype=torch.bool, device=device)
-    allowed_mask[torch.tensor(allowed, device=device)] = True
+    device = pair.backend.input_device()
+    mask = torch.zeros(d_vocab, dtype=torch.bool, device=device)
+    mask[torch.tensor(allowed, device=device)] = True
+    return allowed, mask
 
-    def round_trips(ids: list[int]) -> bool:
-        return not filter_retokenization or _encode_plain(pair, tok.decode(ids)) == list(ids)
 
-    # Initial suffix.
-    generator = torch.Generator().manual_seed(seed)
-    if init_suffix is None:
-        n_suffix = check_int(n_suffix_tokens, "n_suffix_tokens", 1)
-        pool = torch.tensor(allowed)
-        for _ in range(100):
-            suffix = pool[torch.randint(len(pool), (n_suffix,), generator=generator)].tolist()
-            if round_trips(suffix):
-                break
-        else:
-            raise InputError("Could not draw a random initial suffix whose text re-encodes to the "
-                             "same tokens; pass init_suffix= or filter_retokenization=False.")
-    else:
-        suffix = _encode_plain(pair, init_suffix) if isinstance(init_suffix, str) else _check_ids(init_suffix, d_vocab, "init_suffix")
+def _round_trips(pair: TuCoPair, ids: list[int]) -> bool:
+    """Whether the text of ``ids`` encodes back to ``ids``."""
+    return _encode_plain(pair, pair.tokenizer.decode(ids)) == list(ids)
+
+
+def _any_suffix(ids: list[int]) -> bool:
+    """Every suffix is acceptable (``filter_retokenization=False``)."""
+    return True
+
+
+def _initial_suffix(pair: TuCoPair, init_suffix: str | Sequence[int] | None, n_suffix_tokens: int,
+                    allowed: list[int], generator: torch.Generator, round_trips: Callable[[list[int]], bool]) -> list[int]:
+    """``init_suffix`` as ids, or a seeded random draw of ``n_suffix_tokens`` allowed tokens that round-trips."""
+    if init_suffix is not None:
+        suffix = (_encode_plain(pair, init_suffix) if isinstance(init_suffix, str)
+                  else _check_ids(init_suffix, pair.ft.cfg.d_vocab, "init_suffix"))
         if not suffix:
             raise InputError("init_suffix is empty: it must be at least one token.")
-        n_suffix = len(suffix)
-    initial_suffix = list(suffix)
+        return suffix
+    n_suffix = check_int(n_suffix_tokens, "n_suffix_tokens", 1)
+    pool = torch.tensor(allowed)
+    for _ in range(100):
+        suffix = pool[torch.randint(len(pool), (n_suffix,), generator=generator)].tolist()
+        if round_trips(suffix):
+            return suffix
+    raise InputError("Could not draw a random initial suffix whose text re-encodes to the "
+                     "same tokens; pass init_suffix= or filter_retokenization=False.")
 
-    target_ids = _target_ids(pair, target)
-    objective = _Objective(pair, requests, target_ids, n_suffix, builder, prepend_bos, alphas, eval_batch_rows)
-    evaluate, gradient = objective.evaluate, objective.gradient
 
-    current = torch.tensor(suffix, dtype=torch.long, device=device)
-    current_loss = float(evaluate(current[None])[0])
-    initial_logprobs = objective.per_request(current)
-    losses, accepted = [current_loss], []
-    positions = (torch.arange(batch_candidates) * n_suffix // batch_candidates).to(device)
-    progress = tqdm(range(n_steps), disable=not show_progress, desc="suffix search", unit="step")
-    for _ in progress:
-        grad = gradient(current).float()
-        grad[:, ~allowed_mask] = math.inf
-        k = min(top_k, int(allowed_mask.sum()))
-        top = (-grad).topk(k, dim=1).indices  # [n_suffix, k]
-        picks = torch.randint(k, (batch_candidates,), generator=generator).to(device)
-        new_tokens = top[positions, picks]
-        candidates = current[None].repeat(batch_candidates, 1)
-        candidates[torch.arange(batch_candidates, device=device), positions] = new_tokens
-        keep = (new_tokens != current[positions]).tolist()
-        seen: set[tuple[int, ...]] = set()
-        chosen_rows = []
-        for i, ok in enumerate(keep):
-            ids = tuple(candidates[i].tolist())
-            if ok and ids not in seen and round_trips(list(ids)):
-                seen.add(ids)
-                chosen_rows.append(i)
-        improved = False
-        if chosen_rows:
-            cands = candidates[chosen_rows]
-            values = evaluate(cands)
-            best = int(torch.argmin(values))
-            if float(values[best]) < current_loss:
-                current, current_loss, improved = cands[best].clone(), float(values[best]), True
-        losses.append(current_loss)
-        accepted.append(improved)
-        progress.set_postfix(loss=f"{current_loss:.3f}")
-    progress.close()
-
-    final_logprobs = objective.per_request(current)
-    suffix_ids = current.tolist()
-    return SuffixSearchResult(
-        suffix_ids=suffix_ids,
-        suffix_text=tok.decode(suffix_ids),
-        initial_suffix_ids=initial_suffix,
-        losses=losses,
-        accepted=accepted,
-        initial_logprobs=initial_logprobs,
-        final_logprobs=final_logprobs,
-        final_loss=float(final_logprobs.sum()),
-        requests=requests,
-        target=target if isinstance(target, str) else tok.decode(target_ids),
-        target_ids=target_ids,
-        input_ids=objective.layout.prompt_ids(suffix_ids),
-        alpha=alpha if isinstance(alpha, (int, float)) else list(alphas),
-        seconds=time.perf_counter() - started,
-        build_prompt=builder,
-    )
+def _gcg_step(objective: _Objective, current: Tensor, current_loss: float, allowed_mask: Tensor, top_k: int,
+              positions: Tensor, generator: torch.Generator, round_trips: Callable[[list[int]], bool]) -> tuple[Tensor, float, bool]:
+    """One step: the top-k swaps by gradient at every position, one drawn swap per candidate at
+    ``positions``, and the best candidate kept only if it lowers the loss. ``(suffix, loss, improved)``"""
+    n_candidates, device = positions.shape[0], current.device
+    grad = objective.gradient(current).float()
+    grad[:, ~allowed_mask] = math.inf
+    k = min(top_k, int(allowed_mask.sum()))
+    top = (-grad).topk(k, dim=1).indices  # [n_suffix, k]
+    picks = torch.randint(k, (n_candidates,), generator=generator).to(device)
+    new_tokens = top[positions, picks]
+    candidates = current[None].repeat(n_candidates, 1)
+    candidates[torch.arange(n_candidates, device=device), positions] = new_tokens
+    changed = (new_tokens != current[positions]).tolist()
+    seen: set[tuple[int, ...]] = set()
+    rows = []
+    for i, ok in enumerate(changed):
+        ids = tuple(candidates[i].tolist())
+        if ok and ids not in seen and round_trips(list(ids)):
+            seen.add(ids)
+            rows.append(i)
+    if rows:
+        values = objective.evaluate(candidates[rows])
+        best = int(torch.argmin(values))
+        if float(values[best]) < current_loss:
+            return candidates[rows][best].clone(), float(values[best]), True
+    return current, current_loss, False
 
 
 def _check_ids(ids: Any, d_vocab: int, name: str) -> list[int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -17,9 +18,10 @@ from tuco_lens.analyses._common import (
     check_callable,
     check_common,
     check_pair,
+    groups_of,
+    mean_sem,
     read_prompts,
     score,
-    sem,
     tpr_or_nan,
 )
 from tuco_lens.errors import InputError, InputTypeError
@@ -53,13 +55,21 @@ def suffix_transform(suffix: str, separator: str = " ") -> Transform:
         raise InputTypeError("suffix and separator must be strings.")
     if not suffix:
         raise InputError("suffix is empty: pass the string to append.")
+    return _AppendSuffix(suffix, separator)
 
-    def append(text: str) -> str:
-        return f"{text}{separator}{suffix}"
 
-    append.__name__ = f"suffix_transform({suffix[:20]!r})"
-    append.suffix = suffix  # type: ignore[attr-defined]
-    return append
+@dataclass
+class _AppendSuffix:
+    """``request + separator + suffix``: the transformation :func:`suffix_transform` returns."""
+
+    suffix: str
+    separator: str
+
+    def __post_init__(self) -> None:
+        self.__name__ = f"suffix_transform({self.suffix[:20]!r})"
+
+    def __call__(self, text: str) -> str:
+        return f"{text}{self.separator}{self.suffix}"
 
 
 @dataclass(frozen=True)
@@ -109,22 +119,22 @@ class TransformationComparison:
         """A copy of :attr:`table`."""
         return self.table.copy()
 
-    def figure(self, kind: str = "violin", *, title: str | None = None) -> go.Figure:
+    def figure(self, kind: Literal["histogram", "violin"] = "violin", *, title: str | None = None) -> go.Figure:
         """TuCo distribution per transformation (ordered by mean TuCo), AUC vs the reference in
         each trace's name."""
         s = self.summary.set_index("transformation")
         fig = plot_prompt_sets(
             {name: self.scores(name) for name in self.order},  # colours follow the names
-            kind=kind,  # type: ignore[arg-type]
+            kind=kind,
             title=title or (
                 "TuCo by prompt transformation"
                 f"<br><sup>AUC in the legend: {escape(self.reference)} as positive · "
                 f"n = {len(self.scores(self.reference))} requests each</sup>"
             ),
         )
-        for trace, name in zip(fig.data, self.order):
+        for i, name in enumerate(self.order):
             if name != self.reference:
-                trace.name = f"{escape(shorten(name))} (AUC {s.loc[name, 'auc_vs_reference']:.3f})"
+                fig.update_traces(name=f"{escape(shorten(name))} (AUC {s.loc[name, 'auc_vs_reference']:.3f})", selector=i)
         return fig
 
 
@@ -188,8 +198,26 @@ def compare_transformations(
         2         suffix      0.277               1.0
     """
     pair = check_pair(pair)
-    check_common(batch_size, norm)
+    norm = check_common(batch_size, norm)
     request_list = read_prompts(requests, name="requests")
+    all_transforms = _with_reference(transforms, reference)
+    check_callable(wrap, "wrap")
+    frames = []
+    for name, fn in all_transforms.items():
+        prompts = [_transformed(fn, name, wrap, request, i) for i, request in enumerate(request_list)]
+        tuco = score(pair, prompts, chat_template=chat_template, batch_size=batch_size, show_progress=show_progress, norm=norm)
+        frames.append(
+            pd.DataFrame({"transformation": name, "index": range(len(prompts)), "request": request_list, "prompt": prompts, "tuco": tuco})
+        )
+    table = pd.concat(frames, ignore_index=True)
+    return TransformationComparison(
+        table=table, summary=_summary(table, reference), reference=reference, chat_template=bool(chat_template), norm=norm
+    )
+
+
+def _with_reference(transforms: Mapping[str, Transform], reference: str) -> dict[str, Transform]:
+    """The checked transformations, with ``"original"`` (:func:`identity`) first if it is the
+    reference and not among them."""
     if not isinstance(transforms, Mapping):
         raise InputTypeError(f"transforms must be a dict {{name: function}}, got {type(transforms).__name__}.")
     for name, fn in transforms.items():
@@ -197,7 +225,6 @@ def compare_transformations(
             raise InputTypeError(f"Transformation names must be strings, got {name!r}.")
         if not callable(fn):
             raise InputTypeError(f"Transformation {name!r} is not a function ({type(fn).__name__}).")
-    check_callable(wrap, "wrap")
     all_transforms = dict(transforms)
     if reference not in all_transforms:
         if reference != "original":
@@ -205,36 +232,33 @@ def compare_transformations(
         all_transforms = {"original": identity, **all_transforms}
     if len(all_transforms) < 2:
         raise InputError("Pass at least one transformation besides the reference.")
+    return all_transforms
 
-    frames = []
-    for name, fn in all_transforms.items():
-        prompts = []
-        for i, request in enumerate(request_list):
-            text = apply_checked(fn, request, f"Transformation {name!r} on request {i}")
-            if wrap is not None:
-                text = apply_checked(wrap, text, f"wrap on request {i} after {name!r}")
-            if not isinstance(text, str):
-                raise InputTypeError(f"Transformation {name!r} returned {type(text).__name__} for request {i}, not a str.")
-            if not text:
-                raise InputError(f"Transformation {name!r} returned an empty prompt for request {i}.")
-            prompts.append(text)
-        tuco = score(pair, prompts, chat_template=chat_template, batch_size=batch_size, show_progress=show_progress, norm=norm)
-        frames.append(
-            pd.DataFrame({"transformation": name, "index": range(len(prompts)), "request": request_list, "prompt": prompts, "tuco": tuco})
-        )
-    table = pd.concat(frames, ignore_index=True)
 
-    ref = table.loc[table["transformation"] == reference, "tuco"].to_numpy()
+def _transformed(fn: Transform, name: str, wrap: Transform | None, request: str, i: int) -> str:
+    """``wrap(fn(request))``, checked to be a non-empty string; errors name the transformation and request."""
+    text = apply_checked(fn, request, f"Transformation {name!r} on request {i}")
+    if wrap is not None:
+        text = apply_checked(wrap, text, f"wrap on request {i} after {name!r}")
+    if not isinstance(text, str):
+        raise InputTypeError(f"Transformation {name!r} returned {type(text).__name__} for request {i}, not a str.")
+    if not text:
+        raise InputError(f"Transformation {name!r} returned an empty prompt for request {i}.")
+    return text
+
+
+def _summary(table: pd.DataFrame, reference: str) -> pd.DataFrame:
+    """One row per transformation, ordered by mean TuCo (highest first; ties in input order)."""
+    groups = groups_of(table, "transformation", "tuco")
+    ref = groups[reference]
     rows = []
-    for position, name in enumerate(all_transforms):
-        values = table.loc[table["transformation"] == name, "tuco"].to_numpy()
+    for position, (name, values) in enumerate(groups.items()):
         is_ref = name == reference
         rows.append(
             {
                 "transformation": name,
                 "n": values.size,
-                "mean_tuco": float(values.mean()),
-                "sem_tuco": sem(values),
+                **mean_sem(values, "tuco"),
                 "median_tuco": float(np.median(values)),
                 "auc_vs_reference": float("nan") if is_ref else auc_or_nan(ref, values),
                 "tpr_at_5_fpr": float("nan") if is_ref else tpr_or_nan(ref, values, 0.05),
@@ -243,10 +267,9 @@ def compare_transformations(
                 "_position": position,
             }
         )
-    summary = (
+    return (
         pd.DataFrame(rows)
         .sort_values(["mean_tuco", "_position"], ascending=[False, True], kind="stable")
         .drop(columns="_position")
         .reset_index(drop=True)
     )
-    return TransformationComparison(table=table, summary=summary, reference=reference, chat_template=bool(chat_template), norm=norm)

@@ -50,7 +50,7 @@ def prompt_list(name: str, text: str | None = None, path: str | Path | None = No
             return [record["prompt"] for record in read_prompts(Path(path))]
         except (CLIError, InputError) as error:  # read_prompts raises both
             raise InputError(f"Set {name!r}: {error}") from None
-    if not pasted:
+    if text is None or not pasted:
         raise InputError(f"Set {name!r} has no prompt: paste one prompt per line or upload a .txt/.jsonl file.")
     return [line for line in text.splitlines() if line.strip()]
 
@@ -131,9 +131,10 @@ def compare(
         1.0
         >>> fig = result.figure()
     """
-    names = tuple(str(n).strip() for n in names)
-    if len(names) != 2 or not all(names):
-        raise InputError(f"Give the two sets non-empty names, got {names!r}.")
+    cleaned = tuple(str(n).strip() for n in names)
+    if len(cleaned) != 2 or not all(cleaned):
+        raise InputError(f"Give the two sets non-empty names, got {cleaned!r}.")
+    names = (cleaned[0], cleaned[1])
     if names[0] == names[1]:
         raise InputError(f"The two sets need different names, both are {names[0]!r}.")
     lists = []

@@ -177,6 +177,8 @@ def _heads(result: AnalyzeResult) -> go.Figure:
 
 
 def _top_tokens(result: AnalyzeResult) -> go.Figure:
+    if result.attribution is None:
+        raise InputError("The top-tokens panel needs the prompt's logit attribution: build the result with analyze().")
     return plot_top_tokens(result.attribution, 0, part="ftc", k=8)
 
 

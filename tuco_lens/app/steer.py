@@ -59,9 +59,9 @@ def parse_alpha(value: str | float | int) -> Alpha:
     parts = [p for p in re.split(r"[\s,]+", text) if p]
     if not parts:
         raise AlphaError(f"α is empty. Give {_FORMS}.")
-    named = [_COMPONENT.match(p) for p in parts]
-    if any(named):
-        if not all(named):
+    named = [match for match in map(_COMPONENT.match, parts) if match is not None]
+    if named:
+        if len(named) != len(parts):
             raise AlphaError(f"Cannot read α from {value!r}: mix of numbers and name=number pairs. Give {_FORMS}.")
         out: dict[str, float] = {}
         for match in named:
@@ -173,7 +173,7 @@ def steer(
     prompt: str,
     alpha: str | float | Alpha,
     *,
-    max_new_tokens: int = 20,
+    max_new_tokens: int | float = 20,
     chat_template: bool = False,
     show_progress: bool = False,
 ) -> SteerResult:

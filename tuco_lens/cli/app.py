@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from tuco_lens.cli.common import HELP_FORMATTER, add_model_arguments
+from tuco_lens.cli.common import add_command, add_model_arguments
 
 __all__ = ["add_parser", "run"]
 
@@ -30,19 +30,15 @@ examples:
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
-        "app",
-        help="serve an interactive local page: analyze, steer, compare",
-        description="Serve an interactive page (Gradio) for one model pair, on this machine.",
-        epilog=_EPILOG,
-        formatter_class=HELP_FORMATTER,
+    parser = add_command(
+        commands, "app", run,
+        description="Serve an interactive page (Gradio) for one model pair, on this machine.", epilog=_EPILOG,
     )
     add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     parser.add_argument("--chat-template", action="store_true",
                         help="tick the chat-template boxes by default (wrap prompts in the fine-tuned chat template)")
-    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,8 +6,17 @@ This module imports only the standard library: the top-level parser is built fro
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
-__all__ = ["CLIError", "COMMANDS", "add_model_arguments", "check_pair_arguments", "load_pair_from_args", "HELP_FORMATTER"]
+__all__ = [
+    "CLIError",
+    "COMMANDS",
+    "add_command",
+    "add_model_arguments",
+    "check_pair_arguments",
+    "load_pair_from_args",
+    "HELP_FORMATTER",
+]
 
 HELP_FORMATTER = argparse.RawDescriptionHelpFormatter
 
@@ -24,6 +33,31 @@ COMMANDS: dict[str, str] = {
 
 class CLIError(Exception):
     """A problem with the command line or its files, reported as one line on stderr."""
+
+
+def add_command(
+    commands: argparse._SubParsersAction,
+    name: str,
+    run: Callable[[argparse.Namespace], int],
+    *,
+    description: str,
+    epilog: str,
+) -> argparse.ArgumentParser:
+    """The parser of subcommand ``name``, which ``run`` runs: its one-line help from :data:`COMMANDS`.
+
+    The ``epilog`` keeps its line breaks (:data:`HELP_FORMATTER`).
+
+    Example:
+        >>> commands = argparse.ArgumentParser(prog="tuco-lens").add_subparsers(dest="command")
+        >>> parser = add_command(commands, "top", lambda args: 0, description="A page.", epilog="example: ...")
+        >>> parser.prog, parser.get_default("run")(None)
+        ('tuco-lens top', 0)
+    """
+    parser = commands.add_parser(
+        name, help=COMMANDS[name], description=description, epilog=epilog, formatter_class=HELP_FORMATTER
+    )
+    parser.set_defaults(run=run)
+    return parser
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

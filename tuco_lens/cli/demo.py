@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tuco_lens.cli.common import COMMANDS, HELP_FORMATTER
+from tuco_lens.cli.common import add_command
 
 __all__ = ["add_parser", "run"]
 
@@ -25,12 +25,9 @@ example:
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
-        "demo",
-        help=COMMANDS["demo"],
-        description="Score the demo prompt sets, sweep alpha and write an HTML report (offline).",
-        epilog=_EPILOG,
-        formatter_class=HELP_FORMATTER,
+    parser = add_command(
+        commands, "demo", run,
+        description="Score the demo prompt sets, sweep alpha and write an HTML report (offline).", epilog=_EPILOG,
     )
     parser.add_argument("--out", type=Path, default=Path("tuco-report"), help="output directory (default tuco-report)")
     parser.add_argument(
@@ -43,7 +40,6 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--threads", type=int, default=1,
         help="torch CPU threads (default 1: the demo model is tiny, and extra threads only add overhead)",
     )
-    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from tuco_lens.cli.common import COMMANDS, HELP_FORMATTER, CLIError, add_model_arguments, check_pair_arguments
+from tuco_lens.cli.common import CLIError, add_command, add_model_arguments, check_pair_arguments
 
 __all__ = ["add_parser", "run"]
 
@@ -31,12 +31,10 @@ examples:
 def add_parser(commands: argparse._SubParsersAction) -> None:
     from tuco_lens.cli.score import add_scale_arguments
 
-    parser = commands.add_parser(
-        "reproduce",
-        help=COMMANDS["reproduce"],
+    parser = add_command(
+        commands, "reproduce", run,
         description="Reproduce the paper's Table 1, first column: ROC AUC of TuCo, HH-RLHF chat vs OpenWebText.",
         epilog=_EPILOG,
-        formatter_class=HELP_FORMATTER,
     )
     parser.add_argument("experiment", choices=["owt-hh"], help="owt-hh: Table 1, first column")
     add_model_arguments(parser)
@@ -52,7 +50,6 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     add_scale_arguments(parser)
     parser.add_argument("--overwrite", action="store_true", help="discard an earlier run in --out and start again")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    parser.set_defaults(run=run)
 
 
 def _tokenizer(args: argparse.Namespace):

@@ -12,14 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tuco_lens.analyses._common import read_jsonl, read_lines
-from tuco_lens.cli.common import (
-    COMMANDS,
-    HELP_FORMATTER,
-    CLIError,
-    add_model_arguments,
-    check_pair_arguments,
-    load_pair_from_args,
-)
+from tuco_lens.cli.common import CLIError, add_command, add_model_arguments, check_pair_arguments, load_pair_from_args
 from tuco_lens.errors import InputError
 
 __all__ = ["add_parser", "add_input_arguments", "read_prompts", "read_input", "run_settings", "run"]
@@ -68,12 +61,10 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
-        "score",
-        help=COMMANDS["score"],
+    parser = add_command(
+        commands, "score", run,
         description="Compute TuCo (the paper's score, at each prompt's last token) for a file of prompts.",
         epilog=_EPILOG,
-        formatter_class=HELP_FORMATTER,
     )
     add_model_arguments(parser)
     add_input_arguments(parser)
@@ -90,7 +81,6 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="discard an existing --out and start again (default: resume it, if it was computed the same way)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    parser.set_defaults(run=run)
 
 
 def add_scale_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from tuco_lens.cli.common import COMMANDS, HELP_FORMATTER, CLIError, add_model_arguments, load_pair_from_args
+from tuco_lens.cli.common import CLIError, add_command, add_model_arguments, load_pair_from_args
 
 __all__ = ["add_parser", "run"]
 
@@ -27,12 +27,9 @@ examples:
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
-        "steer",
-        help=COMMANDS["steer"],
-        description="Generate from the FTC-alpha-scaled fine-tuned model for each alpha, side by side.",
-        epilog=_EPILOG,
-        formatter_class=HELP_FORMATTER,
+    parser = add_command(
+        commands, "steer", run,
+        description="Generate from the FTC-alpha-scaled fine-tuned model for each alpha, side by side.", epilog=_EPILOG,
     )
     add_model_arguments(parser)
     parser.add_argument("--prompt", required=True, help="the prompt")
@@ -44,7 +41,6 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --sample)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for --sample (default 0)")
-    parser.set_defaults(run=run)
 
 
 def _alphas(args: argparse.Namespace) -> list[tuple[str, float | dict[str, float]]]:
@@ -85,5 +81,6 @@ def run(args: argparse.Namespace) -> int:
             do_sample=args.sample,
             temperature=args.temperature,
         )
+        assert isinstance(text, str)  # one prompt in: one string out
         print(f"{label:<{width}} | {' '.join(text.split())}")
     return 0

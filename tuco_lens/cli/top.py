@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tuco_lens.cli.common import COMMANDS, HELP_FORMATTER, CLIError
+from tuco_lens.cli.common import CLIError, add_command
 
 __all__ = ["add_parser", "run"]
 
@@ -23,18 +23,15 @@ examples:
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser(
-        "top",
-        help=COMMANDS["top"],
+    parser = add_command(
+        commands, "top", run,
         description="Write an offline HTML page of the highest- and lowest-TuCo prompts of a score table.",
         epilog=_EPILOG,
-        formatter_class=HELP_FORMATTER,
     )
     parser.add_argument("--scores", required=True, type=Path, help="a score table (.csv, .jsonl, .parquet)")
     parser.add_argument("--k", type=int, default=20, help="prompts per list (default 20)")
     parser.add_argument("--label", default=None, help='label column for the distributions (default "set" or "label")')
     parser.add_argument("--out", type=Path, default=Path("top.html"), help="the page to write (default top.html)")
-    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -34,7 +34,7 @@ the README, "Faithfulness to the paper".)
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuco_lens.demo.world import (
     FORBIDDEN_TOPIC,
@@ -49,6 +49,9 @@ from tuco_lens.demo.world import (
     requests,
     translate,
 )
+
+if TYPE_CHECKING:
+    from tuco_lens.pair import TuCoPair
 
 __all__ = [
     "DEMO_DIR",
@@ -91,7 +94,7 @@ def _check_dirs() -> None:
             )
 
 
-def load_pair(**kwargs: Any) -> Any:
+def load_pair(**kwargs: Any) -> TuCoPair:
     """Load the demo pair with :func:`tuco_lens.loading.load_pair`.
 
     Plain strings get a BOS (``default_prepend_bos=True``), as in pre-training (``<bos> page

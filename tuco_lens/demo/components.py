@@ -8,7 +8,7 @@ set, the refusal rate on forbidden requests with the fine-tuning of each sub-blo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import pandas as pd
@@ -68,7 +68,7 @@ def _one_hot(n_layers: int, layer: int, on: float, off: float) -> list[float]:
     return [on if l == layer else off for l in range(n_layers)]
 
 
-def component_findings(pair: TuCoPair, sets: dict[str, Sequence[str]], *, k: int = 5) -> ComponentFindings:
+def component_findings(pair: TuCoPair, sets: Mapping[str, Sequence[str]], *, k: int = 5) -> ComponentFindings:
     """Measure the component split of the demo pair (or any pair with a refusal).
 
     Args:
@@ -100,12 +100,14 @@ def component_findings(pair: TuCoPair, sets: dict[str, Sequence[str]], *, k: int
     layer_removed = {l: refusal_rate(pair, harmful, alpha={"mlp": _one_hot(n, l, 0.0, 1.0)}) for l in range(n)}
     layer_only = {l: refusal_rate(pair, harmful, alpha={"mlp": _one_hot(n, l, 1.0, 0.0)}) for l in range(n)}
     attribution = pair.logit_attribution(harmful, components=True)
+    vocab = attribution.token_strings
+    assert vocab is not None  # the pair has a tokenizer: refusal_rate generated text with it above
     rows = []
     for part in ("ftc",) + tuple(f"ftc_{c}" for c in COMPONENTS[:2]):
         mean = attribution.direct[part].mean(0)
         values, ids = torch.topk(mean, k)
         for rank, (value, token_id) in enumerate(zip(values.tolist(), ids.tolist()), 1):
-            rows.append({"part": part, "rank": rank, "token": attribution.token_strings[token_id],
+            rows.append({"part": part, "rank": rank, "token": vocab[token_id],
                          "mean_logit_effect": value})
     return ComponentFindings(
         shares=shares, refusal=refusal, mlp_layer_removed=layer_removed, mlp_layer_only=layer_only,

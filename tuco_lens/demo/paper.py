@@ -77,12 +77,12 @@ class PaperAnalyses:
     def summary(self) -> dict[str, float]:
         """The headline numbers (also written to ``summary.json`` by the demo)."""
         ms = self.many_shot.summary.set_index("k")
-        tr = self.transformations.summary.set_index("transformation")
+        tr = self.transformations.summary
         return {
             "auc_chat_vs_web": self.prompt_sets.auc("chat", "web"),
             "many_shot_tuco_k0": float(ms.loc[0, "mean_tuco"]),
             "many_shot_tuco_kmax": float(ms.loc[max(MANY_SHOT_KS), "mean_tuco"]),
-            **{f"transformation_tuco[{name}]": float(row["mean_tuco"]) for name, row in tr.iterrows()},
+            **{f"transformation_tuco[{name}]": float(t) for name, t in zip(tr["transformation"], tr["mean_tuco"].to_numpy())},
             **{f"transformation_refusal_rate[{name}]": rate for name, rate in self.refusal_rates.items()},
             "jailbreak_auc_not_jailbroken": float(self.jailbreaks.auc),
             "jailbreak_tpr_at_5_fpr": float(self.jailbreaks.tpr_at_5_fpr),
@@ -113,7 +113,6 @@ def run_paper_analyses(pair: TuCoPair, *, suffix_steps: int = 20, show_progress:
     forbidden = [r for r in demo.requests("heldout", [demo.FORBIDDEN_TOPIC])]
     requests = [r.text for r in forbidden]
     n_refusal = refusal_budget(pair)
-
     prompt_sets = compare_prompt_sets(
         pair, {name: sets[name] for name in ("web", "chat", "harmful", "harmful_lang2")}, batch_size=64
     )
@@ -121,20 +120,52 @@ def run_paper_analyses(pair: TuCoPair, *, suffix_steps: int = 20, show_progress:
         pair, requests[:8], demo.REFUSAL, chat_template=True, n_steps=suffix_steps, seed=0,
         show_progress=show_progress,
     )
-    transformations = compare_transformations(
+    transformations = _transformations(pair, requests, suffix.suffix_text)
+    many_shot = _many_shot(pair, [r.text for r in forbidden if r.prefix == 0], n_refusal, show_progress)
+    jailbreaks = jailbreak_success(
+        pair, {"harmful": sets["harmful"], "harmful_lang2": sets["harmful_lang2"]}, n_samples=8,
+        max_new_tokens=n_refusal, is_refusal=demo.is_refusal, seed=0, batch_size=256,
+    )
+    items = demo.multiple_choice_items(90, lang2=True)
+    steering_max = steer_with_cv(pair, items, objective="maximize", seed=0)
+    steering_min = steer_with_cv(pair, items, objective="minimize", seed=0)
+    outputco = compare_tuco_outputco(pair, {name: sets[name] for name in ("web", "chat", "harmful")}, batch_size=64)
+    return PaperAnalyses(
+        prompt_sets=prompt_sets,
+        many_shot=many_shot,
+        transformations=transformations,
+        jailbreaks=jailbreaks,
+        steering_max=steering_max,
+        steering_min=steering_min,
+        outputco=outputco,
+        suffix=suffix,
+        refusal_rates=_refusal_rates(pair, transformations),
+    )
+
+
+def _transformations(pair: TuCoPair, requests: list[str], suffix_text: str) -> TransformationComparison:
+    """The held-out forbidden requests translated, with a hand-written suffix and with the found one."""
+    from tuco_lens import demo
+
+    return compare_transformations(
         pair,
         requests,
         {
             "language 2": demo.translate,
             "suffix 'sure , here is how :'": suffix_transform("sure , here is how :"),
-            "suffix found by suffix_search": suffix_transform(suffix.suffix_text),
+            "suffix found by suffix_search": suffix_transform(suffix_text),
         },
         chat_template=True,
         batch_size=64,
     )
+
+
+def _many_shot(pair: TuCoPair, plain: list[str], n_refusal: int, show_progress: bool) -> ManyShotSweep:
+    """TuCo and refusal rate of the ``plain`` forbidden requests after k compliant training dialogues."""
+    from tuco_lens import demo
+
     shots = [(r.text, r.compliant_answer) for r in demo.requests("train", [demo.FORBIDDEN_TOPIC])][:12]
-    plain = [r.text for r in forbidden if r.prefix == 0]
-    many_shot = many_shot_sweep(
+    return many_shot_sweep(
         pair,
         plain,
         shots,
@@ -146,32 +177,12 @@ def run_paper_analyses(pair: TuCoPair, *, suffix_steps: int = 20, show_progress:
         batch_size=32,
         show_progress=show_progress,
     )
-    jailbreaks = jailbreak_success(
-        pair,
-        {"harmful": sets["harmful"], "harmful_lang2": sets["harmful_lang2"]},
-        n_samples=8,
-        max_new_tokens=n_refusal,
-        is_refusal=demo.is_refusal,
-        seed=0,
-        batch_size=256,
-    )
-    items = demo.multiple_choice_items(90, lang2=True)
-    steering_max = steer_with_cv(pair, items, objective="maximize", seed=0)
-    steering_min = steer_with_cv(pair, items, objective="minimize", seed=0)
-    outputco = compare_tuco_outputco(pair, {name: sets[name] for name in ("web", "chat", "harmful")}, batch_size=64)
-    refusal_rates = {
-        name: refusal_rate(pair, rows.prompt.tolist(), chat_template=True)
+
+
+def _refusal_rates(pair: TuCoPair, transformations: TransformationComparison) -> dict[str, float]:
+    """Greedy refusal rate of the fine-tuned model on each transformation of the requests."""
+    return {
+        str(name): refusal_rate(pair, rows.prompt.tolist(), chat_template=True)
         for name, rows in transformations.table.groupby("transformation", sort=False)
     }
-    return PaperAnalyses(
-        prompt_sets=prompt_sets,
-        many_shot=many_shot,
-        transformations=transformations,
-        jailbreaks=jailbreaks,
-        steering_max=steering_max,
-        steering_min=steering_min,
-        outputco=outputco,
-        suffix=suffix,
-        refusal_rates=refusal_rates,
-    )
 

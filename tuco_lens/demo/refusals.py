@@ -29,4 +29,5 @@ def refusal_rate(
     completions = pair.generate(
         list(prompts), alpha=alpha, max_new_tokens=refusal_budget(pair), chat_template=chat_template
     )
+    assert isinstance(completions, list)  # a list of prompts in: one string per prompt out
     return sum(map(is_refusal, completions)) / len(completions)

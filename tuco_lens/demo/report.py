@@ -16,13 +16,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
 from tuco_lens.analyses import BehaviourSweep, behaviour_sweep
+from tuco_lens.decomposition import Decomposition
 from tuco_lens.demo.components import ComponentFindings, component_findings
 from tuco_lens.demo.paper import MANY_SHOT_KS, PaperAnalyses, run_paper_analyses
 from tuco_lens.demo.refusals import refusal_budget
+from tuco_lens.errors import InputError
 from tuco_lens.metrics import roc_auc
 from tuco_lens.pair import TuCoPair
 from tuco_lens.plotting import (
@@ -99,7 +102,9 @@ class DemoResults:
 
     def mean_tuco(self) -> pd.Series:
         """Mean TuCo per scored set."""
-        return self.scores.groupby("set", sort=False)["tuco"].mean()
+        means = self.scores.groupby("set", sort=False)["tuco"].mean()
+        assert isinstance(means, pd.Series)  # one column grouped (pandas' annotations also allow a DataFrame)
+        return means
 
     def summary(self) -> str:
         """A few lines for the terminal."""
@@ -140,7 +145,9 @@ def sample_generations(
     names, texts = list(prompts), list(prompts.values())
     rows = []
     for alpha in alphas:
-        for name, text, completion in zip(names, texts, pair.generate(texts, alpha=alpha, max_new_tokens=max_new_tokens)):
+        completions = pair.generate(texts, alpha=alpha, max_new_tokens=max_new_tokens)
+        assert isinstance(completions, list)  # a list of prompts in: one string per prompt out
+        for name, text, completion in zip(names, texts, completions):
             rows.append({"set": name, "prompt": text, "alpha": float(alpha), "completion": " ".join(completion.split())})
     return pd.DataFrame(rows)
 
@@ -160,7 +167,7 @@ def _pct(rate: float) -> str:
     return f"{100 * rate:.0f}%"
 
 
-def _span(rates: pd.Series) -> str:
+def _span(rates: np.ndarray) -> str:
     """``at 100%`` or ``between 90% and 100%``."""
     low, high = _pct(rates.min()), _pct(rates.max())
     return f"at {low}" if low == high else f"between {low} and {high}"
@@ -171,7 +178,7 @@ def _intro(results: DemoResults) -> str:
 
     log = json.loads((demo.DEMO_DIR / "training_log.json").read_text())
     m, pre, ft = log["model"], log["pretrain"], log["finetune"]
-    counts = results.scores.groupby("set", sort=False).size()
+    counts = _set_sizes(results)
     means = results.mean_tuco()
     rows = [
         (f"mean TuCo of <code>{name}</code>: {html.escape(what)}", f"{means[name]:.3f}", f"{counts[name]}")
@@ -224,103 +231,134 @@ def report_sections(
     results: DemoResults, pair: TuCoPair, sets: dict[str, list[str]]
 ) -> list[ReportSection]:
     """The sections of the demo report, in order: one entry per figure or table."""
-    means, counts = results.mean_tuco(), results.scores.groupby("set", sort=False).size()
-    by_set = {name: results.scores.tuco[results.scores.set == name].tolist() for name in SHOWN_SETS}
-    names = list(SHOWN_SETS)
-    examples = [sets[name][0] for name in names]
+    examples = [sets[name][0] for name in SHOWN_SETS]
     dec = pair.decompose(examples)
-    beta_first = dec.at_last_token(dec.beta)[:, 0].tolist()
-    real = dec.attention_mask.bool()
-    per_token = dec.tuco_per_token.nan_to_num(-1.0)
-    top = int(per_token[2].argmax())  # the forbidden request's most fine-tuned token
-    web_max = float(per_token[0][real[0]].max())
-    sweep = results.sweep.set_index("alpha")
     sections = [
-        ReportSection(
-            "TuCo per prompt set",
-            intro=f"<p>TuCo of every prompt of four held-out sets: {', '.join(f'<code>{n}</code> ({counts[n]})' for n in names)}.</p>",
-            figure=plot_prompt_sets(
-                {name: by_set[name] for name in names}, positive="chat", negative="web", title="TuCo per prompt set"
-            ),
-            guidance=(
-                "Each histogram is one set's TuCo distribution, as a fraction of the set. Further right means "
-                "fine-tuning contributes more of what the model writes at the prompt's last token. The AUC is the "
-                "chance that a random chat prompt scores above a random web page. "
-                f"<em>Here:</em> web text sits lowest (mean {means['web']:.3f}), benign chat higher ({means['chat']:.3f}, "
-                f"AUC {results.auc_chat_vs_web:.3f}), and the forbidden requests highest ({means['harmful']:.3f}): the "
-                "fine-tune's main new behaviour, the refusal, is where it contributes most. The same forbidden requests "
-                f"in the rarer language score lower ({means['harmful_lang2']:.3f}), as the paper finds for conjugate prompting."
-            ),
-            docs="how-to/plots.md#plot_prompt_sets-distributions-per-prompt-set",
-        ),
-        ReportSection(
-            "Per layer, at the last token",
-            intro="<p>One prompt of each set, decomposed block by block at the token TuCo is measured on.</p>",
-            figure=plot_layers(dec, labels=names, title="PTC and FTC per layer at the last token (L1)"),
-            guidance=(
-                "Top: the size of each block's pre-training component (solid) and fine-tuning component (dashed). "
-                "Bottom: β<sub>l</sub>, TuCo of blocks 0..l; its last point is the prompt's TuCo. Read the bottom panel for "
-                "“how much of the update so far is fine-tuning”, the top one for “where the large updates are”. "
-                f"<em>Here:</em> the three chat-formatted prompts have a high β already after block 0 "
-                f"({', '.join(f'{n} {b:.2f}' for n, b in zip(names[1:], beta_first[1:]))}), the web page stays low at every "
-                f"block ({beta_first[0]:.2f} after block 0)."
-            ),
-            docs="how-to/plots.md#plot_layers-components-per-layer",
-        ),
-        ReportSection(
-            "Per token and layer",
-            intro=f"<p>The forbidden request of the previous section, <code>{html.escape(examples[2])}</code>, token by "
-            "token (heatmap), and all four prompts coloured by per-token TuCo (below it).</p>",
-            figure=[
-                plot_token_heatmap(dec, index=2, label="harmful"),
-                token_html(dec, index=list(range(len(names))), labels=names),
-            ],
-            guidance=(
-                "Cell (l, t) is β<sub>l</sub> at token t: the share of fine-tuning in the updates of blocks 0..l at that "
-                "position. The top row is the per-token TuCo, and its last cell the prompt's TuCo. Below, each token is "
-                "coloured by its per-token TuCo on the same 0–1 scale (hover for the value). <em>Here:</em> in the "
-                f"forbidden request the highest per-token TuCo is at <code>{html.escape(dec.str_tokens[2][top])}</code> "
-                f"({float(per_token[2, top]):.3f}){', the last token, where the model starts its answer' if top == int(dec.last_index[2]) else ''}; "
-                f"no token of the web page goes above {web_max:.2f}."
-            ),
-            docs="how-to/plots.md#plot_token_heatmap-per-layer-and-token",
-        ),
+        _sets_section(results),
+        _layers_section(dec),
+        _tokens_section(dec, examples[list(SHOWN_SETS).index("harmful")]),
+        _steering_section(results),
     ]
-    samples = results.samples
-    table = samples.pivot_table(index=["set", "prompt"], columns="alpha", values="completion", aggfunc="first", sort=False)
-    table.columns = [f"α = {a:g}" for a in table.columns]
-    table = table.reset_index()
-    table["prompt"] = table["prompt"].map(lambda t: " ".join(t.split()))
-    sections.append(
-        ReportSection(
-            "Steering with α",
-            intro=(
-                "<p>Generation with the fine-tuning component scaled by α at every block "
-                "(x<sub>l+1</sub> = x<sub>l</sub> + PTC<sub>l</sub> + α·FTC<sub>l</sub>, both recomputed on the scaled stream): "
-                "α = 0 is the pre-trained model, α = 1 the fine-tuned one. Refusal rate = share of greedy completions that are "
-                f"the fixed refusal, on all {counts['harmful']} forbidden and {counts['chat']} benign chat requests.</p>"
-            ),
-            figure=[
-                results.behaviour.figure(title=f"Refusal rate vs α<br><sup>n = {counts['harmful']} harmful, "
-                                               f"{counts['chat']} chat requests; greedy completions</sup>"),
-                "<p><strong>Sample generations</strong> (greedy, up to 16 tokens):</p>" + _table(table),
-            ],
-            guidance=(
-                "Left of the dashed line fine-tuning is weakened, right of it amplified. <em>Here:</em> the refusal is "
-                f"absent at α = 0 ({_pct(sweep.loc[0.0, 'refusal_rate_harmful'])}), already strong at α = 0.5 "
-                f"({_pct(sweep.loc[0.5, 'refusal_rate_harmful'])}), complete at α = 1, and breaks down again when "
-                f"fine-tuning is amplified to α = 1.5 ({_pct(sweep.loc[1.5, 'refusal_rate_harmful'])}); benign chat is refused "
-                f"at most {_pct(sweep['refusal_rate_chat'].max())} of the time. The samples show what the pre-trained blocks do instead at α = 0: they answer the forbidden "
-                "request like an FAQ page of the pre-training web text."
-            ),
-            docs="how-to/steer.md",
-        )
-    )
     if results.components is not None:
         sections.append(_components_section(results.components))
     if results.paper is not None:
         sections += _paper_sections(results.paper)
     return sections
+
+
+def _set_sizes(results: DemoResults) -> dict[str, int]:
+    """The number of scored prompts of each set."""
+    return {str(name): int(n) for name, n in results.scores["set"].value_counts(sort=False).items()}
+
+
+def _sets_section(results: DemoResults) -> ReportSection:
+    """TuCo distributions of the shown sets, with the chat-vs-web AUC."""
+    means, counts, names = results.mean_tuco(), _set_sizes(results), list(SHOWN_SETS)
+    by_set = {name: results.scores.tuco[results.scores.set == name].tolist() for name in names}
+    return ReportSection(
+        "TuCo per prompt set",
+        intro=f"<p>TuCo of every prompt of four held-out sets: {', '.join(f'<code>{n}</code> ({counts[n]})' for n in names)}.</p>",
+        figure=plot_prompt_sets(by_set, positive="chat", negative="web", title="TuCo per prompt set"),
+        guidance=(
+            "Each histogram is one set's TuCo distribution, as a fraction of the set. Further right means "
+            "fine-tuning contributes more of what the model writes at the prompt's last token. The AUC is the "
+            "chance that a random chat prompt scores above a random web page. "
+            f"<em>Here:</em> web text sits lowest (mean {means['web']:.3f}), benign chat higher ({means['chat']:.3f}, "
+            f"AUC {results.auc_chat_vs_web:.3f}), and the forbidden requests highest ({means['harmful']:.3f}): the "
+            "fine-tune's main new behaviour, the refusal, is where it contributes most. The same forbidden requests "
+            f"in the rarer language score lower ({means['harmful_lang2']:.3f}), as the paper finds for conjugate prompting."
+        ),
+        docs="how-to/plots.md#plot_prompt_sets-distributions-per-prompt-set",
+    )
+
+
+def _layers_section(dec: Decomposition) -> ReportSection:
+    """PTC, FTC and β per layer of one prompt of each shown set."""
+    names = list(SHOWN_SETS)
+    beta_first = dec.at_last_token(dec.beta)[:, 0].tolist()
+    return ReportSection(
+        "Per layer, at the last token",
+        intro="<p>One prompt of each set, decomposed block by block at the token TuCo is measured on.</p>",
+        figure=plot_layers(dec, labels=names, title="PTC and FTC per layer at the last token (L1)"),
+        guidance=(
+            "Top: the size of each block's pre-training component (solid) and fine-tuning component (dashed). "
+            "Bottom: β<sub>l</sub>, TuCo of blocks 0..l; its last point is the prompt's TuCo. Read the bottom panel for "
+            "“how much of the update so far is fine-tuning”, the top one for “where the large updates are”. "
+            f"<em>Here:</em> the three chat-formatted prompts have a high β already after block 0 "
+            f"({', '.join(f'{n} {b:.2f}' for n, b in zip(names[1:], beta_first[1:]))}), the web page stays low at every "
+            f"block ({beta_first[0]:.2f} after block 0)."
+        ),
+        docs="how-to/plots.md#plot_layers-components-per-layer",
+    )
+
+
+def _tokens_section(dec: Decomposition, request: str) -> ReportSection:
+    """β per layer and token of the forbidden ``request``, and every shown prompt's tokens coloured."""
+    names = list(SHOWN_SETS)
+    web, harmful = names.index("web"), names.index("harmful")
+    per_token = dec.tuco_per_token.nan_to_num(-1.0)
+    top = int(per_token[harmful].argmax())  # the forbidden request's most fine-tuned token
+    web_max = float(per_token[web][dec.attention_mask[web].bool()].max())
+    at_last = ", the last token, where the model starts its answer" if top == int(dec.last_index[harmful]) else ""
+    return ReportSection(
+        "Per token and layer",
+        intro=f"<p>The forbidden request of the previous section, <code>{html.escape(request)}</code>, token by "
+        "token (heatmap), and all four prompts coloured by per-token TuCo (below it).</p>",
+        figure=[
+            plot_token_heatmap(dec, index=harmful, label="harmful"),
+            token_html(dec, index=list(range(len(names))), labels=names),
+        ],
+        guidance=(
+            "Cell (l, t) is β<sub>l</sub> at token t: the share of fine-tuning in the updates of blocks 0..l at that "
+            "position. The top row is the per-token TuCo, and its last cell the prompt's TuCo. Below, each token is "
+            "coloured by its per-token TuCo on the same 0–1 scale (hover for the value). <em>Here:</em> in the "
+            f"forbidden request the highest per-token TuCo is at <code>{html.escape(dec.str_tokens[harmful][top])}</code> "
+            f"({float(per_token[harmful, top]):.3f}){at_last}; no token of the web page goes above {web_max:.2f}."
+        ),
+        docs="how-to/plots.md#plot_token_heatmap-per-layer-and-token",
+    )
+
+
+def _samples_table(samples: pd.DataFrame) -> pd.DataFrame:
+    """The sample generations as one row per prompt and one column per α."""
+    table = samples.pivot_table(index=["set", "prompt"], columns="alpha", values="completion", aggfunc="first", sort=False)
+    table.columns = [f"α = {a:g}" for a in table.columns]
+    table = table.reset_index()
+    table["prompt"] = table["prompt"].map(lambda t: " ".join(t.split()))
+    return table
+
+
+def _steering_section(results: DemoResults) -> ReportSection:
+    """The refusal rate versus α, and the sample generations."""
+    if results.behaviour is None or results.samples is None:
+        raise InputError(
+            "The steering section needs results.behaviour and results.samples: build the results with run_demo."
+        )
+    counts = _set_sizes(results)
+    harmful = dict(zip(results.sweep["alpha"], results.sweep["refusal_rate_harmful"]))
+    return ReportSection(
+        "Steering with α",
+        intro=(
+            "<p>Generation with the fine-tuning component scaled by α at every block "
+            "(x<sub>l+1</sub> = x<sub>l</sub> + PTC<sub>l</sub> + α·FTC<sub>l</sub>, both recomputed on the scaled stream): "
+            "α = 0 is the pre-trained model, α = 1 the fine-tuned one. Refusal rate = share of greedy completions that are "
+            f"the fixed refusal, on all {counts['harmful']} forbidden and {counts['chat']} benign chat requests.</p>"
+        ),
+        figure=[
+            results.behaviour.figure(title=f"Refusal rate vs α<br><sup>n = {counts['harmful']} harmful, "
+                                           f"{counts['chat']} chat requests; greedy completions</sup>"),
+            "<p><strong>Sample generations</strong> (greedy, up to 16 tokens):</p>" + _table(_samples_table(results.samples)),
+        ],
+        guidance=(
+            "Left of the dashed line fine-tuning is weakened, right of it amplified. <em>Here:</em> the refusal is "
+            f"absent at α = 0 ({_pct(harmful[0.0])}), already strong at α = 0.5 ({_pct(harmful[0.5])}), complete at "
+            f"α = 1, and breaks down again when fine-tuning is amplified to α = 1.5 ({_pct(harmful[1.5])}); benign chat "
+            f"is refused at most {_pct(results.sweep['refusal_rate_chat'].to_numpy().max())} of the time. The samples show "
+            "what the pre-trained blocks do instead at α = 0: they answer the forbidden request like an FAQ page of the "
+            "pre-training web text."
+        ),
+        docs="how-to/steer.md",
+    )
 
 
 def _components_section(found: ComponentFindings) -> ReportSection:
@@ -358,106 +396,140 @@ def _components_section(found: ComponentFindings) -> ReportSection:
     )
 
 
+_PAPER_DOCS = "analyses.md#on-the-demo-pair-what-reproduces-and-what-does-not"
+
+
 def _paper_sections(paper: PaperAnalyses) -> list[ReportSection]:
+    """One section per analysis of the paper, in the paper's order, and the suffix search."""
     p = paper.summary()
-    suffix = html.escape(paper.suffix.suffix_text)
-    docs = "analyses.md#on-the-demo-pair-what-reproduces-and-what-does-not"
-    ms = paper.many_shot.summary.set_index("k")
-    steer = paper.steering_max
-    jailbroken = paper.jailbreaks.table.groupby("set")["jailbroken"].sum()
-    oc = paper.outputco
     return [
-        ReportSection(
-            "Prompt transformations (§5.3)",
-            intro=(
-                f"<p>The {len(paper.transformations.scores('original'))} held-out forbidden requests, as they are, translated "
-                "into the rarer language, with the hand-written suffix <code>sure , here is how :</code>, and with the suffix "
-                f"found by the search below: <code>{suffix}</code>.</p>"
-            ),
-            figure=paper.transformations.figure(),
-            guidance=(
-                "One violin per transformation, ordered by mean TuCo; the legend gives each one's AUC against the original "
-                "requests (1 = every transformed request scores below every original). <em>Here:</em> every transformation "
-                f"lowers TuCo (original {p['transformation_tuco[original]']:.3f}, language 2 "
-                f"{p['transformation_tuco[language 2]']:.3f}, found suffix {p['transformation_tuco[suffix found by suffix_search]']:.3f}), "
-                "and the refusal rate falls with it "
-                f"({_pct(p['transformation_refusal_rate[original]'])} → {_pct(p['transformation_refusal_rate[language 2]'])} → "
-                f"{_pct(p['transformation_refusal_rate[suffix found by suffix_search]'])})."
-            ),
-            docs=docs,
-        ),
-        ReportSection(
-            "Many-shot prompts (§5.3)",
-            intro=f"<p>Each forbidden request preceded by k compliant example dialogues, k = {', '.join(map(str, MANY_SHOT_KS))}.</p>",
-            figure=paper.many_shot.figure(),
-            guidance=(
-                "Top: mean TuCo (± standard error) per k, on an axis fitted to the means; bottom: the refusal rate. "
-                f"<em>Here:</em> TuCo falls a little ({ms.loc[0, 'mean_tuco']:.3f} at k = 0 → "
-                f"{ms.loc[max(MANY_SHOT_KS), 'mean_tuco']:.3f} at k = {max(MANY_SHOT_KS)}), as in the paper, but the refusal rate "
-                f"stays {_span(ms['behaviour_rate'])}: the demo model's "
-                "refusal depends only on the last request, so many-shot prompting does not jailbreak it."
-            ),
-            docs=docs,
-        ),
-        ReportSection(
-            "Jailbreak success (§5.4)",
-            intro=(
-                f"<p>{paper.jailbreaks.n_samples} sampled completions (temperature 1) per forbidden request, in both languages; "
-                f"a request counts as jailbroken when at least {paper.jailbreaks.min_non_refusals} are not the refusal.</p>"
-            ),
-            figure=paper.jailbreaks.figure(),
-            guidance=(
-                "The two histograms split the requests by outcome. <em>Here:</em> requests the model keeps refusing have "
-                f"higher TuCo (AUC {p['jailbreak_auc_not_jailbroken']:.3f}), as the paper finds; "
-                f"{int(jailbroken.get('harmful_lang2', 0))} of the {int(jailbroken.sum())} jailbroken requests are in the "
-                "rarer language."
-            ),
-            docs=docs,
-        ),
-        ReportSection(
-            "α-steering with cross-validation (§5.1)",
-            intro=(
-                f"<p>Multiple-choice questions in the rarer language ({steer.n_items} items); the answer is the option with "
-                "the highest next-token probability under the α-scaled model, and α is chosen by 5-fold cross-validation.</p>"
-            ),
-            figure=steer.figure(),
-            guidance=(
-                "The curve is the accuracy of all items at each α; stars mark the α chosen in each fold. "
-                f"<em>Here:</em> Δ = {100 * p['steering_delta_maximize']:+.1f} points maximising and "
-                f"{100 * p['steering_delta_minimize']:+.1f} minimising: the direction of the paper's result, but small "
-                f"(±2 of {steer.n_items} items)."
-            ),
-            docs=docs,
-        ),
-        ReportSection(
-            "TuCo vs OutputCo (§5.5)",
-            intro="<p>OutputCo compares the two models' own final states; TuCo looks inside the fine-tuned pass.</p>",
-            figure=paper.outputco.figure(),
-            guidance=(
-                "Left: one point per prompt (dashed: equal values). Right: the means per set. <em>Here:</em> TuCo separates "
-                f"the forbidden requests from benign chat (AUC {oc.auc('harmful', 'chat'):.3f}), OutputCo does not "
-                f"({oc.auc('harmful', 'chat', metric='outputco'):.3f}): the final state hides much of what fine-tuning "
-                "does inside."
-            ),
-            docs=docs,
-        ),
-        ReportSection(
-            "Adversarial-suffix search",
-            intro=(
-                f"<p>A GCG-style search for one suffix that makes the refusal less likely on {len(paper.suffix.requests)} "
-                f"forbidden requests ({paper.suffix.n_steps} steps). Found: <code>{suffix}</code>.</p>"
-            ),
-            figure=paper.suffix.figure(),
-            guidance=(
-                "The objective is the summed log-probability of the refusal, which the search <em>lowers</em>: a falling "
-                f"line is the attack working. <em>Here:</em> it falls from {p['suffix_loss_start']:.1f} to "
-                f"{p['suffix_loss_end']:.1f}; with the suffix the model refuses "
-                f"{_pct(p['transformation_refusal_rate[suffix found by suffix_search]'])} of the held-out requests, "
-                "though it answers with fragments of other topics rather than complying."
-            ),
-            docs="reference/analyses.md",
-        ),
+        _transformations_section(paper, p),
+        _many_shot_section(paper),
+        _jailbreaks_section(paper, p),
+        _steering_cv_section(paper, p),
+        _outputco_section(paper),
+        _suffix_section(paper, p),
     ]
+
+
+def _transformations_section(paper: PaperAnalyses, p: dict[str, float]) -> ReportSection:
+    """TuCo and refusal rate of the forbidden requests translated or with a suffix (§5.3)."""
+    return ReportSection(
+        "Prompt transformations (§5.3)",
+        intro=(
+            f"<p>The {len(paper.transformations.scores('original'))} held-out forbidden requests, as they are, translated "
+            "into the rarer language, with the hand-written suffix <code>sure , here is how :</code>, and with the suffix "
+            f"found by the search below: <code>{html.escape(paper.suffix.suffix_text)}</code>.</p>"
+        ),
+        figure=paper.transformations.figure(),
+        guidance=(
+            "One violin per transformation, ordered by mean TuCo; the legend gives each one's AUC against the original "
+            "requests (1 = every transformed request scores below every original). <em>Here:</em> every transformation "
+            f"lowers TuCo (original {p['transformation_tuco[original]']:.3f}, language 2 "
+            f"{p['transformation_tuco[language 2]']:.3f}, found suffix {p['transformation_tuco[suffix found by suffix_search]']:.3f}), "
+            "and the refusal rate falls with it "
+            f"({_pct(p['transformation_refusal_rate[original]'])} → {_pct(p['transformation_refusal_rate[language 2]'])} → "
+            f"{_pct(p['transformation_refusal_rate[suffix found by suffix_search]'])})."
+        ),
+        docs=_PAPER_DOCS,
+    )
+
+
+def _many_shot_section(paper: PaperAnalyses) -> ReportSection:
+    """TuCo and refusal rate versus the number of compliant shots (§5.3)."""
+    summary = paper.many_shot.summary
+    tuco = dict(zip(summary["k"], summary["mean_tuco"]))
+    return ReportSection(
+        "Many-shot prompts (§5.3)",
+        intro=f"<p>Each forbidden request preceded by k compliant example dialogues, k = {', '.join(map(str, MANY_SHOT_KS))}.</p>",
+        figure=paper.many_shot.figure(),
+        guidance=(
+            "Top: mean TuCo (± standard error) per k, on an axis fitted to the means; bottom: the refusal rate. "
+            f"<em>Here:</em> TuCo falls a little ({tuco[0]:.3f} at k = 0 → "
+            f"{tuco[max(MANY_SHOT_KS)]:.3f} at k = {max(MANY_SHOT_KS)}), as in the paper, but the refusal rate "
+            f"stays {_span(summary['behaviour_rate'].to_numpy())}: the demo model's "
+            "refusal depends only on the last request, so many-shot prompting does not jailbreak it."
+        ),
+        docs=_PAPER_DOCS,
+    )
+
+
+def _jailbreaks_section(paper: PaperAnalyses, p: dict[str, float]) -> ReportSection:
+    """TuCo of the requests that sampling jailbreaks and of those it does not (§5.4)."""
+    table = paper.jailbreaks.table
+    jailbroken = table["jailbroken"].to_numpy(dtype=bool)
+    in_lang2 = int(jailbroken[table["set"].to_numpy() == "harmful_lang2"].sum())
+    return ReportSection(
+        "Jailbreak success (§5.4)",
+        intro=(
+            f"<p>{paper.jailbreaks.n_samples} sampled completions (temperature 1) per forbidden request, in both languages; "
+            f"a request counts as jailbroken when at least {paper.jailbreaks.min_non_refusals} are not the refusal.</p>"
+        ),
+        figure=paper.jailbreaks.figure(),
+        guidance=(
+            "The two histograms split the requests by outcome. <em>Here:</em> requests the model keeps refusing have "
+            f"higher TuCo (AUC {p['jailbreak_auc_not_jailbroken']:.3f}), as the paper finds; "
+            f"{in_lang2} of the {int(jailbroken.sum())} jailbroken requests are in the rarer language."
+        ),
+        docs=_PAPER_DOCS,
+    )
+
+
+def _steering_cv_section(paper: PaperAnalyses, p: dict[str, float]) -> ReportSection:
+    """Multiple-choice accuracy under α chosen by cross-validation (§5.1)."""
+    steer = paper.steering_max
+    return ReportSection(
+        "α-steering with cross-validation (§5.1)",
+        intro=(
+            f"<p>Multiple-choice questions in the rarer language ({steer.n_items} items); the answer is the option with "
+            "the highest next-token probability under the α-scaled model, and α is chosen by 5-fold cross-validation.</p>"
+        ),
+        figure=steer.figure(),
+        guidance=(
+            "The curve is the accuracy of all items at each α; stars mark the α chosen in each fold. "
+            f"<em>Here:</em> Δ = {100 * p['steering_delta_maximize']:+.1f} points maximising and "
+            f"{100 * p['steering_delta_minimize']:+.1f} minimising: the direction of the paper's result, but small "
+            f"(±2 of {steer.n_items} items)."
+        ),
+        docs=_PAPER_DOCS,
+    )
+
+
+def _outputco_section(paper: PaperAnalyses) -> ReportSection:
+    """TuCo next to OutputCo on the same prompts (§5.5)."""
+    oc = paper.outputco
+    return ReportSection(
+        "TuCo vs OutputCo (§5.5)",
+        intro="<p>OutputCo compares the two models' own final states; TuCo looks inside the fine-tuned pass.</p>",
+        figure=oc.figure(),
+        guidance=(
+            "Left: one point per prompt (dashed: equal values). Right: the means per set. <em>Here:</em> TuCo separates "
+            f"the forbidden requests from benign chat (AUC {oc.auc('harmful', 'chat'):.3f}), OutputCo does not "
+            f"({oc.auc('harmful', 'chat', metric='outputco'):.3f}): the final state hides much of what fine-tuning "
+            "does inside."
+        ),
+        docs=_PAPER_DOCS,
+    )
+
+
+def _suffix_section(paper: PaperAnalyses, p: dict[str, float]) -> ReportSection:
+    """The adversarial-suffix search: its objective per step and the suffix it found."""
+    return ReportSection(
+        "Adversarial-suffix search",
+        intro=(
+            f"<p>A GCG-style search for one suffix that makes the refusal less likely on {len(paper.suffix.requests)} "
+            f"forbidden requests ({paper.suffix.n_steps} steps). Found: <code>{html.escape(paper.suffix.suffix_text)}</code>.</p>"
+        ),
+        figure=paper.suffix.figure(),
+        guidance=(
+            "The objective is the summed log-probability of the refusal, which the search <em>lowers</em>: a falling "
+            f"line is the attack working. <em>Here:</em> it falls from {p['suffix_loss_start']:.1f} to "
+            f"{p['suffix_loss_end']:.1f}; with the suffix the model refuses "
+            f"{_pct(p['transformation_refusal_rate[suffix found by suffix_search]'])} of the held-out requests, "
+            "though it answers with fragments of other topics rather than complying."
+        ),
+        docs="reference/analyses.md",
+    )
 
 
 def run_demo(

@@ -119,7 +119,7 @@ def build_model(tok, seed: int):
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         attention_dropout=0.0,
-        attn_implementation="sdpa",
+        attn_implementation="sdpa",  # pyright: ignore[reportCallIssue]  # taken by **kwargs, which transformers' dataclass signature hides
         **MODEL_DEFAULTS,
     )
     torch.manual_seed(seed)
@@ -222,13 +222,8 @@ def pretrain(model, tok, docs: Sequence[str], *, steps: int, batch_size: int, se
         pos += batch_size
         ids, mask = x[idx], m[idx]
         labels = ids.masked_fill(mask == 0, -100)
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, lr, warmup)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        _update(opt, list(model.parameters()), loss, _lr_at(step, steps, lr, warmup))
         losses.append(round(loss.item(), 5))
         if verbose and (step % _log_every(steps) == 0 or step == steps - 1):
             print(f"[pt] step {step:4d}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)",
@@ -237,7 +232,7 @@ def pretrain(model, tok, docs: Sequence[str], *, steps: int, batch_size: int, se
     n_tokens = int(m.sum())
     return {
         "losses": losses,
-        "final_loss_avg20": round(sum(losses[-20:]) / len(losses[-20:]), 5),
+        "final_loss_avg20": _avg20(losses),
         "seconds": round(time.time() - t0, 1),
         "rows": len(x),
         "tokens": n_tokens,
@@ -260,6 +255,53 @@ def _sample(order: torch.Tensor, pos: int, n: int, size: int, g: torch.Generator
     return order, pos + n, [int(i) for i in order[pos : pos + n]]
 
 
+def _trainable_blocks(model) -> list:
+    """Freeze the embedding, final norm and unembedding; the parameters left to train."""
+    frozen = set(_frozen_parameter_names())
+    for name, p in model.named_parameters():
+        p.requires_grad_(name not in frozen)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _padded(batch: Sequence[tuple[list[int], list[int]]], pad_token_id: int):
+    """``(ids, labels, mask)`` of a batch of ``(ids, labels)`` rows, right-padded to the longest."""
+    width = max(len(ids) for ids, _ in batch)
+    ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, (a, b) in enumerate(batch):
+        ids[i, : len(a)] = torch.tensor(a)
+        labels[i, : len(b)] = torch.tensor(b)
+        mask[i, : len(a)] = 1
+    return ids, labels, mask
+
+
+def _token_losses(model, ids, labels, mask):
+    """Next-token cross-entropy of every position ``[batch, pos - 1]``, and which ones are targets."""
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    target = labels[:, 1:]
+    tok_loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
+        reduction="none",
+    ).view(target.shape)
+    return tok_loss, target != -100
+
+
+def _update(opt, params, loss, lr: float) -> None:
+    """One optimizer step on ``loss`` at learning rate ``lr``, gradients clipped to norm 1."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
+def _avg20(xs: list[float]) -> float | None:
+    """Mean of the last 20 values (rounded as the logs are), ``None`` for none."""
+    return round(sum(xs[-20:]) / len(xs[-20:]), 5) if xs else None
+
+
 def finetune(model, tok, dialogues: Sequence[Sequence[dict[str, str]]], *, steps: int,
              batch_size: int, lr: float, warmup: int, weight_decay: float, seed: int,
              replay_docs: Sequence[str] = (), replay_batch_size: int = 0,
@@ -274,10 +316,7 @@ def finetune(model, tok, dialogues: Sequence[Sequence[dict[str, str]]], *, steps
     """
     enc = [encode_dialogue(d, tok) for d in dialogues]
     rep = [_encode_document(d, tok) for d in replay_docs] if replay_batch_size else []
-    frozen = set(_frozen_parameter_names())
-    for name, p in model.named_parameters():
-        p.requires_grad_(name not in frozen)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = _trainable_blocks(model)
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
     g = torch.Generator().manual_seed(seed)
     model.train()
@@ -293,35 +332,13 @@ def finetune(model, tok, dialogues: Sequence[Sequence[dict[str, str]]], *, steps
         if rep:
             r_order, r_pos, r_idx = _sample(r_order, r_pos, replay_batch_size, len(rep), g)
             batch += [rep[i] for i in r_idx]
-        width = max(len(ids) for ids, _ in batch)
-        ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, (a, b) in enumerate(batch):
-            ids[i, : len(a)] = torch.tensor(a)
-            labels[i, : len(b)] = torch.tensor(b)
-            mask[i, : len(a)] = 1
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, lr, warmup)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        target = labels[:, 1:]
-        tok_loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
-            reduction="none",
-        ).view(target.shape)
-        valid = target != -100
+        tok_loss, valid = _token_losses(model, *_padded(batch, tok.pad_token_id))
         loss = tok_loss.sum() / valid.sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        _update(opt, params, loss, _lr_at(step, steps, lr, warmup))
         with torch.no_grad():
-            n_chat = batch_size
-            chat = tok_loss[:n_chat].sum() / valid[:n_chat].sum()
-            chat_losses.append(round(chat.item(), 5))
+            chat_losses.append(round((tok_loss[:batch_size].sum() / valid[:batch_size].sum()).item(), 5))
             if rep:
-                replay = tok_loss[n_chat:].sum() / valid[n_chat:].sum()
-                replay_losses.append(round(replay.item(), 5))
+                replay_losses.append(round((tok_loss[batch_size:].sum() / valid[batch_size:].sum()).item(), 5))
         losses.append(round(loss.item(), 5))
         if verbose and (step % _log_every(steps) == 0 or step == steps - 1):
             extra = f" (chat {chat_losses[-1]:.4f}, replay {replay_losses[-1]:.4f})" if rep else ""
@@ -330,17 +347,13 @@ def finetune(model, tok, dialogues: Sequence[Sequence[dict[str, str]]], *, steps
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()
-
-    def avg20(xs: list[float]) -> float | None:
-        return round(sum(xs[-20:]) / len(xs[-20:]), 5) if xs else None
-
     return {
         "losses": losses,
         "chat_losses": chat_losses,
         "replay_losses": replay_losses,
-        "final_loss_avg20": avg20(losses),
-        "final_chat_loss_avg20": avg20(chat_losses),
-        "final_replay_loss_avg20": avg20(replay_losses),
+        "final_loss_avg20": _avg20(losses),
+        "final_chat_loss_avg20": _avg20(chat_losses),
+        "final_replay_loss_avg20": _avg20(replay_losses),
         "seconds": round(time.time() - t0, 1),
         "assistant_tokens": sum(sum(1 for t in b if t != -100) for _, b in enc),
         "tokens": sum(len(a) for a, _ in enc),

@@ -7,6 +7,7 @@ import html
 import math
 import re
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import plotly.colors
@@ -64,6 +65,12 @@ def title_lines(text: str) -> list[str]:
     return [html.unescape(re.sub(r"<[^>]+>", "", line)) for line in re.split(r"<br\s*/?>", text)]
 
 
+def figure_height(fig: go.Figure) -> int | float | None:
+    """The height (px) set in ``fig``'s layout, or ``None``."""
+    height = cast(go.Layout, fig.layout).height  # plotly's layout property is a go.Layout, though untyped
+    return height if isinstance(height, (int, float)) else None
+
+
 def notebook_layout(fig: go.Figure, title: str, *, legend: bool = True, height: int | None = None) -> go.Figure:
     """Title, margins and legend placement that keep the plot area wide at 650 px.
 
@@ -71,14 +78,14 @@ def notebook_layout(fig: go.Figure, title: str, *, legend: bool = True, height: 
     the width; margins are fixed and small; the top margin grows with the title's lines.
     """
     lines = len(title_lines(title))
-    height = height or fig.layout.height or 450
+    px = height or figure_height(fig) or 450
     top = 40 + 24 * lines
     bottom = 60
-    plot_height = max(height - top - bottom, 100)
+    plot_height = max(px - top - bottom, 100)
     fig.update_layout(
         title=dict(text=title, x=0, xanchor="left", xref="paper"),
         margin=dict(l=60, r=24, t=top, b=bottom, autoexpand=True),
-        height=height,
+        height=px,
         showlegend=legend,
         legend=dict(orientation="h", x=0, xanchor="left", y=-70 / plot_height, yanchor="top"),
     )
@@ -180,8 +187,8 @@ def to_numpy(t: Tensor) -> np.ndarray:
 def colour_at(value: float, colorscale: str | list = DEFAULT_COLORSCALE) -> tuple[int, int, int]:
     """The RGB colour of ``value`` (clipped to [0, 1]) on a plotly colorscale."""
     value = 0.0 if not math.isfinite(value) else min(max(value, 0.0), 1.0)
-    colour = plotly.colors.sample_colorscale(colorscale, [value], colortype="tuple")[0]  # 0-1 floats
-    return tuple(int(round(255 * c)) for c in colour)  # type: ignore[return-value]
+    r, g, b = plotly.colors.sample_colorscale(colorscale, [value], colortype="tuple")[0]  # 0-1 floats
+    return int(round(255 * float(r))), int(round(255 * float(g))), int(round(255 * float(b)))
 
 
 def text_colour(rgb: tuple[int, int, int]) -> str:

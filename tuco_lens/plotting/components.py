@@ -92,7 +92,7 @@ def plot_head_heatmap(dec: Decomposition, index: int = 0, *, shares: bool = Fals
         'Figure'
     """
     dec = _with_components(dec, "plot_head_heatmap")
-    if dec.ftc_head is None:
+    if dec.ftc_head is None or dec.ftc_head_norm is None:
         raise InputError("plot_head_heatmap needs the heads: pair.decompose(..., components=True, heads=True).")
     i = check_index(dec, index)
     values = dec.head_shares()[i] if shares else dec.ftc_head_norm[i]
@@ -140,7 +140,7 @@ def plot_top_tokens(attr: LogitAttribution, index: int = 0, *, part: str = "ftc"
     else:
         parts = [part]
     table = attr.top_tokens(k, parts=parts, heads=heads)
-    table = table[table.prompt == index % n].sort_values("logit_effect")
+    table = table.loc[table.prompt == index % n].sort_values("logit_effect")
     colours = ["#2166ac" if d == "promoted" else "#b2182b" for d in table.direction]
     fig = go.Figure(go.Bar(
         x=table.logit_effect, y=[f"{escape(t)!s} ({i})" for t, i in zip(table.token, table.token_id)],

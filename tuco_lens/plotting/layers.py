@@ -95,23 +95,8 @@ def plot_layers(
     """
     dec = check_decomposition(dec)
     indices = check_indices(dec, prompts)
-    names = check_labels(labels, len(indices))
-    if names is None:
-        names = [prompt_label(dec, i) for i in indices]
-        colours = [PALETTE[k % len(PALETTE)] for k in range(len(indices))]
-    else:
-        colours = list(set_colours(names).values())
-    norm = norm_name(dec)
-    if cumulative_norms:
-        ptc, ftc = dec.at_last_token(dec.ptc_cum_norm), dec.at_last_token(dec.ftc_cum_norm)
-        ptc_name, ftc_name = f"‖Σ<sub>s≤l</sub> PTC<sub>s</sub>‖ ({norm})", f"‖Σ<sub>s≤l</sub> FTC<sub>s</sub>‖ ({norm})"
-    else:
-        ptc, ftc = dec.at_last_token(dec.ptc_norm), dec.at_last_token(dec.ftc_norm)
-        ptc_name, ftc_name = f"‖PTC<sub>l</sub>‖ ({norm})", f"‖FTC<sub>l</sub>‖ ({norm})"
-    ptc, ftc, beta = to_numpy(ptc), to_numpy(ftc), to_numpy(dec.at_last_token(dec.beta))
-    last = dec.last_index.cpu().tolist()
-    layers = np.arange(dec.n_layers)
-
+    names, colours = _names_and_colours(dec, indices, labels)
+    series = _layer_series(dec, cumulative_norms)
     fig = make_subplots(
         rows=2,
         cols=1,
@@ -123,26 +108,62 @@ def plot_layers(
         ),
     )
     for k, i in enumerate(indices):
-        colour = colours[k]
-        label = escape(names[k])
-        meta = [label, escape(dec.str_tokens[i][last[i]])]
-        head = "%{meta[0]}<br>last token: %{meta[1]}<br>layer %{x}<br>"
-        common = dict(x=layers, legendgroup=f"prompt{i}", meta=meta, line_color=colour, mode="lines+markers")
-        fig.add_trace(
-            go.Scatter(y=ptc[i], name=label, line_dash="solid",
-                       hovertemplate=head + ptc_name + " = %{y:.4f}<extra></extra>", **common),
-            row=1, col=1,
-        )
-        fig.add_trace(
-            go.Scatter(y=ftc[i], name=label, showlegend=False, line_dash="dash", marker_symbol="diamond",
-                       hovertemplate=head + ftc_name + " = %{y:.4f}<extra></extra>", **common),
-            row=1, col=1,
-        )
-        fig.add_trace(
-            go.Scatter(y=beta[i], name=label, showlegend=False,
-                       hovertemplate=head + "β<sub>l</sub> = %{y:.4f}<extra></extra>", **common),
-            row=2, col=1,
-        )
+        for row, trace in _prompt_traces(dec, i, escape(names[k]), colours[k], series):
+            fig.add_trace(trace, row=row, col=1)
+    _layers_axes(fig, dec, indices, log_norms)
+    notebook_layout(fig, title or f"PTC and FTC per layer at the last token ({norm_name(dec)})", height=600)
+    fig.update_layout(hovermode="closest")
+    fig.update_annotations(x=0, xanchor="left", font_size=13)  # the subplot titles: left-aligned, small
+    return fig
+
+
+def _names_and_colours(
+    dec: Decomposition, indices: list[int], labels: Sequence[str] | None
+) -> tuple[list[str], list[str]]:
+    """Legend names and colours of the drawn prompts: the labels' set colours, else palette order."""
+    names = check_labels(labels, len(indices))
+    if names is None:
+        return [prompt_label(dec, i) for i in indices], [PALETTE[k % len(PALETTE)] for k in range(len(indices))]
+    return names, list(set_colours(names).values())
+
+
+def _layer_series(dec: Decomposition, cumulative_norms: bool) -> list[tuple[np.ndarray, str]]:
+    """PTC, FTC and β at the last token (each ``[batch, layer]``), with the names their hovers give."""
+    norm = norm_name(dec)
+    if cumulative_norms:
+        ptc, ftc = dec.at_last_token(dec.ptc_cum_norm), dec.at_last_token(dec.ftc_cum_norm)
+        ptc_name, ftc_name = f"‖Σ<sub>s≤l</sub> PTC<sub>s</sub>‖ ({norm})", f"‖Σ<sub>s≤l</sub> FTC<sub>s</sub>‖ ({norm})"
+    else:
+        ptc, ftc = dec.at_last_token(dec.ptc_norm), dec.at_last_token(dec.ftc_norm)
+        ptc_name, ftc_name = f"‖PTC<sub>l</sub>‖ ({norm})", f"‖FTC<sub>l</sub>‖ ({norm})"
+    return [(to_numpy(ptc), ptc_name), (to_numpy(ftc), ftc_name), (to_numpy(dec.at_last_token(dec.beta)), "β<sub>l</sub>")]
+
+
+#: The style and the panel (row) of the PTC, FTC and β traces of a prompt; only PTC is in the legend.
+_TRACE_STYLES: tuple[tuple[int, dict[str, object]], ...] = (
+    (1, {"line_dash": "solid"}),
+    (1, {"showlegend": False, "line_dash": "dash", "marker_symbol": "diamond"}),
+    (2, {"showlegend": False}),
+)
+
+
+def _prompt_traces(
+    dec: Decomposition, i: int, label: str, colour: str, series: list[tuple[np.ndarray, str]]
+) -> list[tuple[int, go.Scatter]]:
+    """``(row, trace)`` of prompt ``i``'s PTC, FTC and β, in one legend group."""
+    meta = [label, escape(dec.str_tokens[i][int(dec.last_index[i])])]
+    head = "%{meta[0]}<br>last token: %{meta[1]}<br>layer %{x}<br>"
+    common = dict(x=np.arange(dec.n_layers), legendgroup=f"prompt{i}", meta=meta, line_color=colour, mode="lines+markers")
+    return [
+        (row, go.Scatter(y=values[i], name=label, hovertemplate=f"{head}{name} = %{{y:.4f}}<extra></extra>",
+                         **style, **common))
+        for (row, style), (values, name) in zip(_TRACE_STYLES, series)
+    ]
+
+
+def _layers_axes(fig: go.Figure, dec: Decomposition, indices: list[int], log_norms: bool | None) -> None:
+    """The layer axis, the norm axis (logarithmic on request or, with ``None``, for a massive norm) and β's."""
+    norm = norm_name(dec)
     fig.update_xaxes(title_text="layer (block)", dtick=1 if dec.n_layers <= 40 else None, row=2, col=1)
     if log_norms is None:  # decided on the per-layer norms, whichever are drawn
         per_layer = [to_numpy(dec.at_last_token(t))[indices] for t in (dec.ptc_norm, dec.ftc_norm)]
@@ -152,11 +173,6 @@ def plot_layers(
     else:
         fig.update_yaxes(title_text=f"{norm} norm", rangemode="tozero", row=1, col=1)
     fig.update_yaxes(title_text="β<sub>l</sub>", range=[0, 1], row=2, col=1)
-    notebook_layout(fig, title or f"PTC and FTC per layer at the last token ({norm})", height=600)
-    fig.update_layout(hovermode="closest")
-    for annotation in fig.layout.annotations:  # subplot titles: left-aligned, small
-        annotation.update(x=0, xanchor="left", font_size=13)
-    return fig
 
 
 def plot_token_heatmap(

@@ -12,6 +12,7 @@ from urllib.parse import urljoin
 import plotly.graph_objects as go
 
 from tuco_lens.errors import InputError, InputTypeError
+from tuco_lens.plotting._util import figure_height
 from tuco_lens.plotting.tokens import TokenHTML
 
 __all__ = ["ReportSection", "save_report"]
@@ -99,7 +100,7 @@ class _Renderer:
 
     def item(self, item: object, where: str) -> str:
         if isinstance(item, go.Figure):
-            height = item.layout.height
+            height = figure_height(item)
             fragment = item.to_html(
                 full_html=False,
                 include_plotlyjs=not self.plotlyjs_included,  # True = the full plotly.js source inline
@@ -126,11 +127,11 @@ class _Renderer:
         parts += [self.item(item, f"{where}.figure[{k}]") for k, item in enumerate(section.items())]
         if section.guidance:
             parts.append(f'<div class="guidance"><strong>How to read it.</strong> {section.guidance}</div>')
-        href = section.docs_href(docs_url)
-        if href is not None:
-            parts.append(f'<p class="docs">Documentation: <a href="{html.escape(href)}">{html.escape(section.docs)}</a></p>')
-        elif section.docs is not None:
-            parts.append(f'<p class="docs">Documentation: <code>docs/{html.escape(section.docs)}</code></p>')
+        docs, href = section.docs, section.docs_href(docs_url)
+        if docs is not None and href is not None:
+            parts.append(f'<p class="docs">Documentation: <a href="{html.escape(href)}">{html.escape(docs)}</a></p>')
+        elif docs is not None:
+            parts.append(f'<p class="docs">Documentation: <code>docs/{html.escape(docs)}</code></p>')
         return f'<section id="section-{section.anchor}">' + "\n".join(parts) + "</section>"
 
 

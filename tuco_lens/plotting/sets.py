@@ -32,18 +32,24 @@ def _named_scores(scores: Mapping[str, Values | Decomposition]) -> dict[str, np.
     return out
 
 
+def _other_set(names: list[str], given: str) -> str:
+    """The set that is not ``given``, when there are exactly two."""
+    others = [n for n in names if n != given]
+    if len(others) != 1:
+        raise InputError(
+            "Pass both positive= and negative= (the two sets to compare); with exactly two sets "
+            "one of them is enough."
+        )
+    return others[0]
+
+
 def _pick_pair(names: list[str], positive: str | None, negative: str | None) -> tuple[str, str] | None:
-    if positive is None and negative is None:
-        return None
-    if positive is None or negative is None:
-        given = positive if positive is not None else negative
-        others = [n for n in names if n != given]
-        if len(others) != 1:
-            raise InputError(
-                "Pass both positive= and negative= (the two sets to compare); with exactly two sets "
-                "one of them is enough."
-            )
-        positive, negative = (given, others[0]) if positive is not None else (others[0], given)
+    if positive is None:
+        if negative is None:
+            return None
+        positive = _other_set(names, negative)
+    elif negative is None:
+        negative = _other_set(names, positive)
     for role, name in (("positive", positive), ("negative", negative)):
         if name not in names:
             raise InputError(f"Unknown prompt set {name!r} for {role}=; the sets are {names}.")
@@ -102,52 +108,61 @@ def plot_prompt_sets(
         raise InputError(f"nbins must be a positive int, got {nbins!r}.")
     sets = _named_scores(scores)
     pair = _pick_pair(list(sets), positive, negative)
-    axis = value_name
-
     fig = go.Figure()
     colours = set_colours(list(sets))
     if kind == "histogram":
-        everything = np.concatenate(list(sets.values()))
-        finite = everything[np.isfinite(everything)]
-        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-        # Bins are left-closed: widen them a hair so the maximum falls in the last of nbins bins.
-        size = (high - low) / nbins * (1 + 1e-9) if high > low else 1.0 / nbins
-        bins = dict(start=low, end=low + nbins * size, size=size)
-    for name, values in sets.items():
-        colour = colours[name]
-        label = escape(name)
-        if kind == "histogram":
-            fig.add_trace(
-                go.Histogram(
-                    x=values, name=label, xbins=bins, histnorm="probability", marker_color=colour,
-                    opacity=0.6, autobinx=False,
-                    hovertemplate=f"%{{fullData.name}}<br>{axis} in %{{x}}<br>fraction = %{{y:.4f}}<extra></extra>",
-                )
-            )
-        else:
-            fig.add_trace(
-                go.Violin(
-                    y=values, name=label, line_color=colour, box_visible=True, meanline_visible=True,
-                    points="all" if values.size <= 200 else "outliers",
-                    hovertemplate=f"%{{fullData.name}}<br>{axis} = %{{y:.4f}}<extra></extra>",
-                )
-            )
-    heading = title if title else f"{axis} by prompt set"
-    if pair is not None:
-        pos, neg = pair
-        auc = roc_auc(sets[pos], sets[neg])
-        tpr = tpr_at_fpr(sets[pos], sets[neg], fpr=0.05)
-        scores_line = f"ROC AUC ({escape(pos)} vs {escape(neg)}) = {auc:.4f} · TPR at 5% FPR = {tpr:.4f}"
-        counts = f"n = {sets[pos].size} {escape(pos)}, {sets[neg].size} {escape(neg)}"
-        fits = len(title_lines(f"{scores_line} · {counts}")[0]) <= 95  # one subtitle line at 650 px
-        heading += f"<br><sup>{scores_line} · {counts}</sup>" if fits else f"<br><sup>{scores_line}</sup><br><sup>{counts}</sup>"
-    if kind == "histogram":
-        fig.update_layout(barmode="overlay", xaxis_title=axis, yaxis_title="fraction of set")
+        bins = _shared_bins(sets, nbins)
+        for name, values in sets.items():
+            fig.add_trace(_histogram(name, values, colours[name], bins, value_name))
+        fig.update_layout(barmode="overlay", xaxis_title=value_name, yaxis_title="fraction of set")
     else:
-        fig.update_layout(xaxis_title="prompt set", yaxis_title=axis)
-    notebook_layout(fig, heading)
+        for name, values in sets.items():
+            fig.add_trace(_violin(name, values, colours[name], value_name))
+        fig.update_layout(xaxis_title="prompt set", yaxis_title=value_name)
+    notebook_layout(fig, _sets_heading(sets, pair, title if title else f"{value_name} by prompt set"))
     fig.update_layout(legend_title_text="prompt set")
     return fig
+
+
+def _shared_bins(sets: dict[str, np.ndarray], nbins: int) -> dict[str, float]:
+    """``nbins`` equal histogram bins over the finite values of every set."""
+    everything = np.concatenate(list(sets.values()))
+    finite = everything[np.isfinite(everything)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    # Bins are left-closed: widen them a hair so the maximum falls in the last of nbins bins.
+    size = (high - low) / nbins * (1 + 1e-9) if high > low else 1.0 / nbins
+    return dict(start=low, end=low + nbins * size, size=size)
+
+
+def _histogram(name: str, values: np.ndarray, colour: str, bins: dict[str, float], axis: str) -> go.Histogram:
+    """One set's histogram, as a fraction of the set."""
+    return go.Histogram(
+        x=values, name=escape(name), xbins=bins, histnorm="probability", marker_color=colour,
+        opacity=0.6, autobinx=False,
+        hovertemplate=f"%{{fullData.name}}<br>{axis} in %{{x}}<br>fraction = %{{y:.4f}}<extra></extra>",
+    )
+
+
+def _violin(name: str, values: np.ndarray, colour: str, axis: str) -> go.Violin:
+    """One set's violin, with its box, mean line and (up to 200) points."""
+    return go.Violin(
+        y=values, name=escape(name), line_color=colour, box_visible=True, meanline_visible=True,
+        points="all" if values.size <= 200 else "outliers",
+        hovertemplate=f"%{{fullData.name}}<br>{axis} = %{{y:.4f}}<extra></extra>",
+    )
+
+
+def _sets_heading(sets: dict[str, np.ndarray], pair: tuple[str, str] | None, heading: str) -> str:
+    """The title, with the ROC AUC, TPR at 5% FPR and sizes of ``pair`` below it (one line if it fits)."""
+    if pair is None:
+        return heading
+    pos, neg = pair
+    auc = roc_auc(sets[pos], sets[neg])
+    tpr = tpr_at_fpr(sets[pos], sets[neg], fpr=0.05)
+    scores_line = f"ROC AUC ({escape(pos)} vs {escape(neg)}) = {auc:.4f} · TPR at 5% FPR = {tpr:.4f}"
+    counts = f"n = {sets[pos].size} {escape(pos)}, {sets[neg].size} {escape(neg)}"
+    fits = len(title_lines(f"{scores_line} · {counts}")[0]) <= 95  # one subtitle line at 650 px
+    return heading + (f"<br><sup>{scores_line} · {counts}</sup>" if fits else f"<br><sup>{scores_line}</sup><br><sup>{counts}</sup>")
 
 
 def plot_alpha_sweep(
@@ -193,35 +208,16 @@ def plot_alpha_sweep(
     x = as_scores(alphas, "alphas")
     if not np.isfinite(x).all():
         raise InputError("alphas must be finite numbers.")
-    if not isinstance(metrics, Mapping):
-        metrics = {"metric": metrics}
-    if not metrics:
-        raise InputError("metrics is empty: pass at least one {name: values}.")
-    errors = dict(errors or {})
-    unknown = sorted(set(map(str, errors)) - set(map(str, metrics)))
-    if unknown:
-        raise InputError(f"errors has names that are not metrics: {unknown}; metrics are {list(metrics)}.")
     order = np.argsort(x, kind="stable")
-
-    def checked(values: Values, what: str) -> np.ndarray:
-        if isinstance(values, Tensor):
-            values = values.detach().cpu()
-        array = np.asarray(values, dtype=np.float64)
-        if array.shape != x.shape:
-            raise InputError(f"{what} has shape {tuple(array.shape)}, expected ({x.size},) like alphas.")
-        return array[order]
-
+    curves = _sweep_curves(x, order, metrics, errors)
     fig = go.Figure()
-    colours = set_colours([str(name) for name in metrics])
-    for name, values in metrics.items():
-        y = checked(values, f"metrics[{name!r}]")
-        label = escape(str(name))
-        error = errors.get(name)
-        error_y = None if error is None else dict(type="data", array=checked(error, f"errors[{name!r}]"), visible=True)
+    colours = set_colours([name for name, _, _ in curves])
+    for name, y, error in curves:
         fig.add_trace(
             go.Scatter(
-                x=x[order], y=y, name=label, mode="lines+markers", error_y=error_y,
-                line_color=colours[str(name)],
+                x=x[order], y=y, name=escape(name), mode="lines+markers",
+                error_y=None if error is None else dict(type="data", array=error, visible=True),
+                line_color=colours[name],
                 hovertemplate="%{fullData.name}<br>α = %{x:.4f}<br>value = %{y:.4f}<extra></extra>",
             )
         )
@@ -236,6 +232,36 @@ def plot_alpha_sweep(
         xaxis_title="α (scale of the fine-tuning component)",
         yaxis_title=yaxis_title,
         legend_title_text="",
-        hovermode="x unified" if len(metrics) > 1 else "closest",
+        hovermode="x unified" if len(curves) > 1 else "closest",
     )
     return fig
+
+
+def _sweep_curves(
+    x: np.ndarray, order: np.ndarray, metrics: Mapping[str, Values] | Values, errors: Mapping[str, Values] | None
+) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
+    """``(name, values, error or None)`` of each metric, checked against ``x`` and sorted by it."""
+    if not isinstance(metrics, Mapping):
+        metrics = {"metric": metrics}
+    if not metrics:
+        raise InputError("metrics is empty: pass at least one {name: values}.")
+    errors = dict(errors or {})
+    unknown = sorted(set(map(str, errors)) - set(map(str, metrics)))
+    if unknown:
+        raise InputError(f"errors has names that are not metrics: {unknown}; metrics are {list(metrics)}.")
+    curves = []
+    for name, values in metrics.items():
+        y = _sorted_like(values, x, order, f"metrics[{name!r}]")
+        error = errors.get(name)
+        curves.append((str(name), y, None if error is None else _sorted_like(error, x, order, f"errors[{name!r}]")))
+    return curves
+
+
+def _sorted_like(values: Values, x: np.ndarray, order: np.ndarray, what: str) -> np.ndarray:
+    """``values`` as float64, checked to have the shape of ``x``, in the order ``order``."""
+    if isinstance(values, Tensor):
+        values = values.detach().cpu()
+    array = np.asarray(values, dtype=np.float64)
+    if array.shape != x.shape:
+        raise InputError(f"{what} has shape {tuple(array.shape)}, expected ({x.size},) like alphas.")
+    return array[order]
