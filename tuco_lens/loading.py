@@ -370,55 +370,10 @@ def _convert(
         return _bridge(hf_model, tokenizer, name=name, device=device, dtype=dtype,
                        processing=processing, default_prepend_bos=default_prepend_bos,
                        default_padding_side=default_padding_side, n_ctx=n_ctx, n_devices=n_devices)
-    hf_config = hf_model.config
-    architecture = type(hf_model).__name__
-    if hf_config.model_type in _UNSUPPORTED_MODEL_TYPES:
-        raise ModelLoadError(
-            f"{architecture} ({hf_config.model_type}) cannot be converted from a local checkpoint "
-            "or model object yet; load it by its TransformerLens official name instead"
-        )
-    if hf_model.get_output_embeddings() is None:
-        raise ModelLoadError(f"{architecture} has no language-model head; expected a causal LM")
-    with _neutral_tempdir() as config_dir:
-        config_dict = hf_config.to_dict()
-        config_dict["architectures"] = [architecture]
-        if hf_config.model_type == "gpt2":  # transformers 5's GPT2Config has no n_ctx
-            config_dict.setdefault("n_ctx", config_dict["n_positions"])
-        (config_dir / "config.json").write_text(json.dumps(config_dict, default=str))
-        try:
-            if hf_config.model_type == "gemma":
-                cfg_dict = _gemma_config(hf_config)
-            else:
-                cfg_dict = tl_loading.convert_hf_model_config(str(config_dir))
-        except (NotImplementedError, ValueError) as error:
-            message = f"TransformerLens cannot convert {architecture}: {error}"
-            raise ModelLoadError(message) from error
-        if cfg_dict["original_architecture"] == "Qwen2ForCausalLM":  # TL truncates it to int
-            theta = tl_loading._get_rope_theta(hf_config, cfg_dict["rotary_base"])
-            cfg_dict["rotary_base"] = theta
-        if default_prepend_bos is not None:
-            cfg_dict["default_prepend_bos"] = default_prepend_bos
-        if n_ctx is not None:
-            cfg_dict["n_ctx"] = n_ctx
-        if n_devices is not None:
-            cfg_dict["n_devices"] = n_devices  # blocks split evenly over cuda:0..n-1
-        cfg_dict.update(
-            model_name=name,
-            tokenizer_name=None,
-            init_weights=False,
-            device=device,
-            dtype=dtype,
-            d_vocab=hf_config.vocab_size,
-        )
-        cfg_dict.setdefault("default_prepend_bos", True)
-        cfg = HookedTransformerConfig.from_dict(cfg_dict)
-        try:
-            state_dict = tl_loading.get_pretrained_state_dict(
-                str(config_dir), cfg, hf_model, dtype=dtype
-            )
-        except (NotImplementedError, ValueError) as error:
-            message = f"TransformerLens cannot convert {architecture}: {error}"
-            raise ModelLoadError(message) from error
+    cfg, state_dict = _hooked_config_and_weights(
+        hf_model, name=name, device=device, dtype=dtype, default_prepend_bos=default_prepend_bos,
+        n_ctx=n_ctx, n_devices=n_devices,
+    )
     model = HookedTransformer(cfg, move_to_device=False)
     processing = _applicable(cfg, processing)
     model.load_and_process_state_dict(
@@ -438,6 +393,65 @@ def _convert(
     model.eval()
     record_processing(model, processing)
     return model
+
+
+def _hooked_config_and_weights(
+    hf_model: transformers.PreTrainedModel,
+    *,
+    name: str,
+    device: str | torch.device | None,
+    dtype: torch.dtype,
+    default_prepend_bos: bool | None,
+    n_ctx: int | None,
+    n_devices: int | None,
+) -> tuple[HookedTransformerConfig, dict[str, torch.Tensor]]:
+    """TransformerLens's config and state dict for ``hf_model``, from the model's own config
+    (written to a neutral directory: TransformerLens must not guess from a name)."""
+    hf_config = hf_model.config
+    architecture = type(hf_model).__name__
+    if hf_config.model_type in _UNSUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(
+            f"{architecture} ({hf_config.model_type}) cannot be converted from a local checkpoint "
+            "or model object yet; load it by its TransformerLens official name instead"
+        )
+    if hf_model.get_output_embeddings() is None:
+        raise ModelLoadError(f"{architecture} has no language-model head; expected a causal LM")
+    with _neutral_tempdir() as config_dir:
+        config_dict = _with_gpt2_n_ctx(hf_config.to_dict(), hf_config.model_type)
+        config_dict["architectures"] = [architecture]
+        (config_dir / "config.json").write_text(json.dumps(config_dict, default=str))
+        try:
+            if hf_config.model_type == "gemma":
+                cfg_dict = _gemma_config(hf_config)
+            else:
+                cfg_dict = _with_qwen2_rope_theta(tl_loading.convert_hf_model_config(str(config_dir)), hf_config)
+        except (NotImplementedError, ValueError) as error:
+            raise ModelLoadError(f"TransformerLens cannot convert {architecture}: {error}") from error
+        overrides = {"default_prepend_bos": default_prepend_bos, "n_ctx": n_ctx, "n_devices": n_devices}
+        cfg_dict.update({key: value for key, value in overrides.items() if value is not None})
+        cfg_dict.update(model_name=name, tokenizer_name=None, init_weights=False, device=device, dtype=dtype,
+                        d_vocab=hf_config.vocab_size)  # n_devices: blocks split evenly over cuda:0..n-1
+        cfg_dict.setdefault("default_prepend_bos", True)
+        cfg = HookedTransformerConfig.from_dict(cfg_dict)
+        try:
+            state_dict = tl_loading.get_pretrained_state_dict(str(config_dir), cfg, hf_model, dtype=dtype)
+        except (NotImplementedError, ValueError) as error:
+            raise ModelLoadError(f"TransformerLens cannot convert {architecture}: {error}") from error
+    return cfg, state_dict
+
+
+def _with_gpt2_n_ctx(config_dict: dict[str, Any], model_type: str) -> dict[str, Any]:
+    """Workaround: transformers 5's ``GPT2Config`` has no ``n_ctx``, which TransformerLens reads."""
+    if model_type == "gpt2":
+        config_dict.setdefault("n_ctx", config_dict["n_positions"])
+    return config_dict
+
+
+def _with_qwen2_rope_theta(cfg_dict: dict[str, Any], hf_config: Any) -> dict[str, Any]:
+    """Workaround: TransformerLens truncates Qwen2's rotary base to an int; restore the config's value."""
+    if cfg_dict["original_architecture"] == "Qwen2ForCausalLM":
+        cfg_dict["rotary_base"] = tl_loading._get_rope_theta(hf_config, cfg_dict["rotary_base"])
+    return cfg_dict
 
 
 def _resolve_backend(backend: str) -> Literal["hooked", "bridge"]:
