@@ -35,7 +35,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from tuco_lens.backend import Backend
+from tuco_lens.backends import Backend
 from tuco_lens.decomposition import DecompositionAccumulator, Norm, vector_norm
 from tuco_lens.errors import AlphaError, TuCoError
 from tuco_lens.hooks import BlockParts, alpha_mixer, check_alpha
@@ -299,7 +299,7 @@ def mixer_for(alpha: Any, pt_backend: Backend, ft_backend: Backend, n_heads: int
     """``PairedBlocks`` keyword arguments (``on_layer``, ``parts``, ``on_mid``) for any α.
 
     Example:
-        >>> from tuco_lens.backend import backend_of
+        >>> from tuco_lens.backends import backend_of
         >>> from tuco_lens.hooks import PairedBlocks
         >>> mixer = mixer_for({"mlp": 0.0}, backend_of(pt_model), backend_of(ft_model), ft_model.cfg.n_heads)
         >>> sorted(mixer)

@@ -4,9 +4,9 @@ TransformerLens's own ``generate`` rebuilds the attention mask from pad-token id
 ambiguous when the pad token is also BOS/EOS (GPT-2). This loop takes the mask tuco_lens built
 while tokenizing, keeps it in the KV cache, and is what ``TuCoPair.generate`` runs inside
 ``pair.scaled(alpha)``; any forward hooks active on the model apply at every step. It runs with
-the model's weights in the layout its forward pass reads (:func:`tuco_lens.backend.linear_layout`),
+the model's weights in the layout its forward pass reads (:func:`tuco_lens.backends.linear_layout`),
 so a HookedTransformer does not copy every weight at every step, and a TransformerBridge with
-Hugging Face's own attention and norms (:func:`tuco_lens.backend.native_modules`) unless a hook
+Hugging Face's own attention and norms (:func:`tuco_lens.backends.native_modules`) unless a hook
 needs the bridge's own computation (e.g. the attention pattern).
 """
 
@@ -24,7 +24,7 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tuco_lens.backend import backend_of, linear_layout, native_modules, sample_logits
+from tuco_lens.backends import backend_of, linear_layout, native_modules, sample_logits
 from tuco_lens.errors import InputError, InputTypeError
 from tuco_lens.inputs import TokenBatch, to_left_padding
 
@@ -33,8 +33,8 @@ __all__ = ["generate_tokens", "stop_tokens", "check_sampling", "check_eos_token_
 
 def _fast_forward_passes(generate: Callable) -> Callable:
     """Run ``generate(model, ...)`` with ``model``'s weights in the layout its forward pass reads,
-    so no decoding step copies them (:func:`tuco_lens.backend.linear_layout`), and with Hugging
-    Face's own attention and norms on a bridge (:func:`tuco_lens.backend.native_modules`)."""
+    so no decoding step copies them (:func:`tuco_lens.backends.linear_layout`), and with Hugging
+    Face's own attention and norms on a bridge (:func:`tuco_lens.backends.native_modules`)."""
 
     @functools.wraps(generate)
     def wrapped(model: Any, *args: Any, **kwargs: Any) -> Any:

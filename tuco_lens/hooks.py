@@ -209,7 +209,7 @@ class BlockParts:
             ``"attn"``, and ``"z"``.
         mid_residual: Sequential blocks: the tensor the fine-tuned block adds its MLP output to
             (``ft["mid"]``, or the unedited ``y`` on a bridge, see
-            :meth:`~tuco_lens.backend.Backend.mid_edit_reaches_residual`).
+            :meth:`~tuco_lens.backends.base.Backend.mid_edit_reaches_residual`).
         pt_mlp: ``M_PT(·)``: the pre-trained MLP sub-block of this layer, with its norms.
     """
 
@@ -230,7 +230,7 @@ class PairedBlocks:
     """Context manager pairing ``ft.blocks[l]`` with ``pt.blocks[l]`` during ft's forwards.
 
     Works on ``HookedTransformer`` and ``TransformerBridge`` pairs alike (see
-    :mod:`tuco_lens.backend` for what differs).
+    :mod:`tuco_lens.backends` for what differs).
 
     Args:
         pt: The pre-trained model.

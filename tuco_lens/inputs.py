@@ -27,7 +27,7 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tuco_lens.backend import Model, backend_of
+from tuco_lens.backends import Model, backend_of
 from tuco_lens.errors import ChatTemplateTwiceWarning, DoubledBOSWarning, InputError, InputTypeError
 
 __all__ = [

@@ -305,7 +305,7 @@ class TuCoPair:
         and MLP at the last token only (keys and values at every position), which equals the
         full computation (tested; both backends). On a TransformerBridge every verb also runs
         Hugging Face's own attention (SDPA) and norms unless a hook needs the attention pattern
-        (:func:`tuco_lens.backend.native_modules`). Arguments as in :meth:`decompose`.
+        (:func:`tuco_lens.backends.native_modules`). Arguments as in :meth:`decompose`.
 
         Example:
             >>> scores = pair.tuco(["hello , describe the doomsalt .", "where is norvik ?"], chat_template=True)

@@ -31,7 +31,7 @@ from tuco_lens.analyses._common import (
     read_labelled_prompts,
     score,
 )
-from tuco_lens.backend import backend_of
+from tuco_lens.backends import backend_of
 from tuco_lens.decomposition import Norm, check_accumulate_dtype, ratio, vector_norm
 from tuco_lens.errors import InputError
 from tuco_lens.inputs import Inputs, TokenBatch, run_batched, to_left_padding
