@@ -38,7 +38,8 @@ from torch import Tensor
 from tuco_lens.backends import Backend
 from tuco_lens.decomposition import DecompositionAccumulator, Norm, vector_norm
 from tuco_lens.errors import AlphaError, TuCoError
-from tuco_lens.hooks import BlockParts, alpha_mixer, check_alpha
+from tuco_lens.hooks import BlockParts, alpha_mixer
+from tuco_lens.validation import check_alpha
 
 __all__ = [
     "ComponentAlpha",

@@ -18,7 +18,7 @@ produced (so no per-layer activation is kept), and :class:`Decomposition` holds 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Literal, cast
+from typing import Literal
 
 import pandas as pd
 import torch
@@ -27,6 +27,7 @@ from torch import Tensor
 
 from tuco_lens.errors import InputError, NonFiniteError, TuCoError
 from tuco_lens.inputs import last_real_index
+from tuco_lens.validation import check_norm
 
 __all__ = ["COMPONENTS", "Decomposition", "DecompositionAccumulator", "Norm", "vector_norm", "ratio"]
 
@@ -54,20 +55,6 @@ def ratio(ftc: Float[Tensor, " ..."], ptc: Float[Tensor, " ..."]) -> Float[Tenso
     """``ftc / (ptc + ftc)``, defined as 0 where both norms are 0 (nothing was written)."""
     total = ptc + ftc
     return torch.where(total > 0, ftc / total.clamp_min(torch.finfo(total.dtype).tiny), 0.0)
-
-
-def check_norm(norm: str) -> Norm:
-    """Validate a norm name, raising :class:`~tuco_lens.errors.InputError` otherwise."""
-    if norm not in _ORDERS:
-        raise InputError(f"norm must be 'l1' (the paper's) or 'l2', got {norm!r}.")
-    return cast(Norm, norm)  # checked against _ORDERS just above
-
-
-def check_accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Validate the dtype the norms and running sums are kept in (float32 or float64)."""
-    if dtype not in (torch.float32, torch.float64):
-        raise InputError(f"accumulate_dtype must be torch.float32 or torch.float64, got {dtype}.")
-    return dtype
 
 
 @dataclass(frozen=True)

@@ -13,20 +13,18 @@ needs the bridge's own computation (e.g. the attention pattern).
 from __future__ import annotations
 
 import functools
-import math
-import numbers
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from tuco_lens.backends import backend_of, linear_layout, native_modules, sample_logits
-from tuco_lens.errors import InputError, InputTypeError
+from tuco_lens.errors import InputError
 from tuco_lens.inputs import TokenBatch, to_left_padding
+from tuco_lens.validation import check_eos_token_id, check_sampling
 
 __all__ = ["generate_tokens", "stop_tokens", "check_sampling", "check_eos_token_id"]
 
@@ -111,52 +109,6 @@ def generate_tokens(
         if stop and bool(finished.all()):
             break
     return tokens
-
-
-def check_sampling(do_sample: bool, temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """Refuse sampling options that are not numbers, or that would sample from a distorted distribution.
-
-    ``temperature`` must be a finite number > 0 (a negative one would sample from the inverted
-    distribution), ``top_k`` a positive integer, ``top_p`` a number in (0, 1]; all are checked
-    even when ``do_sample=False`` ignores them, so a typo never goes unnoticed.
-
-    Raises:
-        InputError: a value out of range. InputTypeError: a value of the wrong type.
-
-    Example:
-        >>> check_sampling(True, 0.7, top_k=50, top_p=0.9)
-    """
-    if not isinstance(do_sample, (bool, np.bool_)):
-        raise InputTypeError(f"do_sample must be True or False, got {do_sample!r}.")
-    if not _is_number(temperature) or not math.isfinite(temperature) or temperature <= 0:
-        raise InputError(
-            f"temperature must be a finite number > 0, got {temperature!r} (a negative temperature "
-            "would sample from the inverted distribution). Use do_sample=False for greedy decoding."
-        )
-    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 1):
-        raise InputError(f"top_k must be a positive integer or None, got {top_k!r}.")
-    if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):
-        raise InputError(f"top_p must be a number in (0, 1] or None, got {top_p!r}.")
-
-
-def check_eos_token_id(eos_token_id: Any, d_vocab: int) -> None:
-    """Refuse an ``eos_token_id`` that is not a token id (or a non-empty list of them) of the vocabulary.
-
-    Example:
-        >>> check_eos_token_id([2, 7], d_vocab=128)
-    """
-    if eos_token_id is None:
-        return
-    ids = eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
-    if not ids or not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in ids):
-        raise InputTypeError(f"eos_token_id must be a token id or a non-empty list of token ids, got {eos_token_id!r}.")
-    bad = [int(i) for i in ids if not 0 <= int(i) < d_vocab]
-    if bad:
-        raise InputError(f"eos_token_id {bad[0]} is outside the vocabulary [0, {d_vocab}).")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def stop_tokens(model: Any, stop_at_eos: bool, eos_token_id: int | list[int] | None) -> list[int]:

@@ -37,15 +37,12 @@ blocks are moved and run one call at a time. See ``docs/guarantees.md``.
 
 from __future__ import annotations
 
-import math
-import numbers
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeGuard, cast
+from typing import Any, Literal, cast
 
-import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -59,8 +56,9 @@ from tuco_lens.backends import (
     backend_of,
     remove_permanent_hook,
 )
-from tuco_lens.errors import AlphaError, TuCoError
+from tuco_lens.errors import TuCoError
 from tuco_lens.inputs import warn_if_doubled_bos
+from tuco_lens.validation import check_alpha
 
 __all__ = [
     "PairedBlocks",
@@ -114,55 +112,6 @@ def supports_last_token_path(model: Model) -> bool:
         True
     """
     return backend_of(model).supports_last_token_path()
-
-
-def check_alpha(alpha: float | Sequence[float] | Tensor, n_layers: int) -> list[float]:
-    """Validate α (one number, or one per layer) and return one float per layer.
-
-    Numbers may be Python, numpy (``np.float32(0.5)``) or torch scalars; one value per layer
-    may be a list, a tuple, a 1-D numpy array or tensor.
-
-    Raises:
-        AlphaError: α is not a finite real number, or a per-layer α has the wrong length.
-
-    Example:
-        >>> check_alpha(0.5, 3)
-        [0.5, 0.5, 0.5]
-        >>> check_alpha(np.array([0.0, 1.0]), 2)
-        [0.0, 1.0]
-    """
-    if isinstance(alpha, (Tensor, np.ndarray, np.generic)):
-        if getattr(alpha, "ndim", 0) > 1:
-            raise AlphaError(f"alpha must be a number or one number per layer, got an array of shape {tuple(alpha.shape)}.")
-        alpha = alpha.tolist()
-    if _is_real(alpha):
-        values = [float(alpha)] * n_layers
-    elif isinstance(alpha, Sequence) and not isinstance(alpha, (str, bytes)):
-        values = list(alpha)
-        if len(values) != n_layers:
-            raise AlphaError(
-                f"A per-layer alpha needs one value per layer: got {len(values)} values for "
-                f"{n_layers} layers."
-            )
-        if not all(_is_real(a) for a in values):
-            raise AlphaError(f"alpha values must be real numbers, got {values!r}.")
-        values = [float(a) for a in values]
-    else:
-        raise AlphaError(
-            f"alpha must be a number or one number per layer, got {type(alpha).__name__}."
-        )
-    bad = [a for a in values if not math.isfinite(a)]
-    if bad:
-        raise AlphaError(
-            f"alpha must be finite, got {bad[0]}. (Negative alpha is allowed: it reverses "
-            "the fine-tuning component.)"
-        )
-    return values
-
-
-def _is_real(value: object) -> TypeGuard[numbers.Real]:
-    """A real number (Python, numpy or 0-d torch), not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def alpha_mixer(alphas: Sequence[float]) -> LayerFn:

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from tuco_lens.backends import Model, backend_of
 from tuco_lens.errors import ChatTemplateTwiceWarning, DoubledBOSWarning, InputError, InputTypeError
+from tuco_lens.validation import check_size
 
 __all__ = [
     "TokenBatch",
@@ -205,9 +206,7 @@ def length_sorted_batches(
         [1, 2] [0, 1, 2, 3, 4] (2, 5)
         [0] [2, 3, 4] (1, 3)
     """
-    for name, value in (("batch_size", batch_size), ("token_budget", token_budget)):
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise InputError(f"{name} must be a positive integer or None, got {value!r}.")
+    batch_size, token_budget = check_size(batch_size, "batch_size"), check_size(token_budget, "token_budget")
     n = len(batch)
     lengths = batch.n_tokens.cpu()
     if batch_size is None and token_budget is None:
@@ -307,8 +306,7 @@ def _consecutive_batches(
             "token_budget groups rows by length, so it needs sort_by_length=True; pass batch_size "
             "to run the rows in input order."
         )
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise InputError(f"batch_size must be a positive integer or None, got {batch_size!r}.")
+    batch_size = check_size(batch_size, "batch_size")
     step = batch_size if batch_size is not None else max(len(batch), 1)
     for start in range(0, len(batch), step):
         rows = torch.arange(start, min(start + step, len(batch)))

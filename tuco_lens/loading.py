@@ -45,6 +45,7 @@ from tuco_lens.backends import (
     tl_loading,
 )
 from tuco_lens.errors import InputError, InputTypeError, ModelLoadError
+from tuco_lens.validation import check_device
 
 if TYPE_CHECKING:
     from tuco_lens.pair import TuCoPair
@@ -97,53 +98,6 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if key not in _DTYPES:
         raise InputError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
     return _DTYPES[key]
-
-
-def check_device(device: Any) -> None:
-    """Refuse a ``device`` that is not a device name, or names a device this machine lacks.
-
-    ``None`` (TransformerLens's choice), ``"cpu"`` and ``"meta"`` always pass; ``"cuda"``,
-    ``"cuda:N"``, ``"mps"``, ``"xpu"``... must be available (and ``N`` below the device count).
-
-    Raises:
-        InputTypeError: ``device`` is neither a string nor a ``torch.device``.
-        InputError: an unknown device type, or one that is not available here.
-
-    Example:
-        >>> check_device("cpu")
-    """
-    if device is None:
-        return
-    if not isinstance(device, (str, torch.device)):
-        raise InputTypeError(
-            f"device must be a string or torch.device, got {type(device).__name__}"
-        )
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError) as error:
-        raise InputError(
-            f"unknown device {device!r} ({error}); use e.g. 'cpu', 'cuda', 'cuda:1' or 'mps'"
-        ) from None
-    if parsed.type in ("cpu", "meta"):
-        return
-    if parsed.type == "mps":
-        available, count = torch.backends.mps.is_available(), 1
-    else:
-        module = getattr(torch, parsed.type, None)
-        if module is None or not hasattr(module, "is_available"):
-            return  # a device type torch knows but tuco_lens cannot query: torch decides
-        available = bool(module.is_available())
-        count = int(module.device_count()) if available and hasattr(module, "device_count") else 0
-    if not available:
-        raise InputError(
-            f"device {str(device)!r} is not available on this machine (torch finds no "
-            f"{parsed.type} device); use device='cpu' or leave device unset"
-        )
-    if parsed.index is not None and parsed.index >= count:
-        raise InputError(
-            f"device {str(device)!r} does not exist: this machine has {count} {parsed.type} "
-            f"device(s), {parsed.type}:0 to {parsed.type}:{count - 1}"
-        )
 
 
 def _route(source: Any) -> str:

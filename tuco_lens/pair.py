@@ -14,14 +14,7 @@ from tuco_lens.attribution import FrozenNorm, LogitAttribution, OutputComparison
 from tuco_lens.backends import ActivationCache, Model, backend_of, linear_layout, native_modules
 from tuco_lens.compatibility import check_compatible
 from tuco_lens.components import ComponentAccumulator, mixer_for
-from tuco_lens.decomposition import (
-    COMPONENTS,
-    Decomposition,
-    DecompositionAccumulator,
-    Norm,
-    check_accumulate_dtype,
-    check_norm,
-)
+from tuco_lens.decomposition import COMPONENTS, Decomposition, DecompositionAccumulator, Norm
 from tuco_lens.errors import InputError, TuCoError
 from tuco_lens.generation import generate_tokens, stop_tokens
 from tuco_lens.hooks import (
@@ -32,6 +25,7 @@ from tuco_lens.hooks import (
     supports_last_token_path,
 )
 from tuco_lens.inputs import Inputs, TokenBatch, length_sorted_batches, prepare_batch, to_left_padding
+from tuco_lens.validation import check_accumulate_dtype, check_norm
 from tuco_lens.versions import check_versions
 
 __all__ = ["GenerationOptions", "TuCoPair"]

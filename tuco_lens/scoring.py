@@ -54,6 +54,7 @@ from tuco_lens.scoring_io import (
     source_identity,
 )
 from tuco_lens.sharding import ProcessInfo, Shard, current_process, layout, parse_shard, split_threads
+from tuco_lens.validation import check_size
 
 if TYPE_CHECKING:
     from tuco_lens.pair import TuCoPair
@@ -451,10 +452,8 @@ def score_prompts(
         [0, 1, 2, 3]
     """
     records = as_records(prompts)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if isinstance(row_group_size, bool) or not isinstance(row_group_size, int) or row_group_size < 1:
-        raise InputError(f"row_group_size must be a positive integer, got {row_group_size!r}")
+    check_size(batch_size, "batch_size", optional=False)
+    check_size(row_group_size, "row_group_size", optional=False)
     if pair is None and (pt is None or ft is None):
         raise InputError("give the models: pt=... and ft=..., or pair=... (a TuCoPair or a function returning one)")
     shard = parse_shard(shard)

@@ -17,11 +17,12 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from tuco_lens.decomposition import Norm, check_norm
+from tuco_lens.decomposition import Norm
 from tuco_lens.errors import InputError, InputTypeError
 from tuco_lens.inputs import TokenBatch, encode_prompt, run_batched
 from tuco_lens.metrics import roc_auc, tpr_at_fpr
 from tuco_lens.pair import TuCoPair
+from tuco_lens.validation import check_float, check_int, check_norm
 
 #: Name of the set when prompts are given as a plain list (no set labels).
 DEFAULT_SET = "prompts"
@@ -43,29 +44,6 @@ def check_pair(pair: object) -> TuCoPair:
     return pair
 
 
-def check_int(value: object, name: str, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise InputTypeError(f"{name} must be an int, got {type(value).__name__} ({value!r}).")
-    value = int(value)
-    if minimum is not None and value < minimum:
-        raise InputError(f"{name} must be >= {minimum}, got {value}.")
-    return value
-
-
-def check_float(value: object, name: str, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise InputTypeError(f"{name} must be a number, got {type(value).__name__} ({value!r}).")
-    value = float(value)
-    if not math.isfinite(value) or (positive and value <= 0):
-        raise InputError(f"{name} must be a finite{' positive' if positive else ''} number, got {value}.")
-    return value
-
-
-def check_callable(value: object, name: str) -> None:
-    if value is not None and not callable(value):
-        raise InputTypeError(f"{name} must be a function (or None), got {type(value).__name__}.")
-
-
 def check_common(batch_size: object, norm: str) -> Norm:
     """Check ``batch_size`` (a positive int or None) and return the checked ``norm``."""
     if batch_size is not None:
@@ -73,7 +51,7 @@ def check_common(batch_size: object, norm: str) -> Norm:
     return check_norm(norm)
 
 
-def check_sampling(n_samples: object, max_new_tokens: object, seed: object, temperature: object) -> tuple[int, int, int, float]:
+def check_sample_settings(n_samples: object, max_new_tokens: object, seed: object, temperature: object) -> tuple[int, int, int, float]:
     """The checked ``(n_samples, max_new_tokens, seed, temperature)`` of an analysis that generates."""
     return (
         check_int(n_samples, "n_samples", 1),

@@ -18,7 +18,6 @@ from tqdm.auto import tqdm
 
 from tuco_lens.analyses._common import (
     DEFAULT_SET,
-    check_int,
     check_pair,
     generate_completions,
     label,
@@ -30,6 +29,7 @@ from tuco_lens.analyses.steering import _check_alphas
 from tuco_lens.errors import InputTypeError
 from tuco_lens.pair import TuCoPair
 from tuco_lens.plotting import plot_alpha_sweep
+from tuco_lens.validation import check_int
 
 __all__ = ["BehaviourSweep", "behaviour_sweep"]
 

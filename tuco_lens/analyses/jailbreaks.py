@@ -14,11 +14,9 @@ from tuco_lens.analyses._common import (
     PromptSource,
     SetSource,
     auc_or_nan,
-    check_callable,
     check_common,
-    check_int,
     check_pair,
-    check_sampling,
+    check_sample_settings,
     generate_completions,
     label,
     read_labelled_prompts,
@@ -29,6 +27,7 @@ from tuco_lens.analyses._common import (
 from tuco_lens.errors import InputError, InputTypeError
 from tuco_lens.pair import TuCoPair
 from tuco_lens.plotting import plot_prompt_sets
+from tuco_lens.validation import check_callable, check_int
 
 __all__ = ["DEFAULT_REFUSAL_STRINGS", "contains_refusal", "JailbreakResult", "jailbreak_success"]
 
@@ -273,7 +272,7 @@ def jailbreak_success(
     """
     pair = check_pair(pair)
     norm = check_common(batch_size, norm)
-    n_samples, max_new_tokens, seed, temperature = check_sampling(n_samples, max_new_tokens, seed, temperature)
+    n_samples, max_new_tokens, seed, temperature = check_sample_settings(n_samples, max_new_tokens, seed, temperature)
     m = _check_m(min_non_refusals, n_samples)
     check_callable(is_refusal, "is_refusal")
     strings = _check_strings(refusal_strings) if is_refusal is None else tuple(refusal_strings)

@@ -15,11 +15,9 @@ from plotly.subplots import make_subplots
 from tuco_lens.analyses._common import (
     PromptSource,
     apply_checked,
-    check_callable,
     check_common,
-    check_int,
     check_pair,
-    check_sampling,
+    check_sample_settings,
     generate_completions,
     groups_of,
     label,
@@ -35,6 +33,7 @@ from tuco_lens.decomposition import Norm
 from tuco_lens.errors import InputError, InputTypeError
 from tuco_lens.pair import TuCoPair
 from tuco_lens.plotting._util import notebook_layout, set_colours
+from tuco_lens.validation import check_callable, check_int
 
 __all__ = ["Shot", "ManyShotSweep", "many_shot_sweep", "chat_template_builder", "default_ks"]
 
@@ -315,7 +314,7 @@ def many_shot_sweep(
         raise InputError(f"too_long must be 'raise' or 'skip', got {too_long!r}.")
     check_callable(build_prompt, "build_prompt")
     check_callable(behaviour, "behaviour")
-    n_samples, max_new_tokens, seed, temperature = check_sampling(n_samples, max_new_tokens, seed, temperature)
+    n_samples, max_new_tokens, seed, temperature = check_sample_settings(n_samples, max_new_tokens, seed, temperature)
     if n_samples > 1 and not do_sample:
         raise InputError(f"n_samples = {n_samples} needs do_sample=True (greedy decoding gives one completion).")
     prepend_bos = None if build_prompt is not None else False  # the template's text decides BOS

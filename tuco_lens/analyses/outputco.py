@@ -32,12 +32,13 @@ from tuco_lens.analyses._common import (
     score,
 )
 from tuco_lens.backends import backend_of
-from tuco_lens.decomposition import Norm, check_accumulate_dtype, ratio, vector_norm
+from tuco_lens.decomposition import Norm, ratio, vector_norm
 from tuco_lens.errors import InputError
 from tuco_lens.inputs import Inputs, TokenBatch, run_batched, to_left_padding
 from tuco_lens.metrics import roc_auc
 from tuco_lens.pair import TuCoPair
 from tuco_lens.plotting._util import escape, notebook_layout, set_colours
+from tuco_lens.validation import check_accumulate_dtype
 
 __all__ = ["outputco", "TuCoOutputCoComparison", "compare_tuco_outputco"]
 

@@ -42,12 +42,12 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from tuco_lens.analyses._common import check_int, check_pair, read_jsonl
+from tuco_lens.analyses._common import check_pair, read_jsonl
 from tuco_lens.errors import InputError, InputTypeError
-from tuco_lens.hooks import check_alpha
 from tuco_lens.inputs import TokenBatch, run_batched
 from tuco_lens.pair import TuCoPair
 from tuco_lens.plotting import plot_alpha_sweep
+from tuco_lens.validation import check_alpha, check_int
 
 __all__ = [
     "DEFAULT_ALPHAS",

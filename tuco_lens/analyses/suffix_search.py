@@ -61,12 +61,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tuco_lens.analyses._common import check_int
 from tuco_lens.errors import InputError, InputTypeError, TuCoError
-from tuco_lens.hooks import check_alpha
 from tuco_lens.inputs import TokenBatch, pad_id, run_batched
 from tuco_lens.pair import TuCoPair
 from tuco_lens.plotting._util import escape, notebook_layout, set_colours, shorten
+from tuco_lens.validation import check_alpha, check_int
 
 __all__ = [
     "SuffixSearchResult",

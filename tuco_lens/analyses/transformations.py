@@ -15,7 +15,6 @@ from tuco_lens.analyses._common import (
     PromptSource,
     apply_checked,
     auc_or_nan,
-    check_callable,
     check_common,
     check_pair,
     groups_of,
@@ -28,6 +27,7 @@ from tuco_lens.errors import InputError, InputTypeError
 from tuco_lens.pair import TuCoPair
 from tuco_lens.plotting import plot_prompt_sets
 from tuco_lens.plotting._util import escape, shorten
+from tuco_lens.validation import check_callable
 
 __all__ = ["TransformationComparison", "compare_transformations", "suffix_transform", "identity"]
 

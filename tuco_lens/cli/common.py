@@ -77,7 +77,8 @@ def check_pair_arguments(args: argparse.Namespace) -> None:
         CLIError: ``--demo`` with ``--pt``/``--ft``, or one of ``--pt``/``--ft`` missing.
         TuCoError: an unknown dtype, or a device that does not exist on this machine.
     """
-    from tuco_lens.loading import check_device, resolve_dtype
+    from tuco_lens.loading import resolve_dtype
+    from tuco_lens.validation import check_device
 
     if args.demo and (args.pt or args.ft):
         raise CLIError("give either --demo or --pt and --ft, not both")
