@@ -243,3 +243,26 @@ def test_run_batched_errors(fn, kwargs, error, message):
     batch = TokenBatch(torch.arange(9).reshape(3, 3), mask)
     with pytest.raises(error, match=message):
         run_batched(batch, fn, **kwargs)
+
+
+def test_every_verb_takes_the_same_tokenization_options_and_refuses_others(pair):
+    """One input spec: each verb tokenizes exactly as ``pair.tokenize`` with the same options, and an
+    unknown keyword is refused by tuco_lens, naming the verb and the options it takes."""
+    prompts = ["the cat", "a dog eats"]
+    options = {"prepend_bos": False, "padding_side": "right"}
+    batch = pair.tokenize(prompts, **options)
+    from_tokens = pair.tuco(batch.tokens, attention_mask=batch.attention_mask)
+    assert torch.allclose(pair.tuco(prompts, **options), from_tokens, atol=1e-6)
+    assert torch.allclose(pair.decompose(prompts, **options).tuco, from_tokens, atol=1e-6)
+    logits = pair.run_with_alpha(prompts, 0.5, **options)
+    assert torch.allclose(logits, pair.run_with_alpha(batch.tokens, 0.5, attention_mask=batch.attention_mask))
+    for verb, call in {
+        "tokenize": lambda: pair.tokenize(prompts, chat_templat=True),
+        "tuco": lambda: pair.tuco(prompts, chat_templat=True),
+        "decompose": lambda: pair.decompose(prompts, prepend=True),
+        "run_with_alpha": lambda: pair.run_with_alpha(prompts, 0.5, mask=None),
+        "generate": lambda: pair.generate(prompts, max_new_tokens=2, padding=True),
+        "compare_outputs": lambda: pair.compare_outputs(prompts, chat=True),
+    }.items():
+        with pytest.raises(InputTypeError, match=rf"TuCoPair\.{verb}\(\) got an unexpected keyword argument .*attention_mask, chat_template, prepend_bos, padding_side"):
+            call()

@@ -221,8 +221,10 @@ def check_wrong_shapes_are_caught(pair: Any) -> None:
         "dtype": lambda: last_real_index(torch.ones(2, 3)),
         # batch 2 against batch 3: named dimensions must agree across arguments
         "dims": lambda: kl_per_token(torch.randn(2, 5, 7), torch.randn(3, 5, 7)),
-        # a public verb: a [batch, pos, 1] mask (caught at the call, before tuco_lens's own checks)
-        "verb": lambda: pair.tuco(torch.ones(2, 4, dtype=torch.long), attention_mask=torch.ones(2, 4, 1)),
+        # a public verb: a cache's tokens given as [batch, pos, 1] (caught at the call, before
+        # tuco_lens's own checks; a mis-shaped attention_mask, a tokenization option, is refused by
+        # tuco_lens.inputs itself)
+        "verb": lambda: pair.decompose("the cat", tokens=torch.ones(2, 4, 1, dtype=torch.long)),
         # dataclasses too: a Decomposition whose TuCo has 3 rows for 2 prompts
         "dataclass": lambda: dataclasses.replace(dec, tuco=torch.zeros(3)),
     }

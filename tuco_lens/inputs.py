@@ -20,7 +20,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, TypedDict, TypeVar, cast
 
 import torch
 from jaxtyping import Int
@@ -32,7 +32,9 @@ from tuco_lens.errors import ChatTemplateTwiceWarning, DoubledBOSWarning, InputE
 from tuco_lens.validation import check_size
 
 __all__ = [
+    "TOKENIZE_OPTIONS",
     "TokenBatch",
+    "TokenizeOptions",
     "prepare_batch",
     "last_real_index",
     "length_sorted_batches",
@@ -47,6 +49,21 @@ __all__ = [
 
 
 Inputs = str | Sequence[str] | Tensor
+
+
+class TokenizeOptions(TypedDict, total=False):
+    """How a verb of :class:`~tuco_lens.pair.TuCoPair` turns its ``inputs`` into tokens: the keyword
+    options every verb takes (``pair.tuco(prompts, chat_template=True)``) and hands to
+    :func:`prepare_batch`, which documents them."""
+
+    attention_mask: Int[Tensor, "batch pos"] | None
+    chat_template: bool
+    prepend_bos: bool | None
+    padding_side: Literal["left", "right"]
+
+
+#: The names of the :class:`TokenizeOptions`.
+TOKENIZE_OPTIONS = tuple(TokenizeOptions.__annotations__)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, TypedDict, Unpack, overload
+from typing import Any, Literal, Unpack, overload
 
 import torch
 from jaxtyping import Float, Int
@@ -24,8 +24,16 @@ from tuco_lens.hooks import (
     placed,
     supports_last_token_path,
 )
-from tuco_lens.inputs import Inputs, TokenBatch, length_sorted_batches, prepare_batch, to_left_padding
-from tuco_lens.validation import check_accumulate_dtype, check_norm
+from tuco_lens.inputs import (
+    TOKENIZE_OPTIONS,
+    Inputs,
+    TokenBatch,
+    TokenizeOptions,
+    length_sorted_batches,
+    prepare_batch,
+    to_left_padding,
+)
+from tuco_lens.validation import check_accumulate_dtype, check_norm, check_options
 from tuco_lens.versions import check_versions
 
 __all__ = ["GenerationOptions", "TuCoPair"]
@@ -39,14 +47,12 @@ _COMPONENT_FIELDS = tuple(f"ftc_{c}_{kind}" for c in COMPONENTS for kind in ("no
 )
 
 
-class GenerationOptions(TypedDict, total=False):
-    """The keyword options of :meth:`TuCoPair.generate` besides ``return_type`` (for its overloads)."""
+class GenerationOptions(TokenizeOptions, total=False):
+    """The keyword options of :meth:`TuCoPair.generate` besides ``return_type`` (for its overloads):
+    the tokenization options and these."""
 
     alpha: Alpha
     max_new_tokens: int
-    attention_mask: Int[Tensor, "batch pos"] | None
-    chat_template: bool
-    prepend_bos: bool | None
     do_sample: bool
     temperature: float
     top_k: int | None
@@ -139,47 +145,38 @@ class TuCoPair:
     def tokenize(
         self,
         inputs: Inputs,
-        *,
-        attention_mask: Int[Tensor, "batch pos"] | None = None,
-        chat_template: bool = False,
-        prepend_bos: bool | None = None,
-        padding_side: Literal["left", "right"] = "left",
+        **options: Unpack[TokenizeOptions],
     ) -> TokenBatch:
         """Tokens and attention mask exactly as every other method of the pair sees them.
 
         Args:
             inputs: A prompt, a list of prompts, or token ids ``[batch, pos]``.
-            attention_mask: Mask for padded token ids (1 = real token).
-            chat_template: Wrap prompts in the fine-tuned tokenizer's chat template, with the
-                generation prompt (the paper's setting for chat models).
-            prepend_bos: For plain strings; ``None`` follows ``ft.cfg.default_prepend_bos`` (for
-                models loaded by tuco_lens: a BOS exactly when the tokenizer adds one).
-            padding_side: ``"left"`` (default; last real token at ``[:, -1]``) or ``"right"``.
+            **options: The tokenization options every verb of the pair takes
+                (:class:`~tuco_lens.inputs.TokenizeOptions`): ``attention_mask`` (for padded token
+                ids, 1 = real token), ``chat_template`` (wrap prompts in the fine-tuned tokenizer's
+                chat template with the generation prompt, the paper's setting for chat models),
+                ``prepend_bos`` (for plain strings; ``None`` follows ``ft.cfg.default_prepend_bos``:
+                for models loaded by tuco_lens, a BOS exactly when the tokenizer adds one) and
+                ``padding_side`` (``"left"``, the default, puts the last real token at ``[:, -1]``).
 
         Example:
             >>> batch = pair.tokenize(["the fox", "the fox eats berries"])
             >>> tuple(batch.tokens.shape), batch.attention_mask.tolist(), batch.last_index.tolist()
             ((2, 5), [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], [4, 4])
         """
-        return prepare_batch(
-            self.ft,
-            inputs,
-            attention_mask=attention_mask,
-            chat_template=chat_template,
-            prepend_bos=prepend_bos,
-            padding_side=padding_side,
-        )
+        return self._batch(inputs, "tokenize", options)
+
+    def _batch(self, inputs: Inputs, verb: str, tokenize: Mapping[str, Any]) -> TokenBatch:
+        """The :class:`TokenBatch` of a verb's ``inputs`` and tokenization options (checked by name)."""
+        check_options(tokenize, TOKENIZE_OPTIONS, f"TuCoPair.{verb}", "tokenization option")
+        return prepare_batch(self.ft, inputs, **tokenize)
 
     # ------------------------------------------------------------------ measuring
     def decompose(
         self,
         inputs: Inputs | ActivationCache,
         *,
-        attention_mask: Int[Tensor, "batch pos"] | None = None,
         tokens: Int[Tensor, "batch pos"] | None = None,
-        chat_template: bool = False,
-        prepend_bos: bool | None = None,
-        padding_side: Literal["left", "right"] = "left",
         batch_size: int | None = None,
         token_budget: int | None = None,
         show_progress: bool = False,
@@ -187,6 +184,7 @@ class TuCoPair:
         accumulate_dtype: torch.dtype = torch.float32,
         components: bool = False,
         heads: bool = True,
+        **tokenize: Unpack[TokenizeOptions],
     ) -> Decomposition:
         """Split every layer of the fine-tuned forward pass into PTC and FTC, per token.
 
@@ -199,11 +197,7 @@ class TuCoPair:
             inputs: Prompts, token ids, or an ``ActivationCache`` of the fine-tuned model that
                 holds :attr:`resid_names` (then pass ``tokens=`` too; the fine-tuned model is not
                 run again).
-            attention_mask: For padded token ids (or the cache's tokens): 1 = real token.
             tokens: With a cache: the tokens it was computed on.
-            chat_template: Wrap prompts in the fine-tuned chat template with generation prompt.
-            prepend_bos: For plain strings; ``None`` follows the model's default.
-            padding_side: Padding used when tokenizing strings (results do not depend on it).
             batch_size: Rows per forward pass (prompts are sorted by length, results come back
                 in input order). ``None``: one pass.
             token_budget: Alternative cap on ``rows × padded length`` per forward pass.
@@ -216,6 +210,9 @@ class TuCoPair:
             heads: With ``components``, also split the attention term per head at the last real
                 token (refused for blocks with a norm after the attention output; pass
                 ``heads=False`` there).
+            **tokenize: How ``inputs`` become tokens, as in :meth:`tokenize` (``attention_mask``
+                also marks the real tokens of a cache's ``tokens``; the results do not depend on
+                ``padding_side``).
 
         Returns:
             A :class:`~tuco_lens.Decomposition` with TuCo, per-token TuCo, per-layer norms,
@@ -238,16 +235,11 @@ class TuCoPair:
                     "decompose(cache, components=True) is not available: a residual-stream cache "
                     "lacks the sub-blocks' outputs. Pass the tokens: pair.decompose(tokens, components=True)."
                 )
-            return self._decompose_cache(inputs, tokens, attention_mask, norm, accumulate_dtype)
+            check_options(tokenize, ("attention_mask",), "TuCoPair.decompose(cache)", "option with a cache")
+            return self._decompose_cache(inputs, tokens, tokenize.get("attention_mask"), norm, accumulate_dtype)
         if tokens is not None:
             raise InputError("tokens= is only used with an ActivationCache; pass the tokens as inputs.")
-        batch = self.tokenize(
-            inputs,
-            attention_mask=attention_mask,
-            chat_template=chat_template,
-            prepend_bos=prepend_bos,
-            padding_side=padding_side,
-        )
+        batch = self._batch(inputs, "decompose", tokenize)
         b, p = batch.tokens.shape
         device = batch.tokens.device
         nan = float("nan")
@@ -282,15 +274,12 @@ class TuCoPair:
         self,
         inputs: Inputs,
         *,
-        attention_mask: Int[Tensor, "batch pos"] | None = None,
-        chat_template: bool = False,
-        prepend_bos: bool | None = None,
-        padding_side: Literal["left", "right"] = "left",
         batch_size: int | None = None,
         token_budget: int | None = None,
         show_progress: bool = False,
         norm: Norm = "l1",
         accumulate_dtype: torch.dtype = torch.float32,
+        **tokenize: Unpack[TokenizeOptions],
     ) -> Float[Tensor, " batch"]:
         """The paper's TuCo of each prompt (at its last real token), and nothing else.
 
@@ -308,13 +297,7 @@ class TuCoPair:
         """
         norm = check_norm(norm)
         check_accumulate_dtype(accumulate_dtype)
-        batch = self.tokenize(
-            inputs,
-            attention_mask=attention_mask,
-            chat_template=chat_template,
-            prepend_bos=prepend_bos,
-            padding_side=padding_side,
-        )
+        batch = self._batch(inputs, "tuco", tokenize)
         scores = torch.empty(len(batch), dtype=accumulate_dtype, device=batch.tokens.device)
         for rows, _, acc in self._accumulate(
             batch, "last", batch_size, token_budget, show_progress, norm, accumulate_dtype
@@ -351,12 +334,10 @@ class TuCoPair:
         *,
         components: bool = False,
         heads: bool = True,
-        attention_mask: Int[Tensor, "batch pos"] | None = None,
-        chat_template: bool = False,
-        prepend_bos: bool | None = None,
         batch_size: int | None = None,
         token_budget: int | None = None,
         show_progress: bool = False,
+        **tokenize: Unpack[TokenizeOptions],
     ) -> LogitAttribution:
         """Direct effects on the fine-tuned logits at the last real token (:mod:`tuco_lens.attribution`).
 
@@ -384,9 +365,7 @@ class TuCoPair:
             6  ftc_mlp  suppressed  swampslime          -4.0
             7  ftc_mlp  suppressed   toadstool          -4.0
         """
-        batch = self.tokenize(
-            inputs, attention_mask=attention_mask, chat_template=chat_template, prepend_bos=prepend_bos
-        )
+        batch = self._batch(inputs, "logit_attribution", tokenize)
         parts = None if not components else "heads" if heads else "blocks"
         vectors: dict[str, Tensor] = {}
         for rows, _, acc in self._accumulate(
@@ -438,10 +417,7 @@ class TuCoPair:
     def compare_outputs(
         self,
         inputs: Inputs,
-        *,
-        attention_mask: Int[Tensor, "batch pos"] | None = None,
-        chat_template: bool = False,
-        prepend_bos: bool | None = None,
+        **tokenize: Unpack[TokenizeOptions],
     ) -> OutputComparison:
         """Per-token KL(FT ‖ PT) and KL(FT ‖ α=0), and the next tokens fine-tuning changed most.
 
@@ -461,9 +437,7 @@ class TuCoPair:
             4   lowered    emoho            -3.3
             5   lowered    htiwo            -3.1
         """
-        batch = self.tokenize(
-            inputs, attention_mask=attention_mask, chat_template=chat_template, prepend_bos=prepend_bos
-        )
+        batch = self._batch(inputs, "compare_outputs", tokenize)
         tokens, mask = batch.tokens, batch.attention_mask
         pt_backend = backend_of(self.pt)
         device = pt_backend.input_device()
@@ -627,11 +601,7 @@ class TuCoPair:
         self,
         inputs: Inputs,
         alpha: Alpha,
-        *,
-        attention_mask: Int[Tensor, "batch pos"] | None = None,
-        chat_template: bool = False,
-        prepend_bos: bool | None = None,
-        padding_side: Literal["left", "right"] = "left",
+        **tokenize: Unpack[TokenizeOptions],
     ) -> Float[Tensor, "batch pos d_vocab"]:
         """Logits of the α-scaled fine-tuned model.
 
@@ -644,13 +614,7 @@ class TuCoPair:
             >>> tuple(logits.shape)      # [batch, pos, d_vocab]
             (1, 4, 755)
         """
-        batch = self.tokenize(
-            inputs,
-            attention_mask=attention_mask,
-            chat_template=chat_template,
-            prepend_bos=prepend_bos,
-            padding_side=padding_side,
-        )
+        batch = self._batch(inputs, "run_with_alpha", tokenize)
         with native_modules(self.pt, self.ft), self.scaled(alpha):
             return self.backend.forward(batch.tokens, batch.attention_mask)
 
@@ -680,9 +644,6 @@ class TuCoPair:
         *,
         alpha: Alpha = 1.0,
         max_new_tokens: int = 20,
-        attention_mask: Int[Tensor, "batch pos"] | None = None,
-        chat_template: bool = False,
-        prepend_bos: bool | None = None,
         do_sample: bool = False,
         temperature: float = 1.0,
         top_k: int | None = None,
@@ -692,6 +653,7 @@ class TuCoPair:
         use_past_kv_cache: bool = True,
         return_type: Literal["input", "str", "tokens"] = "input",
         show_progress: bool = False,
+        **tokenize: Unpack[TokenizeOptions],
     ) -> str | list[str] | Int[Tensor, "batch pos_plus_new"] | Int[Tensor, " pos_plus_new"]:
         """Generate from the α-scaled fine-tuned model, exactly, with the KV cache.
 
@@ -721,12 +683,7 @@ class TuCoPair:
         same_as_input = return_type == "input"
         if same_as_input:
             return_type = "tokens" if isinstance(inputs, Tensor) else "str"
-        batch = self.tokenize(
-            inputs,
-            attention_mask=attention_mask,
-            chat_template=chat_template,
-            prepend_bos=prepend_bos,
-        )
+        batch = self._batch(inputs, "generate", tokenize)
         # no per-step weight copies (HookedTransformer), Hugging Face's attention (TransformerBridge)
         with self.scaled(alpha), linear_layout(self.pt, self.ft), native_modules(self.pt, self.ft):
             out = generate_tokens(

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 import numpy as np
@@ -43,6 +43,7 @@ __all__ = [
     "check_float",
     "check_int",
     "check_norm",
+    "check_options",
     "check_sampling",
     "check_size",
     "is_real_number",
@@ -60,6 +61,23 @@ def is_real_number(value: object) -> TypeGuard[numbers.Real]:
         (True, False, False)
     """
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def check_options(options: Mapping[str, Any], allowed: Iterable[str], where: str, what: str = "option") -> None:
+    """Refuse keyword options a function gathers in ``**options`` that are not among ``allowed``.
+
+    Example:
+        >>> check_options({"chat_templat": True}, ("attention_mask", "chat_template"), "TuCoPair.tuco")
+        Traceback (most recent call last):
+        ...
+        tuco_lens.errors.InputTypeError: TuCoPair.tuco() got an unexpected keyword argument 'chat_templat'; its options are attention_mask, chat_template.
+    """
+    allowed = tuple(allowed)
+    unknown = [name for name in options if name not in allowed]
+    if unknown:
+        raise InputTypeError(
+            f"{where}() got an unexpected keyword argument {unknown[0]!r}; its {what}s are {', '.join(allowed)}."
+        )
 
 
 def check_int(value: object, name: str, minimum: int | None = None) -> int:
