@@ -266,3 +266,22 @@ def test_every_verb_takes_the_same_tokenization_options_and_refuses_others(pair)
     }.items():
         with pytest.raises(InputTypeError, match=rf"TuCoPair\.{verb}\(\) got an unexpected keyword argument .*attention_mask, chat_template, prepend_bos, padding_side"):
             call()
+
+
+def test_sample_is_seeded_generation_of_the_repeated_prompts(pair):
+    """``pair.sample`` equals ``generate`` on each prompt repeated ``n_samples`` times after
+    ``torch.manual_seed(seed)``, leaves the caller's RNG state as it was, and is greedy ``generate``
+    with ``do_sample=False``."""
+    prompts = ["the cat", "a dog eats"]
+    state = torch.get_rng_state()
+    samples = pair.sample(prompts, 3, seed=5, max_new_tokens=4, temperature=0.8)
+    assert torch.equal(torch.get_rng_state(), state)
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        flat = pair.generate([p for p in prompts for _ in range(3)], max_new_tokens=4, do_sample=True, temperature=0.8)
+    assert samples == [flat[:3], flat[3:]]
+    assert samples == pair.sample(prompts, 3, seed=5, max_new_tokens=4, temperature=0.8)
+    greedy = pair.sample(prompts, 2, do_sample=False, max_new_tokens=4, batch_size=1)
+    assert greedy == [[text, text] for text in pair.generate(prompts, max_new_tokens=4)]
+    with pytest.raises(InputTypeError, match=r"TuCoPair\.sample\(\) got an unexpected keyword"):
+        pair.sample(prompts, chat=True)

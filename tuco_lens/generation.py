@@ -12,8 +12,9 @@ needs the bridge's own computation (e.g. the attention pattern).
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -26,7 +27,7 @@ from tuco_lens.errors import InputError
 from tuco_lens.inputs import TokenBatch, to_left_padding
 from tuco_lens.validation import check_eos_token_id, check_sampling
 
-__all__ = ["generate_tokens", "stop_tokens", "check_sampling", "check_eos_token_id"]
+__all__ = ["generate_tokens", "seeded_rng", "stop_tokens", "check_sampling", "check_eos_token_id"]
 
 
 def _fast_forward_passes(generate: Callable) -> Callable:
@@ -126,3 +127,28 @@ def _fill_token(model: Any, stop: list[int]) -> int:
     if pad is not None:
         return int(pad)
     return stop[0] if stop else 0
+
+
+@contextlib.contextmanager
+def seeded_rng(model: Any, seed: int | None) -> Iterator[None]:
+    """Seed torch's RNG for the duration (CPU, and the model's CUDA device), then restore the caller's
+    state; ``seed=None`` leaves the RNG as it is.
+
+    Example:
+        >>> with seeded_rng(pair.ft, 0):
+        ...     a = torch.rand(2)
+        >>> with seeded_rng(pair.ft, 0):
+        ...     b = torch.rand(2)
+        >>> torch.equal(a, b)
+        True
+    """
+    if seed is None:
+        yield
+        return
+    device = torch.device(model.cfg.device) if model.cfg.device is not None else torch.device("cpu")
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield

@@ -16,7 +16,7 @@ from tuco_lens.compatibility import check_compatible
 from tuco_lens.components import ComponentAccumulator, mixer_for
 from tuco_lens.decomposition import COMPONENTS, Decomposition, DecompositionAccumulator, Norm
 from tuco_lens.errors import InputError, TuCoError
-from tuco_lens.generation import generate_tokens, stop_tokens
+from tuco_lens.generation import generate_tokens, seeded_rng, stop_tokens
 from tuco_lens.hooks import (
     PairedBlocks,
     _spliced_resid_hooks,
@@ -31,9 +31,10 @@ from tuco_lens.inputs import (
     TokenizeOptions,
     length_sorted_batches,
     prepare_batch,
+    run_batched,
     to_left_padding,
 )
-from tuco_lens.validation import check_accumulate_dtype, check_norm, check_options
+from tuco_lens.validation import check_accumulate_dtype, check_int, check_norm, check_options
 from tuco_lens.versions import check_versions
 
 __all__ = ["GenerationOptions", "TuCoPair"]
@@ -704,6 +705,56 @@ class TuCoPair:
             return out[0] if same_as_input and single else out
         texts = self._decode_new(out[:, batch.tokens.shape[1] :], stop_at_eos, eos_token_id)
         return texts[0] if single else texts
+
+    def sample(
+        self,
+        inputs: str | Sequence[str],
+        n_samples: int = 1,
+        *,
+        seed: int | None = 0,
+        alpha: Alpha = 1.0,
+        max_new_tokens: int = 20,
+        do_sample: bool = True,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        batch_size: int | None = None,
+        show_progress: bool = False,
+        **tokenize: Unpack[TokenizeOptions],
+    ) -> list[list[str]]:
+        """``n_samples`` completions of every prompt from the α-scaled model, ``[prompt][sample]``.
+
+        The rows (each prompt repeated ``n_samples`` times, in order) run in input order,
+        ``batch_size`` rows per :meth:`generate` call, so the samples do not depend on the prompts'
+        lengths. With a ``seed`` (default 0) torch's RNG is seeded for the call and the caller's RNG
+        state is restored after: the same arguments give the same samples. ``seed=None`` draws from
+        the RNG as it is. ``do_sample=False`` gives greedy completions.
+
+        Example:
+            >>> samples = pair.sample(["hello , describe the doomsalt ."], 3, chat_template=True,
+            ...                       max_new_tokens=12, temperature=0.7)
+            >>> len(samples), len(samples[0])
+            (1, 3)
+            >>> samples == pair.sample(["hello , describe the doomsalt ."], 3, chat_template=True,
+            ...                        max_new_tokens=12, temperature=0.7)
+            True
+        """
+        n_samples = check_int(n_samples, "n_samples", 1)
+        prompts = [inputs] if isinstance(inputs, str) else list(inputs)
+        batch = self._batch(prompts, "sample", tokenize)
+        rows, _ = batch.sub_batch(torch.arange(len(prompts)).repeat_interleave(n_samples))
+
+        def generate(sub: TokenBatch, _: Tensor) -> list[str]:
+            texts = self.generate(
+                sub.tokens, attention_mask=sub.attention_mask, alpha=alpha, max_new_tokens=max_new_tokens,
+                do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, return_type="str",
+            )
+            return [texts] if isinstance(texts, str) else texts
+
+        with seeded_rng(self.ft, seed):
+            texts = run_batched(rows, generate, batch_size, sort_by_length=False, show_progress=show_progress,
+                                desc="generate")
+        return [texts[i * n_samples : (i + 1) * n_samples] for i in range(len(prompts))]
 
     def _decode_new(self, new: Tensor, stop_at_eos: bool, eos_token_id) -> list[str]:
         if self.tokenizer is None:

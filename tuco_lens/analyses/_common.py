@@ -15,11 +15,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch import Tensor
 
 from tuco_lens.decomposition import Norm
 from tuco_lens.errors import InputError, InputTypeError
-from tuco_lens.inputs import TokenBatch, encode_prompt, run_batched
+from tuco_lens.inputs import encode_prompt
 from tuco_lens.metrics import roc_auc, tpr_at_fpr
 from tuco_lens.pair import TuCoPair
 from tuco_lens.validation import check_float, check_int, check_norm
@@ -321,60 +320,3 @@ def label(predicate: Callable[[str], Any], completion: str, name: str, where: st
     if isinstance(value, (bool, np.bool_)) or (isinstance(value, (int, np.integer)) and value in (0, 1)):
         return bool(value)
     raise InputTypeError(f"{name} must return a bool (True or False), got {value!r} for {where}.")
-
-
-def seeded_generation(pair: TuCoPair, seed: int):
-    """Context manager: fork the RNG (the caller's state is restored after) and seed it."""
-    devices = []
-    device = torch.device(pair.ft.cfg.device) if pair.ft.cfg.device is not None else torch.device("cpu")
-    if device.type == "cuda":
-        devices = [device.index if device.index is not None else torch.cuda.current_device()]
-
-    class _Seeded:
-        def __enter__(self):
-            self._fork = torch.random.fork_rng(devices=devices)
-            self._fork.__enter__()
-            torch.manual_seed(seed)
-            return self
-
-        def __exit__(self, *exc):
-            return self._fork.__exit__(*exc)
-
-    return _Seeded()
-
-
-def generate_completions(
-    pair: TuCoPair,
-    prompts: list[str],
-    n_samples: int = 1,
-    *,
-    max_new_tokens: int,
-    do_sample: bool,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    alpha: float | Sequence[float] = 1.0,
-    chat_template: bool = False,
-    prepend_bos: bool | None = None,
-    batch_size: int | None = None,
-    show_progress: bool = False,
-) -> list[list[str]]:
-    """``n_samples`` completions of every prompt (``[prompt][sample]``), in batches of rows.
-
-    Rows are the prompts repeated ``n_samples`` times each, in order; ``batch_size`` caps the
-    rows per ``pair.generate`` call, and the rows run in input order (:func:`run_batched` with
-    ``sort_by_length=False``), so the samples do not depend on the prompts' lengths. Sampling
-    draws from the global torch RNG: seed it (see :func:`seeded_generation`) for reproducible runs.
-    """
-    batch = pair.tokenize(prompts, chat_template=chat_template, prepend_bos=prepend_bos)
-    rows, _ = batch.sub_batch(torch.arange(len(prompts)).repeat_interleave(n_samples))
-
-    def generate(sub: TokenBatch, _: Tensor) -> list[str]:
-        texts = pair.generate(
-            sub.tokens, attention_mask=sub.attention_mask, alpha=alpha, max_new_tokens=max_new_tokens,
-            do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, return_type="str",
-        )
-        return [texts] if isinstance(texts, str) else texts
-
-    texts = run_batched(rows, generate, batch_size, sort_by_length=False, show_progress=show_progress, desc="generate")
-    return [texts[i * n_samples : (i + 1) * n_samples] for i in range(len(prompts))]

@@ -19,7 +19,6 @@ from tqdm.auto import tqdm
 from tuco_lens.analyses._common import (
     DEFAULT_SET,
     check_pair,
-    generate_completions,
     label,
     read_prompt_sets,
     read_prompts,
@@ -135,8 +134,8 @@ def behaviour_sweep(
     rows, completions = [], []
     for alpha in tqdm(values, disable=not show_progress, desc="α sweep"):
         for name, texts in sets.items():
-            generated = generate_completions(
-                pair, texts, max_new_tokens=max_new_tokens, do_sample=False, alpha=alpha,
+            generated = pair.sample(
+                texts, seed=None, max_new_tokens=max_new_tokens, do_sample=False, alpha=alpha,
                 chat_template=chat_template, batch_size=rows_per_call,
             )
             labelled = [

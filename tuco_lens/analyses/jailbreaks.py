@@ -17,11 +17,9 @@ from tuco_lens.analyses._common import (
     check_common,
     check_pair,
     check_sample_settings,
-    generate_completions,
     label,
     read_labelled_prompts,
     score,
-    seeded_generation,
     tpr_or_nan,
 )
 from tuco_lens.errors import InputError, InputTypeError
@@ -280,12 +278,10 @@ def jailbreak_success(
     texts = table["prompt"].tolist()
 
     table["tuco"] = score(pair, texts, chat_template=chat_template, batch_size=batch_size, show_progress=show_progress, norm=norm)
-    with seeded_generation(pair, seed):
-        samples = generate_completions(
-            pair, texts, n_samples, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
-            top_k=top_k, top_p=top_p, alpha=alpha, chat_template=chat_template, batch_size=batch_size,
-            show_progress=show_progress,
-        )
+    samples = pair.sample(
+        texts, n_samples, seed=seed, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+        top_p=top_p, alpha=alpha, chat_template=chat_template, batch_size=batch_size, show_progress=show_progress,
+    )
     completions = _label_refusals(table, samples, is_refusal, strings)
     refusals = completions["refusal"].to_numpy().reshape(len(table), n_samples).sum(1)
     table["n_samples"] = n_samples

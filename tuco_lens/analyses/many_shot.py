@@ -18,14 +18,12 @@ from tuco_lens.analyses._common import (
     check_common,
     check_pair,
     check_sample_settings,
-    generate_completions,
     groups_of,
     label,
     mean_sem,
     n_prompt_tokens,
     read_prompts,
     score,
-    seeded_generation,
     sem,
 )
 from tuco_lens.analyses.outputco import outputco as _outputco
@@ -337,12 +335,11 @@ def many_shot_sweep(
         table[name] = values
     completions = None
     if behaviour is not None:
-        with seeded_generation(pair, seed):
-            samples = generate_completions(
-                pair, table["prompt"].tolist(), n_samples, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                temperature=temperature, alpha=alpha, prepend_bos=prepend_bos, batch_size=batch_size,
-                show_progress=show_progress,
-            )
+        samples = pair.sample(
+            table["prompt"].tolist(), n_samples, seed=seed, max_new_tokens=max_new_tokens, do_sample=do_sample,
+            temperature=temperature, alpha=alpha, prepend_bos=prepend_bos, batch_size=batch_size,
+            show_progress=show_progress,
+        )
         completions = _label_completions(table, samples, behaviour)
     return ManyShotSweep(
         table=table,
