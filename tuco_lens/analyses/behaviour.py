@@ -16,16 +16,10 @@ import pandas as pd
 import plotly.graph_objects as go
 from tqdm.auto import tqdm
 
-from tuco_lens.analyses._common import (
-    DEFAULT_SET,
-    check_pair,
-    label,
-    read_prompt_sets,
-    read_prompts,
-    sem,
-)
+from tuco_lens.analyses._common import check_pair, label, sem
 from tuco_lens.analyses.steering import _check_alphas
 from tuco_lens.errors import InputTypeError
+from tuco_lens.io import DEFAULT_SET, read_prompt_sets, read_prompts
 from tuco_lens.pair import TuCoPair
 from tuco_lens.plotting import plot_alpha_sweep
 from tuco_lens.validation import check_int

@@ -11,18 +11,16 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from tuco_lens.analyses._common import (
-    PromptSource,
-    SetSource,
     auc_or_nan,
     check_common,
     check_pair,
     check_sample_settings,
     label,
-    read_labelled_prompts,
     score,
     tpr_or_nan,
 )
 from tuco_lens.errors import InputError, InputTypeError
+from tuco_lens.io import PromptSource, SetSource, read_labelled_prompts
 from tuco_lens.pair import TuCoPair
 from tuco_lens.plotting import plot_prompt_sets
 from tuco_lens.validation import check_callable, check_int

@@ -13,7 +13,6 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from tuco_lens.analyses._common import (
-    PromptSource,
     apply_checked,
     check_common,
     check_pair,
@@ -22,13 +21,13 @@ from tuco_lens.analyses._common import (
     label,
     mean_sem,
     n_prompt_tokens,
-    read_prompts,
     score,
     sem,
 )
 from tuco_lens.analyses.outputco import outputco as _outputco
 from tuco_lens.decomposition import Norm
 from tuco_lens.errors import InputError, InputTypeError
+from tuco_lens.io import PromptSource, read_prompts
 from tuco_lens.pair import TuCoPair
 from tuco_lens.plotting._util import notebook_layout, set_colours
 from tuco_lens.validation import check_callable, check_int

@@ -20,21 +20,12 @@ from jaxtyping import Float, Int
 from plotly.subplots import make_subplots
 from torch import Tensor
 
-from tuco_lens.analyses._common import (
-    PromptSource,
-    SetSource,
-    auc_matrix,
-    check_common,
-    check_pair,
-    groups_of,
-    mean_sem,
-    read_labelled_prompts,
-    score,
-)
+from tuco_lens.analyses._common import auc_matrix, check_common, check_pair, groups_of, mean_sem, score
 from tuco_lens.backends import backend_of
 from tuco_lens.decomposition import Norm, ratio, vector_norm
 from tuco_lens.errors import InputError
 from tuco_lens.inputs import Inputs, TokenBatch, run_batched, to_left_padding
+from tuco_lens.io import PromptSource, SetSource, read_labelled_prompts
 from tuco_lens.metrics import roc_auc
 from tuco_lens.pair import TuCoPair
 from tuco_lens.plotting._util import escape, notebook_layout, set_colours

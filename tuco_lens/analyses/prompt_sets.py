@@ -10,18 +10,9 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from tuco_lens.analyses._common import (
-    SetSource,
-    auc_matrix,
-    check_common,
-    check_pair,
-    groups_of,
-    mean_sem,
-    read_prompt_sets,
-    score,
-    sets_frame,
-)
+from tuco_lens.analyses._common import auc_matrix, check_common, check_pair, groups_of, mean_sem, score
 from tuco_lens.errors import InputError
+from tuco_lens.io import SetSource, read_prompt_sets, sets_frame
 from tuco_lens.metrics import roc_auc, tpr_at_fpr
 from tuco_lens.pair import TuCoPair
 from tuco_lens.plotting import plot_prompt_sets

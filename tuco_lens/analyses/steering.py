@@ -42,9 +42,10 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from tuco_lens.analyses._common import check_pair, read_jsonl
+from tuco_lens.analyses._common import check_pair
 from tuco_lens.errors import InputError, InputTypeError
 from tuco_lens.inputs import TokenBatch, run_batched
+from tuco_lens.io import read_jsonl
 from tuco_lens.pair import TuCoPair
 from tuco_lens.plotting import plot_alpha_sweep
 from tuco_lens.validation import check_alpha, check_int

@@ -12,18 +12,17 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from tuco_lens.analyses._common import (
-    PromptSource,
     apply_checked,
     auc_or_nan,
     check_common,
     check_pair,
     groups_of,
     mean_sem,
-    read_prompts,
     score,
     tpr_or_nan,
 )
 from tuco_lens.errors import InputError, InputTypeError
+from tuco_lens.io import PromptSource, read_prompts
 from tuco_lens.pair import TuCoPair
 from tuco_lens.plotting import plot_prompt_sets
 from tuco_lens.plotting._util import escape, shorten

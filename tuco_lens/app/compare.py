@@ -2,7 +2,7 @@
 
 Each list is pasted (one prompt per line, blank lines skipped) or uploaded as a ``.txt`` or
 ``.jsonl`` file, read exactly as ``tuco-lens score`` reads it
-(:func:`tuco_lens.cli.score.read_prompts`).
+(:func:`tuco_lens.io.read_prompt_records`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from jaxtyping import Float
 
-from tuco_lens.cli.common import CLIError
-from tuco_lens.cli.score import read_prompts
 from tuco_lens.errors import InputError, InputTypeError
+from tuco_lens.io import read_prompt_records
 from tuco_lens.metrics import roc_auc
 from tuco_lens.plotting import plot_prompt_sets
 
@@ -47,8 +46,8 @@ def prompt_list(name: str, text: str | None = None, path: str | Path | None = No
         raise InputError(f"Set {name!r}: paste prompts or upload a file, not both (clear one of them).")
     if path is not None:
         try:
-            return [record["prompt"] for record in read_prompts(Path(path))]
-        except (CLIError, InputError) as error:  # read_prompts raises both
+            return [record["prompt"] for record in read_prompt_records(path)]
+        except InputError as error:
             raise InputError(f"Set {name!r}: {error}") from None
     if text is None or not pasted:
         raise InputError(f"Set {name!r} has no prompt: paste one prompt per line or upload a .txt/.jsonl file.")

@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tuco_lens.analyses._common import read_jsonl, read_lines
 from tuco_lens.cli.common import CLIError, add_command, add_model_arguments, check_pair_arguments, load_pair_from_args
 from tuco_lens.errors import InputError
+from tuco_lens.io import read_prompt_records
 
-__all__ = ["add_parser", "add_input_arguments", "read_prompts", "read_input", "run_settings", "run"]
+__all__ = ["add_parser", "add_input_arguments", "read_input", "run_settings", "run"]
 
 _EPILOG = """\
 input:  --prompts FILE  .txt (one prompt per line; blank lines skipped; "line" records the
@@ -92,35 +92,6 @@ def add_scale_arguments(parser: argparse.ArgumentParser) -> None:
                        help="CPU threads per process (default: cores split evenly among the processes of a machine)")
 
 
-def read_prompts(path: Path) -> list[dict[str, Any]]:
-    """Records with a ``prompt`` field from a .txt (one per line) or .jsonl file.
-
-    A ``.txt`` line ends at ``\n`` only (U+2028 and other Unicode separators stay in their
-    prompt, so ``line`` is the line an editor shows), and a UTF-8 byte-order mark is dropped.
-
-    Raises:
-        CLIError: missing or unreadable file, unknown extension, bad JSON (with the line
-            number), a record without a string ``prompt``, or no prompt at all.
-    """
-    if not path.is_file():
-        raise CLIError(f"prompt file {str(path)!r} does not exist")
-    try:
-        path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise CLIError(f"cannot read {str(path)!r}: {error}") from error
-    records: list[dict[str, Any]] = []
-    if path.suffix == ".txt":
-        records = [{"prompt": line, "line": number} for number, line in read_lines(path)]
-    elif path.suffix == ".jsonl":
-        records = read_jsonl(path, ["prompt"])
-        for number, record in enumerate(records):
-            if not isinstance(record["prompt"], str):
-                raise CLIError(f'{path}: record {number + 1}: the "prompt" field must be a string')
-    else:
-        raise CLIError(f"{str(path)!r}: unknown extension {path.suffix!r}; use .txt or .jsonl")
-    if not records:
-        raise CLIError(f"{str(path)!r} contains no prompt")
-    return records
 
 
 def read_input(args: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
@@ -135,7 +106,7 @@ def read_input(args: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
     if args.prompts is not None:
         if args.split is not None or args.dataset_config is not None or args.field != "prompt":
             raise CLIError("--split, --field and --dataset-config go with --dataset, not --prompts")
-        return read_prompts(args.prompts), str(args.prompts)
+        return read_prompt_records(args.prompts), str(args.prompts)
     from tuco_lens.dataset_records import read_dataset
 
     return read_dataset(args.dataset, split=args.split, field=args.field, config=args.dataset_config), args.dataset
