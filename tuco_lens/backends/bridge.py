@@ -348,12 +348,10 @@ def repair_cache_keyword(bridge: TransformerBridge) -> None:
         >>> repair_cache_keyword(pair.ft)   # done by tuco_lens for every bridge it touches
         >>> repair_cache_keyword(pair.ft)   # once per model: a no-op now
     """
-    if bridge in _REPAIRED:
-        return
-    for module in bridge.modules():
-        if isinstance(module, AttentionBridge):
-            module.register_forward_pre_hook(_cache_as_past_key_values, with_kwargs=True)
-    _REPAIRED.add(bridge)
+    def install(attention: AttentionBridge) -> None:
+        attention.register_forward_pre_hook(_cache_as_past_key_values, with_kwargs=True)
+
+    _repair_once(bridge, _REPAIRED, install)
 
 
 def _caches_in(call: BlockCall) -> list[Any]:
@@ -618,13 +616,22 @@ def repair_float64_attention(bridge: TransformerBridge) -> None:
         >>> repair_float64_attention(pair.ft)   # done by tuco_lens for every bridge it touches
         >>> repair_float64_attention(pair.ft)   # once per model: a no-op now
     """
-    if bridge in _FLOAT64_REPAIRED:
+    def install(attention: AttentionBridge) -> None:
+        if hasattr(attention, "hook_attn_scores") and hasattr(attention, "hook_pattern"):
+            attention.register_forward_pre_hook(_exact_pattern_hooks)
+            attention.register_forward_hook(_remove_pattern_hooks, always_call=True)
+
+    _repair_once(bridge, _FLOAT64_REPAIRED, install)
+
+
+def _repair_once(bridge: TransformerBridge, done: weakref.WeakSet, install: Callable[[AttentionBridge], None]) -> None:
+    """Run ``install`` on every attention bridge of ``bridge``, once per model (``done`` remembers)."""
+    if bridge in done:
         return
     for module in bridge.modules():
-        if isinstance(module, AttentionBridge) and hasattr(module, "hook_attn_scores") and hasattr(module, "hook_pattern"):
-            module.register_forward_pre_hook(_exact_pattern_hooks)
-            module.register_forward_hook(_remove_pattern_hooks, always_call=True)
-    _FLOAT64_REPAIRED.add(bridge)
+        if isinstance(module, AttentionBridge):
+            install(module)
+    done.add(bridge)
 
 
 def bridge_from_hf(
