@@ -17,6 +17,7 @@ produced (so no per-layer activation is kept), and :class:`Decomposition` holds 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Literal
 
@@ -29,7 +30,7 @@ from tuco_lens.errors import InputError, NonFiniteError, TuCoError
 from tuco_lens.inputs import last_real_index
 from tuco_lens.validation import check_norm
 
-__all__ = ["COMPONENTS", "Decomposition", "DecompositionAccumulator", "Norm", "vector_norm", "ratio"]
+__all__ = ["COMPONENTS", "Decomposition", "DecompositionAccumulator", "DecompositionTables", "Norm", "vector_norm", "ratio"]
 
 Norm = Literal["l1", "l2"]
 _ORDERS = {"l1": 1, "l2": 2}
@@ -345,6 +346,98 @@ class Decomposition:
                 "ftc_sum_norm": vector_norm(self.ftc_sum.float(), self.norm).cpu().numpy(),
                 **shares,
             }
+        )
+
+
+#: The per-position tables of every decomposition, ``[batch, layer, pos]``.
+_PER_POSITION = ("ptc_norm", "ftc_norm", "ptc_cum_norm", "ftc_cum_norm", "beta")
+
+
+class DecompositionTables:
+    """The tables of a :class:`Decomposition` being built sub-batch by sub-batch.
+
+    ``pair.decompose`` runs length-sorted, padding-trimmed sub-batches; :meth:`fill` puts each
+    sub-batch's results back at its rows (and, per position, its columns), and :meth:`result`
+    builds the :class:`Decomposition`. Positions no sub-batch filled (padding) stay NaN.
+
+    Example:
+        >>> tables = DecompositionTables(2, 4, 5, 128, dtype=torch.float32, device="cpu", components=False)
+        >>> sorted(tables.tables)[:3], tuple(tables.tables["beta"].shape)
+        (['beta', 'ftc_cum_norm', 'ftc_norm'], (2, 4, 5))
+    """
+
+    def __init__(
+        self,
+        n_rows: int,
+        n_layers: int,
+        n_positions: int,
+        d_model: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        components: bool,
+    ) -> None:
+        self.n_rows, self.n_layers = n_rows, n_layers
+        self.tables: dict[str, Tensor] = {
+            "tuco": torch.empty(n_rows, dtype=dtype, device=device),
+            "ptc_sum": torch.empty(n_rows, d_model, dtype=dtype, device=device),
+            "ftc_sum": torch.empty(n_rows, d_model, dtype=dtype, device=device),
+        }
+        per_position = _PER_POSITION + (tuple(f"ftc_{c}_norm" for c in COMPONENTS) if components else ())
+        for name in per_position:
+            self.tables[name] = torch.full((n_rows, n_layers, n_positions), float("nan"), dtype=dtype, device=device)
+
+    def fill(
+        self,
+        rows: Int[Tensor, " rows"],
+        cols: Int[Tensor, " cols"],
+        acc: DecompositionAccumulator,
+        per_row: Mapping[str, Tensor] | None = None,
+    ) -> None:
+        """Put a sub-batch's results at ``rows`` (its positions at ``cols``); ``per_row``: more
+        per-row results (the component split's), allocated on first sight."""
+        device = self.tables["tuco"].device
+        rows, cols = rows.to(device), cols.to(device)
+        self.tables["tuco"][rows] = acc.tuco()
+        self.tables["ptc_sum"][rows], self.tables["ftc_sum"][rows] = acc.last_token_sums()
+        layers = torch.arange(self.n_layers, device=device)
+        index = (rows[:, None, None], layers[None, :, None], cols[None, None, :])
+        for name, table in acc.per_position_tables().items():
+            self.tables[name].index_put_(index, table)
+        for name, value in (per_row or {}).items():
+            if name not in self.tables:
+                self.tables[name] = value.new_empty((self.n_rows, *value.shape[1:]))
+            self.tables[name][rows] = value
+
+    def result(
+        self,
+        *,
+        tokens: Int[Tensor, "batch pos"],
+        attention_mask: Int[Tensor, "batch pos"],
+        str_tokens: list[list[str]],
+        prompts: list[str] | None,
+        norm: Norm,
+        special_tokens: tuple[str, ...] = (),
+    ) -> Decomposition:
+        """The :class:`Decomposition` of the filled tables."""
+        out = self.tables
+        return Decomposition(
+            tuco=out["tuco"],
+            tuco_per_token=out["beta"][:, -1, :],
+            ptc_norm=out["ptc_norm"],
+            ftc_norm=out["ftc_norm"],
+            ptc_cum_norm=out["ptc_cum_norm"],
+            ftc_cum_norm=out["ftc_cum_norm"],
+            beta=out["beta"],
+            ptc_sum=out["ptc_sum"],
+            ftc_sum=out["ftc_sum"],
+            tokens=tokens,
+            attention_mask=attention_mask,
+            str_tokens=str_tokens,
+            prompts=prompts,
+            norm=norm,
+            **{name: out[name] for name in sorted(_OPTIONAL) if name in out},
+            special_tokens=special_tokens,
         )
 
 

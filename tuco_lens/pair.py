@@ -14,7 +14,7 @@ from tuco_lens.attribution import FrozenNorm, LogitAttribution, OutputComparison
 from tuco_lens.backends import ActivationCache, Model, backend_of, linear_layout, native_modules
 from tuco_lens.compatibility import check_compatible
 from tuco_lens.components import ComponentAccumulator, mixer_for
-from tuco_lens.decomposition import COMPONENTS, Decomposition, DecompositionAccumulator, Norm
+from tuco_lens.decomposition import COMPONENTS, Decomposition, DecompositionAccumulator, DecompositionTables, Norm
 from tuco_lens.errors import InputError, TuCoError
 from tuco_lens.generation import generate_tokens, seeded_rng, stop_tokens
 from tuco_lens.hooks import (
@@ -42,10 +42,6 @@ __all__ = ["GenerationOptions", "TuCoPair"]
 Alpha = float | Sequence[float] | Mapping[str, Any]
 """α: one number, one per layer, or per component ``{"attn": ..., "mlp": ..., "heads": ...}``."""
 
-_PER_POSITION = ("ptc_norm", "ftc_norm", "ptc_cum_norm", "ftc_cum_norm", "beta")
-_COMPONENT_FIELDS = tuple(f"ftc_{c}_{kind}" for c in COMPONENTS for kind in ("norm", "sum")) + (
-    "ftc_head", "ftc_head_norm", "ftc_head_bias"
-)
 
 
 class GenerationOptions(TokenizeOptions, total=False):
@@ -241,35 +237,16 @@ class TuCoPair:
         if tokens is not None:
             raise InputError("tokens= is only used with an ActivationCache; pass the tokens as inputs.")
         batch = self._batch(inputs, "decompose", tokenize)
-        b, p = batch.tokens.shape
-        device = batch.tokens.device
-        nan = float("nan")
-        out = {
-            "tuco": torch.empty(b, dtype=accumulate_dtype, device=device),
-            "ptc_sum": torch.empty(b, self.ft.cfg.d_model, dtype=accumulate_dtype, device=device),
-            "ftc_sum": torch.empty(b, self.ft.cfg.d_model, dtype=accumulate_dtype, device=device),
-        }
-        per_position = _PER_POSITION + (tuple(f"ftc_{c}_norm" for c in COMPONENTS) if components else ())
-        for name in per_position:
-            out[name] = torch.full((b, self.n_layers, p), nan, dtype=accumulate_dtype, device=device)
+        tables = DecompositionTables(
+            len(batch), self.n_layers, batch.tokens.shape[1], self.ft.cfg.d_model, dtype=accumulate_dtype,
+            device=batch.tokens.device, components=components,
+        )
         parts = None if not components else "heads" if heads else "blocks"
         for rows, cols, acc in self._accumulate(
             batch, "all", batch_size, token_budget, show_progress, norm, accumulate_dtype, parts
         ):
-            rows, cols = rows.to(device), cols.to(device)
-            out["tuco"][rows] = acc.tuco()
-            out["ptc_sum"][rows], out["ftc_sum"][rows] = acc.last_token_sums()
-            layers = torch.arange(self.n_layers, device=device)
-            index = (rows[:, None, None], layers[None, :, None], cols[None, None, :])
-            for name, table in acc.per_position_tables().items():
-                out[name].index_put_(index, table)
-            if parts is not None:
-                assert isinstance(acc, ComponentAccumulator)  # _accumulate builds one when parts are asked for
-                for name, value in acc.component_results().items():
-                    if name not in out:
-                        out[name] = value.new_empty((b, *value.shape[1:]))
-                    out[name][rows] = value
-        return self._result(batch, out, norm)
+            tables.fill(rows, cols, acc, acc.component_results() if isinstance(acc, ComponentAccumulator) else None)
+        return self._result(batch, tables, norm)
 
     def tuco(
         self,
@@ -508,10 +485,13 @@ class TuCoPair:
                 with placed(pt_backend.blocks[layer], x.device, self.offload_pt) as (block, device):
                     pt_post = self.backend.call_pt_block(block, layer, call, x.to(device), 0)
                 acc.add(layer, x, pt_post, streams[layer + 1])
-        out = {"tuco": acc.tuco()}
-        out["ptc_sum"], out["ftc_sum"] = acc.last_token_sums()
-        out.update(acc.per_position_tables())
-        return self._result(batch, out, norm)
+        tables = DecompositionTables(
+            len(batch), self.n_layers, batch.tokens.shape[1], self.ft.cfg.d_model, dtype=dtype,
+            device=batch.tokens.device, components=False,
+        )
+        every = torch.arange(len(batch))
+        tables.fill(every, torch.arange(batch.tokens.shape[1]), acc)
+        return self._result(batch, tables, norm)
 
     def _check_cache_tokens(self, embedded: Tensor, batch: TokenBatch) -> None:
         """Refuse ``tokens=`` whose embedding is not the cache's ``hook_embed`` at a real position."""
@@ -527,24 +507,11 @@ class TuCoPair:
                 "(or the cache of these tokens); a hook that edits hook_embed also makes them differ."
             )
 
-    def _result(self, batch: TokenBatch, out: dict[str, Tensor], norm: Norm) -> Decomposition:
-        return Decomposition(
-            tuco=out["tuco"],
-            tuco_per_token=out["beta"][:, -1, :],
-            ptc_norm=out["ptc_norm"],
-            ftc_norm=out["ftc_norm"],
-            ptc_cum_norm=out["ptc_cum_norm"],
-            ftc_cum_norm=out["ftc_cum_norm"],
-            beta=out["beta"],
-            ptc_sum=out["ptc_sum"],
-            ftc_sum=out["ftc_sum"],
-            tokens=batch.tokens,
-            attention_mask=batch.attention_mask,
-            str_tokens=self._str_tokens(batch),
-            prompts=batch.prompts,
-            norm=norm,
-            **{name: out[name] for name in _COMPONENT_FIELDS if name in out},
-            special_tokens=tuple(self.tokenizer.all_special_tokens) if self.tokenizer is not None else (),
+    def _result(self, batch: TokenBatch, tables: DecompositionTables, norm: Norm) -> Decomposition:
+        special = tuple(self.tokenizer.all_special_tokens) if self.tokenizer is not None else ()
+        return tables.result(
+            tokens=batch.tokens, attention_mask=batch.attention_mask, str_tokens=self._str_tokens(batch),
+            prompts=batch.prompts, norm=norm, special_tokens=special,
         )
 
     def _str_tokens(self, batch: TokenBatch) -> list[list[str]]:
