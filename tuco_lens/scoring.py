@@ -387,46 +387,35 @@ def score_prompts(
 ) -> ScoringResult:
     """TuCo of every prompt, written to ``out``; data-parallel under ``torchrun`` and with ``shard``.
 
-    Alone (one process, no ``shard``), a ``.csv`` / ``.jsonl`` ``out`` is written batch by batch
-    and resumed when rerun (:class:`~tuco_lens.scoring_io.ResumableOutput`). Launched as several
-    processes (``torchrun --nproc_per_node=N``, ``accelerate launch``), and/or as job ``i/N`` of
-    an array (``shard="i/N"``), each process scores its contiguous part of the prompts
-    (:func:`tuco_lens.sharding.part_of`) into ``OUT.parts/part-START-STOP.jsonl`` (resumable,
-    locked, checked the same way), and once every part is complete they are merged into ``out``
-    in input order and removed: by rank 0 under ``torchrun`` (it waits for the other ranks,
-    showing the total), otherwise by whichever job finishes last (or any rerun). A ``.parquet``
-    ``out`` is written in row groups of ``row_group_size`` rows. Each process loads its own pair
-    on its own device (``cuda:LOCAL_RANK``; on CPU the cores are split evenly, see
-    :func:`tuco_lens.sharding.split_threads`).
+    Alone, a ``.csv`` / ``.jsonl`` ``out`` is written batch by batch and resumed when rerun. Run
+    as several processes (``torchrun``, ``accelerate launch``) and/or as job ``i/N`` of an array,
+    each process scores its contiguous part into ``OUT.parts/`` (resumable, locked, checked), and
+    the parts are merged into ``out`` in input order once all are complete. ``docs/scale-out.md``
+    tells the whole story (devices, threads, Parquet row groups, who merges).
 
     Args:
         prompts: Strings, or records with a string ``prompt`` field (other fields are kept).
         out: ``.csv``, ``.jsonl`` or ``.parquet``; ``None`` keeps the rows in memory
             (:attr:`ScoringResult.rows`; one process only).
-        pt: The pre-trained model (anything :func:`~tuco_lens.load_pair` takes); loaded only if
+        pt: The pre-trained model (anything :func:`~tuco_lens.load_pair` takes), loaded only if
             there is something to score.
         ft: The fine-tuned model.
-        pair: Instead of ``pt``/``ft``: a :class:`~tuco_lens.TuCoPair`, or a function of no
-            argument returning one (called only if there is something to score). ``pt``/``ft``
-            given too only name the models in the run record.
+        pair: Instead of ``pt``/``ft``: a :class:`~tuco_lens.TuCoPair`, or a function returning
+            one (called only if needed); ``pt``/``ft`` given too only name the models.
         chat_template: Wrap prompts in the fine-tuned chat template.
         batch_size: Prompts per forward pass.
         norm: ``"l1"`` (the paper's) or ``"l2"``.
-        per_token: Also store ``tokens`` and ``tuco_per_token`` (runs ``decompose``: about
-            twice the cost).
+        per_token: Also store ``tokens`` and ``tuco_per_token`` (about twice the cost).
         dtype: Dtype of both models (``pt``/``ft`` only).
         device: Device of both models (``pt``/``ft`` only); default ``cuda:LOCAL_RANK`` under
             ``torchrun``, else the loaders' choice.
         shard: ``"i/N"``: score only job ``i`` of ``N`` (e.g. a SLURM array task).
-        threads: CPU threads of this process (default: untouched alone, cores split evenly
-            among the processes of one machine).
+        threads: CPU threads of this process (default: cores split evenly among the processes).
         overwrite: Discard an existing output (and its parts) and start again.
-        show_progress: Progress bars with rate and ETA on every process; rank 0 also shows the
-            whole run's total.
+        show_progress: Progress bars (rate, ETA) on every process; rank 0 also shows the total.
         row_group_size: Rows per Parquet row group.
-        settings: What the run record stores about the run (default: the models as
-            :func:`~tuco_lens.scoring_io.source_identity`, ``norm``, ``chat_template``, ``dtype``;
-            ``per_token`` when set).
+        settings: What the run record stores (default: the models'
+            :func:`~tuco_lens.scoring_io.source_identity`, ``norm``, ``chat_template``, ``dtype``).
         source: The input file, for error messages and so that ``out`` cannot overwrite it.
         log: Where notes go (e.g. ``print``); default nowhere (they are in the result).
 
@@ -434,10 +423,9 @@ def score_prompts(
         A :class:`ScoringResult` (:meth:`~ScoringResult.to_dataframe` reads the scores).
 
     Raises:
-        InputError: a bad prompt (named by record or line), shard or option.
-        ResumeMismatchError: ``out`` (or a part) was computed with other prompts or settings.
-        OutputLockedError: another process writes the same output or part.
-        OutputError: an unusable ``out``, or a part whose process ended before finishing.
+        InputError: a bad prompt (named by record or line), shard or option. ResumeMismatchError:
+            ``out`` (or a part) was computed with other prompts or settings. OutputLockedError:
+            another process writes it. OutputError: an unusable ``out``, or an unfinished part.
 
     Example:
         >>> # torchrun --nproc_per_node=4 score.py  (each rank runs the same line)
