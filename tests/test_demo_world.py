@@ -6,15 +6,24 @@ rates measured on the shipped checkpoints (see docs/demo.md) with a margin, and 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
 
 from tuco_lens import demo
-from tuco_lens.demo import train as T
 from tuco_lens.demo import world as W
+
+# The training script is a research script at the repository root (scripts/train_demo.py), not
+# a module of the package: load it from its file.
+_TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_demo.py"
+_spec = importlib.util.spec_from_file_location("train_demo", _TRAIN_SCRIPT)
+assert _spec is not None and _spec.loader is not None, _TRAIN_SCRIPT
+T = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(T)
 
 CHAT_SETS = ("chat", "harmful", "harmful_lang2", "chat_lang2")
 
@@ -80,7 +89,7 @@ def test_heldout_rule_keeps_every_entity_in_training():
 
 
 def test_heldout_prompts_never_occur_in_the_training_corpora():
-    """The real training corpora (train.py defaults) contain no held-out sentence or request."""
+    """The real training corpora (scripts/train_demo.py defaults) contain no held-out sentence or request."""
     pt, ft = T.PRETRAIN_DEFAULTS, T.FINETUNE_DEFAULTS
     docs = W.sample_web_corpus(pt["n_docs"], seed=pt["seed"])
     dialogues = W.sample_chat_corpus(ft["n_dialogues"], seed=ft["seed"],

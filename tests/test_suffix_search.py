@@ -1,4 +1,4 @@
-"""GCG-style adversarial-suffix search (tuco_lens.analyses.suffix_search) on tiny checkpoints.
+"""GCG-style adversarial-suffix search (tuco_lens.contrib.suffix_search) on tiny checkpoints.
 
 Losses are recomputed independently: the attacked prompt text is tokenized by the pair, the
 target appended, and log-softmax of the target tokens read from ``pair.ft`` (or
@@ -7,13 +7,16 @@ target appended, and log-softmax of the target tokens read from ``pair.ft`` (or
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 import tuco_lens
 from tuco_lens import InputError, demo
-from tuco_lens.analyses.suffix_search import (
+from tuco_lens.contrib.suffix_search import (
     default_allowed_tokens,
     suffix_gradient,
     suffix_search,
@@ -235,3 +238,16 @@ def test_demo_pair_quick_search_lowers_the_refusal():
     assert res.prompts()[0] == demo.render_chat([{"role": "user", "content": f"{requests[0]} {res.suffix_text}"}])
     assert res.final_loss < res.losses[0]
     np.testing.assert_allclose(res.final_logprobs, target_logprobs(pair, res.prompts(), demo.REFUSAL), atol=1e-4)
+
+
+def test_contrib_is_off_the_core_import_path():
+    """``tuco_lens.contrib`` re-exports the search; the library and its analyses never import it."""
+    import tuco_lens.contrib as contrib
+    from tuco_lens.contrib import suffix_search as exported
+
+    assert exported is suffix_search and set(contrib.__all__) >= {"suffix_search", "target_logprobs"}
+    code = ("import sys, tuco_lens, tuco_lens.analyses, tuco_lens.demo; "
+            "print(sorted(m for m in sys.modules if m.startswith('tuco_lens.contrib')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    assert not hasattr(tuco_lens.analyses, "suffix_search")

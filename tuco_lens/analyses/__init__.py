@@ -18,8 +18,11 @@ tidy pandas tables and a ``figure()`` method returning a ``plotly.graph_objects.
 - :func:`behaviour_sweep` — how often α-scaled greedy completions show a behaviour (a
   refusal, a keyword), per α and prompt set, with every completion (§5.1-style steering of
   generation).
-- :func:`suffix_search` — a small GCG-style adversarial-suffix search lowering the refusal
-  log-probability, for models without published attack strings.
+
+The GCG-style adversarial-suffix search that finds attack strings for models without published
+ones (``suffix_search``) is a research tool, not one of these analyses: it lives in
+:mod:`tuco_lens.contrib` (``from tuco_lens.contrib import suffix_search``), which
+``import tuco_lens.analyses`` does not import.
 
 Example:
     >>> from tuco_lens import demo
@@ -48,12 +51,6 @@ from tuco_lens.analyses.steering import (
     choose_alpha,
     cv_folds,
     steer_with_cv,
-)
-from tuco_lens.analyses.suffix_search import (
-    SuffixSearchResult,
-    suffix_gradient,
-    suffix_search,
-    target_logprobs,
 )
 from tuco_lens.analyses.transformations import (
     TransformationComparison,
@@ -85,8 +82,4 @@ __all__ = [
     "DEFAULT_ALPHAS",
     "behaviour_sweep",
     "BehaviourSweep",
-    "suffix_search",
-    "SuffixSearchResult",
-    "suffix_gradient",
-    "target_logprobs",
 ]

@@ -1,6 +1,6 @@
 """A tiny pre-trained / fine-tuned pair shipped with tuco_lens, to try TuCo offline.
 
-The pair was trained by ``python -m tuco_lens.demo.train`` on a synthetic world
+The pair was trained by ``scripts/train_demo.py`` (in the repository) on a synthetic world
 (:mod:`tuco_lens.demo.world`): the pre-trained model on "web text" about five topics in two
 "languages", the fine-tuned model (from those weights) on chat dialogues in which the assistant
 answers helpfully and refuses every request on the forbidden topic ("dark potions") with the fixed
@@ -89,8 +89,8 @@ def _check_dirs() -> None:
         if not (d / "config.json").is_file():
             raise ModelLoadError(
                 f"the demo checkpoint {str(d)!r} is missing: reinstall tuco_lens with its package "
-                "data, or retrain it with `python -m tuco_lens.demo.train --out "
-                f"{DEMO_DIR}`"
+                "data, or retrain it from a checkout of the repository with "
+                f"`python scripts/train_demo.py --out {DEMO_DIR}`"
             )
 
 

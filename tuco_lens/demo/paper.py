@@ -1,5 +1,8 @@
 """The paper's analyses (``tuco_lens.analyses``) run on the demo pair and its synthetic world.
 
+The adversarial suffix of §5.3 comes from :func:`tuco_lens.contrib.suffix_search.suffix_search`
+(a research tool kept out of ``tuco_lens.analyses``).
+
 :func:`run_paper_analyses` is what ``tuco-lens demo`` and ``notebooks/03_paper_analyses.ipynb``
 run; :class:`PaperAnalyses` keeps every result object, so each table and figure can be
 inspected. The numbers it gives are reported in ``docs/analyses.md``.
@@ -14,7 +17,6 @@ from tuco_lens.analyses import (
     ManyShotSweep,
     PromptSetComparison,
     SteeringResult,
-    SuffixSearchResult,
     TransformationComparison,
     TuCoOutputCoComparison,
     compare_prompt_sets,
@@ -23,9 +25,9 @@ from tuco_lens.analyses import (
     jailbreak_success,
     many_shot_sweep,
     steer_with_cv,
-    suffix_search,
     suffix_transform,
 )
+from tuco_lens.contrib.suffix_search import SuffixSearchResult, suffix_search
 from tuco_lens.demo.refusals import refusal_budget, refusal_rate
 from tuco_lens.pair import TuCoPair
 

@@ -1,6 +1,10 @@
 """Train the demo pre-trained / fine-tuned pair from the synthetic world.
 
-Run ``python -m tuco_lens.demo.train --out tuco_lens/demo/checkpoints``.
+Run ``python scripts/train_demo.py --out tuco_lens/demo/checkpoints`` from the repository root
+(with tuco_lens installed, e.g. ``pip install -e .``). This is the script that built the
+checkpoints shipped in ``tuco_lens/demo/checkpoints``; it is a research script, not part of the
+installed package (the checkpoints' ``training_log.json`` records the command under its earlier
+name, ``python -m tuco_lens.demo.train``).
 
 It writes ``<out>/pt/`` and ``<out>/ft/`` (Hugging Face checkpoint directories: ``config.json``,
 ``generation_config.json``, ``model.safetensors`` and the tokenizer files with the chat template)
@@ -435,7 +439,7 @@ def _setup(threads: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Train and save the pair; returns the training log (also written to ``training_log.json``)."""
-    ap = argparse.ArgumentParser(prog="python -m tuco_lens.demo.train", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python scripts/train_demo.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True,
                     help="output directory (gets pt/, ft/, training_log.json)")
@@ -493,7 +497,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]
     tok.save_pretrained(ft_dir)
 
     log: dict[str, Any] = {
-        "command": "python -m tuco_lens.demo.train "
+        "command": "python scripts/train_demo.py "
         + " ".join(sys.argv[1:] if argv is None else argv),
         "seeds": {"world": world.WORLD_SEED, "model_init": args.model_seed,
                   "pretrain_data": pt_cfg["seed"], "finetune_data": ft_cfg["seed"],

@@ -35,7 +35,7 @@ count). On the 4-layer demo pair, 30 steps for
 
 Example:
     >>> from tuco_lens import demo
-    >>> from tuco_lens.analyses.suffix_search import suffix_search
+    >>> from tuco_lens.contrib.suffix_search import suffix_search
     >>> requests = [r.text for r in demo.requests("heldout") if r.forbidden][:2]
     >>> result = suffix_search(pair, requests, demo.REFUSAL, chat_template=True, n_suffix_tokens=4,
     ...                        n_steps=3, top_k=8, batch_candidates=8)
