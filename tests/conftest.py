@@ -22,7 +22,8 @@ from tuco_lens.backends import HAS_HOOKED_TRANSFORMER  # noqa: E402
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip tests marked ``hooked`` when the installed transformer-lens has no HookedTransformer.
+    """Give every test its tier (:data:`TIERS`), and skip tests marked ``hooked`` when the installed
+    transformer-lens has no HookedTransformer.
 
     Tests (or whole modules, ``pytestmark = pytest.mark.hooked``) that build tiny HookedTransformers
     from TransformerLens configs, or test HookedTransformer-only options, carry the ``hooked`` marker:
@@ -32,12 +33,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     take ``HookedTransformer`` and ``HookedTransformerConfig`` from ``tuco_lens.backends`` (None on
     4.x), not from transformer_lens (an ImportError on 4.x), so that they still import there.
     """
-    if HAS_HOOKED_TRANSFORMER:
-        return
     skip = pytest.mark.skip(reason="needs HookedTransformer (transformer-lens 3.x); this transformer-lens is 4.x")
     for item in items:
-        if item.get_closest_marker("hooked") is not None:
+        if not any(item.get_closest_marker(tier) is not None for tier in TIERS):
+            item.add_marker(pytest.mark.unit)  # a module that names no tier is a unit-test module
+        if not HAS_HOOKED_TRANSFORMER and item.get_closest_marker("hooked") is not None:
             item.add_marker(skip)
+
+
+#: The test tiers (pyproject's markers): ``unit`` (one part of tuco_lens against its definition or
+#: an identity; the default of a module that names no tier), ``reference`` (tuco_lens against the
+#: independent Hugging Face reference, tests/hf_reference.py) and ``integration`` (a whole workflow:
+#: the command line, the app, notebooks, the demo report, several processes, Ray). A module names
+#: its tier with ``pytestmark``; ``pytest -m unit`` runs the fastest tier.
+TIERS = ("unit", "reference", "integration")
 
 
 # The test models are tiny: one thread is faster than two (thread start-up dominates), and it

@@ -26,6 +26,8 @@ from tuco_lens import adapters
 from tuco_lens.errors import InputError, ModelLoadError
 from tuco_lens.loading import load_model
 
+pytestmark = pytest.mark.reference  # test tier (tests/conftest.py, TIERS)
+
 PROMPTS = ["the cat sat on the mat", "hello", "a dog and a bird went to the river today"]
 TOL = dict(atol=1e-4, rtol=1e-4)  # as tests/test_reference.py
 RANK, LORA_ALPHA = 4, 8

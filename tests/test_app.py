@@ -45,6 +45,8 @@ from tuco_lens.plotting import (
     token_html,
 )
 
+pytestmark = pytest.mark.integration  # test tier (tests/conftest.py, TIERS)
+
 REQUEST = "hello , describe the doomsalt ."
 ROOT = Path(__file__).resolve().parents[1]
 

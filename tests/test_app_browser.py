@@ -26,6 +26,8 @@ import pytest
 
 from app_support import free_port
 
+pytestmark = pytest.mark.integration  # test tier (tests/conftest.py, TIERS)
+
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("TUCO_APP_CHROMIUM", "/usr/bin/chromium")
 SHOTS = Path(os.environ.get("TUCO_APP_SCREENSHOTS", ROOT / "app-screenshots"))

@@ -10,6 +10,8 @@ import os
 
 import pytest
 
+pytestmark = pytest.mark.integration  # test tier (tests/conftest.py, TIERS)
+
 gr = pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 

@@ -20,6 +20,8 @@ from tuco_lens import loading
 from tuco_lens.backends import HAS_HOOKED_TRANSFORMER, TransformerBridge, backend_of
 from tuco_lens.errors import IncompatiblePairError, InputError, InputTypeError, TuCoError
 
+pytestmark = pytest.mark.reference  # test tier (tests/conftest.py, TIERS)
+
 PROMPTS = ["the cat sat on the mat", "hello", "a dog and a bird went to the river"]
 
 

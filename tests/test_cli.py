@@ -15,6 +15,8 @@ import pytest
 import tuco_lens
 from tuco_lens.cli import main
 
+pytestmark = pytest.mark.integration  # test tier (tests/conftest.py, TIERS)
+
 
 @pytest.fixture(scope="module")
 def dirs(checkpoint_pair):

@@ -25,6 +25,8 @@ from hf_reference import (
 from tuco_lens.backends import HAS_HOOKED_TRANSFORMER
 from tuco_lens.errors import AlphaError, InputError, TuCoError
 
+pytestmark = pytest.mark.reference  # test tier (tests/conftest.py, TIERS)
+
 PROMPTS = ["the cat sat on the mat", "hello", "a dog and a bird went to the river today"]
 
 

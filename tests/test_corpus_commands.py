@@ -24,6 +24,8 @@ from tuco_lens.errors import InputError
 from tuco_lens.reproduce import first_human_turn, owt_hh_summary, paper_auc, web_substring
 from tuco_lens.scoring import read_scores
 
+pytestmark = pytest.mark.integration  # test tier (tests/conftest.py, TIERS)
+
 
 @pytest.fixture(scope="module")
 def pair():

@@ -20,7 +20,7 @@ from tuco_lens.cli import main
 from tuco_lens.metrics import roc_auc
 
 # The demo job end to end (about a minute): not in the fast subset, `-m "not slow"`.
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 DOCUMENTED = {
     "auc_chat_vs_web": 0.998,

@@ -14,6 +14,8 @@ import tuco_lens
 from tuco_lens import loading
 from tuco_lens.errors import IncompatiblePairError, InputError
 
+pytestmark = pytest.mark.integration  # test tier (tests/conftest.py, TIERS)
+
 PROMPTS = ["the cat sat on the mat", "a dog", "water and food for the city"]
 
 

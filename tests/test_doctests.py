@@ -34,6 +34,8 @@ import pytest
 import tuco_lens
 from tuco_lens.backends import HAS_HOOKED_TRANSFORMER
 
+pytestmark = pytest.mark.integration  # test tier (tests/conftest.py, TIERS)
+
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
 EXAMPLE_NAMES = {

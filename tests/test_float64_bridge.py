@@ -18,6 +18,8 @@ import tuco_lens
 from hf_reference import position_ids_from_mask, reference_decomposition, reference_greedy_generate
 from tuco_lens.errors import UnsupportedVersionsError
 
+pytestmark = pytest.mark.reference  # test tier (tests/conftest.py, TIERS)
+
 PROMPTS = ["the cat sat on the mat", "hello", "a dog and a bird went to the river today"]
 EXACT = dict(atol=1e-12, rtol=1e-12)
 

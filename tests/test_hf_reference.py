@@ -17,6 +17,8 @@ import pytest
 import torch
 import transformers
 
+pytestmark = pytest.mark.reference  # test tier (tests/conftest.py, TIERS)
+
 try:  # works whether or not tests/ is a package
     from tests.hf_reference import (
         decoder_layers,

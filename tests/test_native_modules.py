@@ -29,6 +29,8 @@ import tuco_lens
 from hf_reference import reference_decomposition
 from tuco_lens.backends import BlockCall, BridgeBackend, native_modules
 
+pytestmark = pytest.mark.reference  # test tier (tests/conftest.py, TIERS)
+
 PROMPTS = ["the cat sat on the mat", "hello", "a dog and a bird went to the river today"]
 TOL = dict(atol=1e-5, rtol=0)
 

@@ -17,6 +17,8 @@ from hf_reference import reference_outputco
 from tuco_lens.analyses import outputco
 from tuco_lens.backends import backend_of
 
+pytestmark = pytest.mark.reference  # test tier (tests/conftest.py, TIERS)
+
 PROMPTS = ["the cat sat on the mat", "hello", "a dog and a bird went to the river today"]
 
 

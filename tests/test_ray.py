@@ -10,6 +10,8 @@ import os
 
 import pytest
 
+pytestmark = pytest.mark.integration  # test tier (tests/conftest.py, TIERS)
+
 if os.environ.get("TUCO_RAY_REQUIRED") != "1":
     pytest.importorskip("ray", reason="Ray is the optional extra [ray]: pip install 'tuco_lens[ray]'")
 

@@ -18,6 +18,8 @@ from transformers import AutoModelForCausalLM
 import tuco_lens
 from hf_reference import reference_alpha_logits, reference_decomposition, reference_greedy_generate
 
+pytestmark = pytest.mark.reference  # test tier (tests/conftest.py, TIERS)
+
 PROMPTS = ["the cat sat on the mat", "hello", "a dog and a bird went to the river today"]
 TOL = dict(atol=1e-4, rtol=1e-4)
 

@@ -26,6 +26,8 @@ import pytest
 import tuco_lens
 from tuco_lens.cli import main
 
+pytestmark = pytest.mark.integration  # test tier (tests/conftest.py, TIERS)
+
 # tuco_lens.scoring_io (issue 11) is imported inside the tests that use it, so that each test
 # fails on its own assertion (not on an import) against the code before it.
 

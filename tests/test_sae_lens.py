@@ -32,6 +32,8 @@ from tiny_models import make_pair, random_tokens  # noqa: E402
 from tuco_lens import InputError, TuCoError, TuCoPair, load_pair  # noqa: E402
 from tuco_lens.backends import record_processing, recorded_processing  # noqa: E402
 
+pytestmark = pytest.mark.integration  # test tier (tests/conftest.py, TIERS)
+
 N_LAYERS = 3
 D_SAE = 96
 

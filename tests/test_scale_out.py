@@ -29,6 +29,8 @@ from tuco_lens.errors import InputError, OutputError, ResumeMismatchError
 from tuco_lens.scoring import parts_dir, read_scores, score_prompts
 from tuco_lens.sharding import Shard, layout, parse_shard, part_of, split_range
 
+pytestmark = pytest.mark.integration  # test tier (tests/conftest.py, TIERS)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -24,6 +24,8 @@ from typing import Any
 
 import pytest
 
+pytestmark = pytest.mark.integration  # test tier (tests/conftest.py, TIERS)
+
 # The checks, by name: each runs in the subprocess on the demo pair and returns nothing (any
 # exception, a type-check error included, fails it).
 CHECKS: dict[str, Callable[[Any], None]] = {}

@@ -25,6 +25,8 @@ from tuco_lens.analyses.steering import (
     steer_with_cv,
 )
 
+pytestmark = pytest.mark.reference  # test tier (tests/conftest.py, TIERS)
+
 N_ITEMS = 40
 
 

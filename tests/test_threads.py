@@ -17,6 +17,8 @@ import torch
 import tuco_lens
 from tuco_lens.errors import TuCoError
 
+pytestmark = pytest.mark.integration  # test tier (tests/conftest.py, TIERS)
+
 PROMPTS = ["the cat sat on the mat", "a dog and a bird", "hello , how are you ?"]
 ROUNDS = 25
 

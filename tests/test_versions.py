@@ -24,6 +24,8 @@ from tuco_lens import demo, versions
 from tuco_lens.backends.bridge import AttentionBridge
 from tuco_lens.errors import UnsupportedVersionsError
 
+pytestmark = pytest.mark.integration  # test tier (tests/conftest.py, TIERS)
+
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["the cat sat on the mat", "hello", "a dog and a bird went to the river"]
 
