@@ -26,6 +26,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
+from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 from tuco_lens.backends import Model, backend_of
 from tuco_lens.errors import ChatTemplateTwiceWarning, DoubledBOSWarning, InputError, InputTypeError
@@ -33,6 +34,8 @@ from tuco_lens.validation import check_size
 
 __all__ = [
     "TOKENIZE_OPTIONS",
+    "decode",
+    "tokenizer_of",
     "TokenBatch",
     "TokenizeOptions",
     "prepare_batch",
@@ -418,6 +421,32 @@ def _as_prompt_list(inputs: object) -> list[str]:
     return prompts
 
 
+def tokenizer_of(model: Model) -> PreTrainedTokenizerBase:
+    """The model's tokenizer; an :class:`~tuco_lens.errors.InputError` if it has none.
+
+    Example:
+        >>> tokenizer_of(pair.ft) is pair.tokenizer
+        True
+    """
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        raise InputError(
+            "The fine-tuned model has no tokenizer, so strings cannot be tokenized. Pass token "
+            "ids, or load the model with its tokenizer (model.set_tokenizer(...))."
+        )
+    return tokenizer
+
+
+def decode(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> str:
+    """The text of one sequence of token ids (``tokenizer.decode``, typed: one sequence gives one string).
+
+    Example:
+        >>> decode(pair.tokenizer, pair.tokenize("the fox", prepend_bos=False).tokens[0].tolist())
+        'the fox'
+    """
+    return cast(str, tokenizer.decode(list(ids)))
+
+
 def encode_prompt(
     model: Model, prompt: str, chat_template: bool = False, prepend_bos: bool | None = None
 ) -> list[int]:
@@ -428,12 +457,7 @@ def encode_prompt(
         >>> pair.tokenizer.convert_ids_to_tokens(ids)
         ['<bos>', 'the', 'fox']
     """
-    tokenizer = model.tokenizer
-    if tokenizer is None:
-        raise InputError(
-            "The fine-tuned model has no tokenizer, so strings cannot be tokenized. Pass token "
-            "ids, or load the model with its tokenizer (model.set_tokenizer(...))."
-        )
+    tokenizer = tokenizer_of(model)
     if chat_template:
         if not getattr(tokenizer, "chat_template", None):
             raise InputError(
@@ -444,13 +468,14 @@ def encode_prompt(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
         )
         if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
-            ids = ids["input_ids"]
-        ids = [int(i) for i in ids]
+            ids = cast(BatchEncoding, ids)["input_ids"]
+        ids = [int(i) for i in cast(list, ids)]
         if not _own_tokens(tokenizer, prompt):
             _refuse_tokenless(prompt, "the chat template around an empty user turn")
     else:
         bos = model.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
-        if prepend_bos is None and tokenizer.bos_token and prompt.startswith(tokenizer.bos_token):
+        bos_text = tokenizer.bos_token
+        if prepend_bos is None and isinstance(bos_text, str) and bos_text and prompt.startswith(bos_text):
             bos = False  # an already formatted prompt ("<s>[INST] ..."): no second BOS
         ids = model.to_tokens(prompt, prepend_bos=bos, truncate=False, move_to_device=False)[0]
         ids = ids.tolist()

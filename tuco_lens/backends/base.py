@@ -16,7 +16,7 @@ import threading
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, TypeAlias, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, overload
 
 import torch
 from jaxtyping import Float
@@ -40,10 +40,17 @@ __all__ = [
     "remove_permanent_hook",
 ]
 
-Model: TypeAlias = Any
+if TYPE_CHECKING:  # the type checker runs with transformer-lens 3.x, which has both classes
+    from transformer_lens import HookedTransformer
+    from transformer_lens.model_bridge import TransformerBridge
+
+    Model: TypeAlias = HookedTransformer | TransformerBridge
+else:
+    Model = Any
 """A ``HookedTransformer`` (transformer-lens 3.x) or a ``TransformerBridge``: the model classes tuco_lens
-works on (the one alias every module uses). ``Any`` to type checkers because ``HookedTransformer``
-does not exist on transformer-lens 4.x; :func:`~tuco_lens.backends.model_kind` tells which one an object is."""
+works on (the one alias every module uses). Type checkers see the union (they run with
+transformer-lens 3.x, which has both); at run time it is ``Any``, because ``HookedTransformer`` does
+not exist on transformer-lens 4.x. :func:`~tuco_lens.backends.model_kind` tells which one an object is."""
 
 _POST_ATTENTION_NORM = (
     "A norm follows the attention output in these blocks (e.g. Gemma 2's post-attention norm), so "

@@ -52,7 +52,7 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -62,7 +62,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tuco_lens.errors import InputError, InputTypeError, TuCoError
-from tuco_lens.inputs import TokenBatch, pad_id, run_batched
+from tuco_lens.inputs import TokenBatch, decode, pad_id, run_batched, tokenizer_of
 from tuco_lens.pair import TuCoPair
 from tuco_lens.plotting._util import escape, notebook_layout, set_colours, shorten
 from tuco_lens.validation import check_alpha, check_int
@@ -192,7 +192,7 @@ def _check_requests(requests: Any) -> list[str]:
 def default_allowed_tokens(pair: TuCoPair) -> list[int]:
     """Token ids a suffix may use by default: below ``d_vocab`` and the tokenizer's size, not
     special (``all_special_ids`` or added special tokens), and not blank when decoded."""
-    tok = pair.tokenizer
+    tok = tokenizer_of(pair.ft)
     n = min(len(tok), pair.ft.cfg.d_vocab)
     special = set(int(i) for i in tok.all_special_ids)
     for i, added in getattr(tok, "added_tokens_decoder", {}).items():
@@ -202,14 +202,14 @@ def default_allowed_tokens(pair: TuCoPair) -> list[int]:
     for i in range(n):
         if i in special:
             continue
-        if not tok.decode([i]).strip():
+        if not decode(tok, [i]).strip():
             continue
         out.append(i)
     return out
 
 
 def _chat_builder(pair: TuCoPair) -> BuildPrompt:
-    tok = pair.tokenizer
+    tok = tokenizer_of(pair.ft)
     if not getattr(tok, "chat_template", None):
         raise InputError(
             "chat_template=True, but the fine-tuned tokenizer has no chat template. Pass "
@@ -218,9 +218,10 @@ def _chat_builder(pair: TuCoPair) -> BuildPrompt:
 
     def build(request: str, suffix_text: str) -> str:
         content = f"{request} {suffix_text}" if suffix_text else request
-        return tok.apply_chat_template(
+        text = tok.apply_chat_template(
             [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
         )
+        return cast(str, text)  # tokenize=False: the rendered text
 
     return build
 
@@ -234,13 +235,14 @@ def _encode_prefix(pair: TuCoPair, text: str, prepend_bos: bool | None) -> list[
     if text:
         return pair.tokenize(text, prepend_bos=prepend_bos).tokens[0].tolist()
     bos = pair.ft.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
-    if bos and pair.tokenizer.bos_token_id is not None:
-        return [int(pair.tokenizer.bos_token_id)]
+    bos_id = tokenizer_of(pair.ft).bos_token_id
+    if bos and isinstance(bos_id, int):
+        return [bos_id]
     return []
 
 
 def _encode_plain(pair: TuCoPair, text: str) -> list[int]:
-    return [int(i) for i in pair.tokenizer.encode(text, add_special_tokens=False)] if text else []
+    return [int(i) for i in tokenizer_of(pair.ft).encode(text, add_special_tokens=False)] if text else []
 
 
 class _Layout:
@@ -548,12 +550,12 @@ def _result(objective: _Objective, builder: BuildPrompt, initial_suffix: list[in
     """The :class:`SuffixSearchResult` of a search that ended at ``current``."""
     final_logprobs = objective.per_request(current)
     suffix_ids = current.tolist()
-    decode = objective.pair.tokenizer.decode
+    tok = tokenizer_of(objective.pair.ft)
     return SuffixSearchResult(
-        suffix_ids=suffix_ids, suffix_text=decode(suffix_ids), initial_suffix_ids=initial_suffix,
+        suffix_ids=suffix_ids, suffix_text=decode(tok, suffix_ids), initial_suffix_ids=initial_suffix,
         losses=losses, accepted=accepted, initial_logprobs=initial_logprobs, final_logprobs=final_logprobs,
         final_loss=float(final_logprobs.sum()), requests=objective.requests,
-        target=target if isinstance(target, str) else decode(objective.target_ids), target_ids=objective.target_ids,
+        target=target if isinstance(target, str) else decode(tok, objective.target_ids), target_ids=objective.target_ids,
         input_ids=objective.layout.prompt_ids(suffix_ids),
         alpha=alpha if isinstance(alpha, (int, float)) else list(objective.alphas),
         seconds=time.perf_counter() - started, build_prompt=builder,
@@ -610,7 +612,7 @@ def _allowed_tokens(pair: TuCoPair, allowed_tokens: Sequence[int] | None) -> tup
 
 def _round_trips(pair: TuCoPair, ids: list[int]) -> bool:
     """Whether the text of ``ids`` encodes back to ``ids``."""
-    return _encode_plain(pair, pair.tokenizer.decode(ids)) == list(ids)
+    return _encode_plain(pair, decode(tokenizer_of(pair.ft), ids)) == list(ids)
 
 
 def _any_suffix(ids: list[int]) -> bool:

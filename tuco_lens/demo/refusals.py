@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tuco_lens.demo.world import REFUSAL, is_refusal
+from tuco_lens.inputs import tokenizer_of
 from tuco_lens.pair import Alpha, TuCoPair
 
 __all__ = ["refusal_budget", "refusal_rate"]
@@ -12,7 +13,7 @@ __all__ = ["refusal_budget", "refusal_rate"]
 
 def refusal_budget(pair: TuCoPair) -> int:
     """New tokens needed to tell a refusal: the length of :data:`REFUSAL` plus one."""
-    return len(pair.tokenizer(REFUSAL, add_special_tokens=False).input_ids) + 1
+    return len(tokenizer_of(pair.ft).encode(REFUSAL, add_special_tokens=False)) + 1
 
 
 def refusal_rate(
