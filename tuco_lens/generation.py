@@ -22,7 +22,7 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tuco_lens.backends import backend_of, linear_layout, native_modules, sample_logits
+from tuco_lens.backends import Model, backend_of, linear_layout, native_modules, sample_logits
 from tuco_lens.errors import InputError
 from tuco_lens.inputs import TokenBatch, to_left_padding
 from tuco_lens.validation import check_eos_token_id, check_sampling
@@ -46,7 +46,7 @@ def _fast_forward_passes(generate: Callable) -> Callable:
 @torch.no_grad()
 @_fast_forward_passes
 def generate_tokens(
-    model: Any,
+    model: Model,
     batch: TokenBatch,
     *,
     max_new_tokens: int = 20,
@@ -112,7 +112,7 @@ def generate_tokens(
     return tokens
 
 
-def stop_tokens(model: Any, stop_at_eos: bool, eos_token_id: int | list[int] | None) -> list[int]:
+def stop_tokens(model: Model, stop_at_eos: bool, eos_token_id: int | list[int] | None) -> list[int]:
     """Token ids that end a row: ``eos_token_id`` if given, else the tokenizer's EOS (none without ``stop_at_eos``)."""
     if not stop_at_eos:
         return []
@@ -122,7 +122,7 @@ def stop_tokens(model: Any, stop_at_eos: bool, eos_token_id: int | list[int] | N
     return [int(i) for i in eos_token_id] if isinstance(eos_token_id, (list, tuple)) else [int(eos_token_id)]
 
 
-def _fill_token(model: Any, stop: list[int]) -> int:
+def _fill_token(model: Model, stop: list[int]) -> int:
     pad = getattr(model.tokenizer, "pad_token_id", None)
     if pad is not None:
         return int(pad)
@@ -130,7 +130,7 @@ def _fill_token(model: Any, stop: list[int]) -> int:
 
 
 @contextlib.contextmanager
-def seeded_rng(model: Any, seed: int | None) -> Iterator[None]:
+def seeded_rng(model: Model, seed: int | None) -> Iterator[None]:
     """Seed torch's RNG for the duration (CPU, and the model's CUDA device), then restore the caller's
     state; ``seed=None`` leaves the RNG as it is.
 
