@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +18,19 @@ from tuco_lens.backends import HookedTransformer  # None on transformer-lens 4.x
 from tuco_lens.backends import recorded_processing
 from tuco_lens.compatibility import check_compatible
 from tuco_lens.errors import IncompatiblePairError, InputError, InputTypeError, ModelLoadError
-from tuco_lens.loading import load_model, load_pair, resolve_dtype
+from tuco_lens.loading import (
+    AdapterDirectory,
+    CheckpointDirectory,
+    HubId,
+    OfficialName,
+    PeftModelObject,
+    ReadyModel,
+    TransformersModel,
+    load_model,
+    load_pair,
+    resolve_dtype,
+    resolve_source,
+)
 
 pytestmark = pytest.mark.hooked  # tiny HookedTransformers: transformer-lens 3.x only (skipped on 4.x)
 
@@ -328,3 +342,36 @@ def test_conversion_options_reach_the_config(checkpoint_pair):
     assert (model.cfg.n_ctx, model.cfg.n_devices, model.cfg.default_prepend_bos) == (64, 1, False)
     with pytest.raises(InputTypeError, match=r"unexpected keyword argument\(s\) \['fold_everything'\]"):
         load_model(str(pt_dir), fold_everything=True)
+
+
+def test_resolve_source_gives_each_kind_its_class(monkeypatch, checkpoint_pair, tiny_hooked, tmp_path):
+    pt_dir, _ = checkpoint_pair("llama")
+    ready = tiny_hooked()
+    hf_model = AutoModelForCausalLM.from_pretrained(pt_dir)
+    # resolving loads and downloads nothing
+    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", _forbidden)
+    monkeypatch.setattr(loading.AutoTokenizer, "from_pretrained", _forbidden)
+    monkeypatch.setattr(HookedTransformer, "from_pretrained_no_processing", _forbidden)
+    assert resolve_source(ready) == ReadyModel(ready)
+    assert resolve_source(hf_model) == TransformersModel(hf_model)
+    assert resolve_source(pt_dir) == resolve_source(str(pt_dir)) == CheckpointDirectory(Path(pt_dir))
+    adapter = tmp_path / "my-adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    assert resolve_source(adapter) == AdapterDirectory(adapter)
+    assert resolve_source("gpt2") == OfficialName("gpt2")
+    assert resolve_source("mistral-7b-instruct") == OfficialName("mistral-7b-instruct")  # an alias
+    assert resolve_source("lmsys/vicuna-7b-v1.5") == HubId("lmsys/vicuna-7b-v1.5")
+    with pytest.raises(InputTypeError, match="cannot load a model from int"):
+        resolve_source(3)
+    with pytest.raises(ModelLoadError, match="does not exist, and it is neither"):
+        resolve_source("not-a-model-name-at-all")
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        resolve_source(tmp_path / "no-such-checkpoint")
+
+
+def test_resolve_source_recognises_a_peft_model(checkpoint_pair):
+    peft = pytest.importorskip("peft")
+    hf_model = AutoModelForCausalLM.from_pretrained(checkpoint_pair("llama")[0])
+    peft_model = peft.get_peft_model(hf_model, peft.LoraConfig(target_modules=["q_proj"]))
+    assert resolve_source(peft_model) == PeftModelObject(peft_model)

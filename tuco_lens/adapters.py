@@ -10,7 +10,8 @@ LLaMA-Adapter's adaption prompts...) are refused with a :class:`~tuco_lens.error
 
 ``peft`` is an optional dependency (``pip install peft`` or ``pip install "tuco_lens[adapters]"``);
 it is imported only when an adapter is actually loaded. Users normally call
-:func:`tuco_lens.load_pair`, which routes adapters here.
+:func:`tuco_lens.load_pair`, which resolves adapters (:class:`~tuco_lens.loading.AdapterDirectory`,
+:class:`~tuco_lens.loading.PeftModelObject`) and merges them here.
 
 Example:
     >>> import peft, tuco_lens

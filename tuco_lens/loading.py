@@ -6,6 +6,13 @@ other Hugging Face hub id. By default **no weight processing** is applied, so th
 stream equals Hugging Face's hidden states, which is what TuCo measures. :func:`load_pair` loads
 a pre-trained / fine-tuned pair the same way and wraps it in a :class:`~tuco_lens.pair.TuCoPair`.
 
+Loading is a pipeline: **resolve** (:func:`resolve_source` says which kind of :data:`Source`
+a source is, one small class per kind, each saying how it is loaded), **materialise** (a
+``transformers`` model: the object, a merged adapter, or loaded from a directory or the hub)
+and **convert** (to a HookedTransformer or TransformerBridge). Ready models and official names
+(on the HookedTransformer backend) skip the last two steps. The TransformerLens workarounds
+needed on the way are small named functions, each saying which upstream behaviour it works around.
+
 Example:
     >>> from tuco_lens.loading import load_model, load_pair
     >>> model = load_model(demo.FT_DIR)        # a checkpoint directory (or a hub name)
@@ -24,6 +31,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
 
@@ -50,7 +58,21 @@ from tuco_lens.validation import check_device
 if TYPE_CHECKING:
     from tuco_lens.pair import TuCoPair
 
-__all__ = ["load_model", "load_pair", "resolve_dtype", "check_device", "tokenizer_adds_bos"]
+__all__ = [
+    "AdapterDirectory",
+    "CheckpointDirectory",
+    "HubId",
+    "OfficialName",
+    "PeftModelObject",
+    "ReadyModel",
+    "Source",
+    "TransformersModel",
+    "load_model",
+    "load_pair",
+    "resolve_dtype",
+    "resolve_source",
+    "tokenizer_adds_bos",
+]
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -100,37 +122,151 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return _DTYPES[key]
 
 
-def _route(source: Any) -> str:
-    """Which loader handles ``source``: 'hooked', 'hf_model', 'peft_model', 'adapter', 'local',
-    'official' or 'hub'."""
+@dataclass(frozen=True)
+class ReadyModel:
+    """A ``HookedTransformer`` (or subclass, e.g. SAE-Lens' ``HookedSAETransformer``) or a
+    ``TransformerBridge``.
+
+    Loaded as itself: :func:`load_model` returns the same object, moved **in place** only if
+    ``device`` / ``dtype`` are given; the processing flags and ``tokenizer`` are ignored.
+    """
+
+    model: Model
+
+
+@dataclass(frozen=True)
+class TransformersModel:
+    """A ``transformers`` causal LM object (a ``PreTrainedModel``).
+
+    Converted with its own config. The tokenizer comes from ``tokenizer`` or, failing that,
+    from ``model.name_or_path`` if that directory holds one. ``device`` / ``dtype`` default to
+    the object's. The object itself is left intact.
+    """
+
+    model: transformers.PreTrainedModel
+
+
+@dataclass(frozen=True)
+class PeftModelObject:
+    """A live ``peft.PeftModel`` (or ``PeftMixedModel``).
+
+    Its adapter is merged into a deep copy of the model it wraps (the ``PeftModel`` is not
+    modified), which is converted as a :class:`TransformersModel`. Needs ``pip install peft``.
+    """
+
+    model: Any
+
+
+@dataclass(frozen=True)
+class AdapterDirectory:
+    """A PEFT adapter directory (``adapter_config.json``, no ``config.json``).
+
+    The adapter (LoRA, DoRA, IA3, LoHa, LoKr... anything peft can merge) is merged into a copy
+    of its base (``adapter_base``, else the adapter's recorded ``base_model_name_or_path``) and
+    converted; the base is not modified. Needs ``pip install peft``; prompt / prefix tuning
+    adapters are refused (they change no weight). See ``docs/lora.md``.
+    """
+
+    path: Path
+
+
+@dataclass(frozen=True)
+class CheckpointDirectory:
+    """An existing local path, a checkpoint directory (any name; offline).
+
+    Loaded with ``AutoModelForCausalLM`` / ``AutoTokenizer`` and converted with its own
+    ``config.json`` (a path without one is refused when it is loaded).
+    """
+
+    path: Path
+
+
+@dataclass(frozen=True)
+class OfficialName:
+    """A TransformerLens official model name or alias (``"gpt2"``, ``"meta-llama/Llama-2-7b-hf"``).
+
+    Loaded with ``HookedTransformer.from_pretrained_no_processing`` and the processing flags;
+    with ``backend="bridge"``, as the :class:`HubId` the name stands for.
+    """
+
+    name: str
+
+    def hub_id(self) -> HubId:
+        """The Hugging Face hub id TransformerLens maps this name to."""
+        return HubId(tl_loading.get_official_model_name(self.name))
+
+
+@dataclass(frozen=True)
+class HubId:
+    """Any other Hugging Face hub id (``"lmsys/vicuna-7b-v1.5"``), with no local path of that name.
+
+    Downloaded with ``AutoModelForCausalLM`` and converted with the fine-tune's own config; the
+    tokenizer comes from the same id, with ``hf_model_kwargs``' hub options.
+    """
+
+    repo_id: str
+
+
+#: What :func:`resolve_source` turns a ``load_model`` source into: one class per kind of source.
+Source = ReadyModel | TransformersModel | PeftModelObject | AdapterDirectory | CheckpointDirectory | OfficialName | HubId
+
+
+def resolve_source(source: Any) -> Source:
+    """Which kind of source ``source`` is, as the :data:`Source` class that says how it is loaded.
+
+    Nothing is loaded or downloaded: objects are recognised by type, strings and paths by what
+    exists on disk, then by TransformerLens's official names, then by the hub's ``owner/name``.
+
+    Args:
+        source: Anything :func:`load_model` accepts.
+
+    Returns:
+        A :class:`ReadyModel`, :class:`TransformersModel`, :class:`PeftModelObject`,
+        :class:`AdapterDirectory`, :class:`CheckpointDirectory`, :class:`OfficialName` or
+        :class:`HubId`.
+
+    Raises:
+        InputTypeError: If ``source`` is none of the accepted types.
+        ModelLoadError: If a string or path is no existing path, official name or hub id.
+
+    Example:
+        >>> resolve_source(demo.FT_DIR) == CheckpointDirectory(Path(demo.FT_DIR))
+        True
+        >>> resolve_source("lmsys/vicuna-7b-v1.5")
+        HubId(repo_id='lmsys/vicuna-7b-v1.5')
+    """
     if is_model(source):
-        return backend_of(source).kind  # "hooked" or "bridge"
+        return ReadyModel(source)
     if isinstance(source, transformers.PreTrainedModel):
-        return "hf_model"
+        return TransformersModel(source)
     if adapters.is_peft_model(source):
-        return "peft_model"
+        return PeftModelObject(source)
     if not isinstance(source, (str, os.PathLike)):
         raise InputTypeError(
             f"cannot load a model from {type(source).__name__}; expected a HookedTransformer, a "
             "transformers PreTrainedModel, a peft PeftModel, a local checkpoint or PEFT adapter "
             "directory, a TransformerLens model name or a Hugging Face hub id"
         )
-    if adapters.is_adapter_dir(source):
-        return "adapter"
     path = Path(source).expanduser()
+    if adapters.is_adapter_dir(source):
+        return AdapterDirectory(path)
     with contextlib.suppress(OSError, ValueError):  # e.g. names too long for the file system
         if path.exists():
-            return "local"
-    text = os.fspath(source)
-    if isinstance(source, str):
+            return CheckpointDirectory(path)
+    return _resolve_name(os.fspath(source), isinstance(source, str), path)
+
+
+def _resolve_name(text: str, is_str: bool, path: Path) -> OfficialName | HubId:
+    """An official name or hub id: what a string that is no existing path may be."""
+    if is_str:
         if tl_loading is not None:
             with contextlib.suppress(ValueError):
                 tl_loading.get_official_model_name(text)
-                return "official"
+                return OfficialName(text)
         elif _HUB_NAME.fullmatch(text):  # without TransformerLens names, "gpt2" is a hub id
-            return "hub"
+            return HubId(text)
         if _HUB_ID.fullmatch(text) and ".." not in text and "--" not in text:
-            return "hub"
+            return HubId(text)
     raise ModelLoadError(
         f"no model at {text!r}: the path {str(path.resolve())!r} does not exist, and it is neither "
         "a TransformerLens official model name nor a Hugging Face hub id ('owner/name'). Expected "
@@ -141,7 +277,7 @@ def _route(source: Any) -> str:
 
 @contextlib.contextmanager
 def _neutral_tempdir() -> Iterator[Path]:
-    """A temporary directory whose path contains no name TransformerLens branches on."""
+    """Workaround: TransformerLens picks Llama/Gemma configs by substrings of the path; a temp dir free of them."""
     for parent in (tempfile.gettempdir(), "/tmp", os.getcwd()):
         if any(trap in parent.lower() for trap in _NAME_TRAPS) or not os.path.isdir(parent):
             continue
@@ -161,7 +297,7 @@ def _neutral_tempdir() -> Iterator[Path]:
 
 
 def _gemma_config(hf_config: transformers.PretrainedConfig) -> dict[str, Any]:
-    """TransformerLens config of a Gemma (v1) model, mirroring TL's official Gemma configs."""
+    """Workaround: TransformerLens builds Gemma (v1) configs from official names only; this mirrors them."""
     activation = hf_config.hidden_act
     if activation == "gelu":  # legacy Gemma spelling; Hugging Face runs the tanh approximation
         activation = "gelu_pytorch_tanh"
@@ -194,7 +330,7 @@ def _gemma_config(hf_config: transformers.PretrainedConfig) -> dict[str, Any]:
 
 
 def _applicable(cfg: HookedTransformerConfig, requested: dict[str, bool]) -> dict[str, bool]:
-    """The processing flags that take effect for ``cfg`` (TransformerLens drops some silently)."""
+    """Workaround: TransformerLens silently skips some processing flags; those that take effect for ``cfg``."""
     flags = dict(requested)
     no_norm = cfg.normalization_type not in ("LN", "LNPre", "RMS", "RMSPre")
     post_norm = cfg.original_architecture in tl_loading.POST_NORM_ARCHITECTURES  # pyright: ignore[reportPrivateImportUsage]  # defined there, not re-exported
@@ -258,10 +394,10 @@ def tokenizer_adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
 
 
 def _follow_tokenizer_bos(model: HookedTransformer, tokenizer: Any, kwargs: dict[str, Any]) -> None:
-    """Set an official model's ``default_prepend_bos`` from its original tokenizer.
+    """Workaround: TransformerLens's official models get a BOS-adding tokenizer copy's BOS rule; use the original's.
 
-    TransformerLens loaded a BOS-adding copy of the tokenizer; the original is reloaded from the
-    same place (the local cache that loading just filled; nothing is downloaded).
+    The original is reloaded from the same place (the local cache that loading just filled;
+    nothing is downloaded).
     """
     if tokenizer is None:
         source = getattr(model.tokenizer, "name_or_path", None) if model.tokenizer is not None else None
@@ -284,11 +420,9 @@ def _follow_tokenizer_bos(model: HookedTransformer, tokenizer: Any, kwargs: dict
 def _attach_tokenizer(
     model: HookedTransformer, tokenizer: PreTrainedTokenizerBase, padding_side: str | None
 ) -> None:
-    """``model.set_tokenizer``, also for tokenizers that exist only in memory.
+    """Workaround: TransformerLens's ``set_tokenizer`` reloads by ``name_or_path``, failing for in-memory tokenizers.
 
-    TransformerLens reloads a tokenizer by its ``name_or_path`` to get a BOS-adding copy, which
-    fails for a tokenizer built in memory: such a tokenizer is saved to a temporary directory and
-    reloaded from there.
+    Such a tokenizer is saved to a temporary directory and reloaded from there.
     """
     try:
         model.set_tokenizer(tokenizer, default_padding_side=padding_side)
@@ -371,20 +505,14 @@ def _hooked_config_and_weights(
     if hf_model.get_output_embeddings() is None:
         raise ModelLoadError(f"{architecture} has no language-model head; expected a causal LM")
     with _neutral_tempdir() as config_dir:
-        config_dict = _with_gpt2_n_ctx(hf_config.to_dict(), hf_config.model_type)
-        config_dict["architectures"] = [architecture]
-        (config_dir / "config.json").write_text(json.dumps(config_dict, default=str))
         try:
-            if hf_config.model_type == "gemma":
-                cfg_dict = _gemma_config(hf_config)
-            else:
-                cfg_dict = _with_qwen2_rope_theta(tl_loading.convert_hf_model_config(str(config_dir)), hf_config)
+            cfg_dict = _tl_config_dict(hf_config, architecture, config_dir)
         except (NotImplementedError, ValueError) as error:
             raise ModelLoadError(f"TransformerLens cannot convert {architecture}: {error}") from error
         overrides = {"default_prepend_bos": default_prepend_bos, "n_ctx": n_ctx, "n_devices": n_devices}
         cfg_dict.update({key: value for key, value in overrides.items() if value is not None})
-        cfg_dict.update(model_name=name, tokenizer_name=None, init_weights=False, device=device, dtype=dtype,
-                        d_vocab=hf_config.vocab_size)  # n_devices: blocks split evenly over cuda:0..n-1
+        # n_devices: blocks split evenly over cuda:0..n-1
+        cfg_dict.update(model_name=name, tokenizer_name=None, init_weights=False, device=device, dtype=dtype)
         cfg_dict.setdefault("default_prepend_bos", True)
         cfg = HookedTransformerConfig.from_dict(cfg_dict)
         try:
@@ -392,6 +520,29 @@ def _hooked_config_and_weights(
         except (NotImplementedError, ValueError) as error:
             raise ModelLoadError(f"TransformerLens cannot convert {architecture}: {error}") from error
     return cfg, state_dict
+
+
+def _tl_config_dict(hf_config: transformers.PretrainedConfig, architecture: str, config_dir: Path) -> dict[str, Any]:
+    """TransformerLens's config dict for ``hf_config``, converted from a copy written to ``config_dir``."""
+    config_dict = _with_architecture(_with_gpt2_n_ctx(hf_config.to_dict(), hf_config.model_type), architecture)
+    (config_dir / "config.json").write_text(json.dumps(config_dict, default=str))
+    if hf_config.model_type == "gemma":
+        cfg_dict = _gemma_config(hf_config)
+    else:
+        cfg_dict = _with_qwen2_rope_theta(tl_loading.convert_hf_model_config(str(config_dir)), hf_config)
+    return _with_config_vocab(cfg_dict, hf_config)
+
+
+def _with_architecture(config_dict: dict[str, Any], architecture: str) -> dict[str, Any]:
+    """Workaround: TransformerLens reads ``architectures`` from config.json, which in-memory configs may lack."""
+    config_dict["architectures"] = [architecture]
+    return config_dict
+
+
+def _with_config_vocab(cfg_dict: dict[str, Any], hf_config: transformers.PretrainedConfig) -> dict[str, Any]:
+    """Workaround: some TransformerLens configs hard-code ``d_vocab``; the checkpoint's own vocabulary wins."""
+    cfg_dict["d_vocab"] = hf_config.vocab_size
+    return cfg_dict
 
 
 def _with_gpt2_n_ctx(config_dict: dict[str, Any], model_type: str) -> dict[str, Any]:
@@ -465,135 +616,38 @@ def _load_hf_model(source: str, dtype: torch.dtype, kwargs: dict[str, Any], what
         raise ModelLoadError(f"could not load {what}: {error}") from error
 
 
-# --- PEFT adapters: the base model to merge into, the merge (tuco_lens.adapters), conversion ---
-def _note_base_mismatch(adapter: Path, recorded: str | None, used: str) -> None:
-    """Warn (never fail) when an adapter is merged into another base than the one it records."""
-    if not recorded or not used:
-        return
-    same = recorded.rstrip("/") == used.rstrip("/")
-    with contextlib.suppress(OSError, ValueError):
-        if Path(recorded).expanduser().exists() and Path(used).expanduser().exists():
-            same = Path(recorded).expanduser().resolve() == Path(used).expanduser().resolve()
-    if not same:
-        warnings.warn(
-            f"the adapter {str(adapter)!r} records the base model {recorded!r} but is merged into "
-            f"the pre-trained model {used!r}: the fine-tuned model is {used!r} + adapter",
-            UserWarning,
-            stacklevel=5,
-        )
+@dataclass(frozen=True)
+class _LoadOptions:
+    """``load_model``'s checked arguments, as the loader of each kind of source takes them."""
+
+    device: str | torch.device | None
+    dtype: torch.dtype | None
+    tokenizer: PreTrainedTokenizerBase | str | os.PathLike | None
+    processing: dict[str, bool]
+    hf_model_kwargs: dict[str, Any]
+    backend: Literal["hooked", "bridge"]
+    from_pretrained_kwargs: dict[str, Any]
+
+    @property
+    def tokenizer_kwargs(self) -> dict[str, Any]:
+        """The Hugging Face loading options that also apply to the tokenizer of a hub id."""
+        return {key: value for key, value in self.hf_model_kwargs.items() if key in _TOKENIZER_KWARGS}
 
 
-def _adapter_base_model(
-    adapter: Path,
-    recorded: str | None,
-    base: Any,
-    dtype: torch.dtype,
-    hf_model_kwargs: dict[str, Any],
-) -> tuple[transformers.PreTrainedModel, bool, str | None]:
-    """The base to merge the adapter directory into: ``(model, owned, tokenizer fallback)``.
+@dataclass
+class _Materialised:
+    """A ``transformers`` model to convert, with what its source says about it."""
 
-    ``base`` (the pair's pre-trained model) wins over the adapter's recorded base; ``owned``
-    says whether the model was loaded here (so it may be merged into in place).
-    """
-    if base is not None:
-        base_route = _route(base)
-        if base_route == "hf_model":
-            origin = str(getattr(base, "name_or_path", "") or "")
-            _note_base_mismatch(adapter, recorded, origin)
-            return base, False, origin if origin and Path(origin).is_dir() else None
-        if base_route in ("adapter", "peft_model"):
-            raise ModelLoadError(
-                f"cannot merge the adapter {str(adapter)!r} into a pre-trained model that is itself "
-                "a PEFT adapter: merge that one first (merge_and_unload(), then save_pretrained)"
-            )
-        if base_route in ("hooked", "bridge"):
-            warnings.warn(
-                f"the pre-trained model is a ready {type(base).__name__}, not a checkpoint: the "
-                f"adapter {str(adapter)!r} is merged into its recorded base {recorded!r} instead",
-                UserWarning,
-                stacklevel=4,
-            )
-        else:
-            base = os.fspath(base)
-            _note_base_mismatch(adapter, recorded, base)
-            recorded = base
-    if not recorded:
-        raise ModelLoadError(
-            f"the adapter {str(adapter)!r} records no base model (base_model_name_or_path): pass "
-            "the base, e.g. load_pair(base, adapter) or load_model(adapter, adapter_base=base)"
-        )
-    route = _route(recorded)
-    if route == "local":
-        text = str(Path(recorded).expanduser().resolve())
-    elif route == "official":
-        text = tl_loading.get_official_model_name(recorded)
-    elif route == "hub":
-        text = recorded
-    else:
-        raise ModelLoadError(
-            f"the base model {recorded!r} of the adapter {str(adapter)!r} is not a checkpoint "
-            "directory or hub id (is it itself an adapter? merge it first)"
-        )
-    model = _load_hf_model(text, dtype, hf_model_kwargs, f"the adapter's base model {text!r}")
-    return model, True, text
+    model: transformers.PreTrainedModel
+    name: str
+    device: str | torch.device | None
+    dtype: torch.dtype
+    tokenizer_source: str | None = None  # where the tokenizer comes from unless tokenizer=... is given
+    tokenizer_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-def _object_defaults(
-    model: transformers.PreTrainedModel, device: Any, dtype: torch.dtype | None
-) -> tuple[str, str | None, Any, torch.dtype]:
-    """What a ``transformers`` model object says about itself: ``(name, tokenizer directory or None,
-    device, dtype)``, where the device and dtype asked for win over the object's own."""
-    parameter = next(model.parameters())
-    origin = str(getattr(model, "name_or_path", "") or "")
-    fallback = origin if origin and Path(origin).is_dir() else None
-    name = Path(origin).name or type(model).__name__
-    return name, fallback, (device if device is not None else str(parameter.device)), dtype or parameter.dtype
-
-
-def _load_adapter(
-    source: Any,
-    route: str,
-    base: Any,
-    *,
-    device: str | torch.device | None,
-    dtype: torch.dtype | None,
-    tokenizer: PreTrainedTokenizerBase | str | os.PathLike | None,
-    processing: dict[str, bool],
-    hf_model_kwargs: dict[str, Any],
-    **conversion_kwargs: Any,
-) -> HookedTransformer:
-    """A PEFT adapter (directory or ``PeftModel``) merged into a copy of its base, converted."""
-    if route == "peft_model":
-        merged = adapters.merge_peft_model(source)  # a merged deep copy; ``source`` is intact
-        name, fallback, device, dtype = _object_defaults(merged, device, dtype)
-        name = f"{name}+adapter"
-    else:
-        path = Path(source).expanduser().resolve()
-        info = adapters.adapter_info(path)  # refuses prompt tuning before anything is loaded
-        dtype = dtype or torch.float32
-        model, owned, fallback = _adapter_base_model(
-            path, info["base_model_name_or_path"], base, dtype, hf_model_kwargs
-        )
-        merged = adapters.merge_adapter_dir(model, path, copy_base=not owned)
-        del model
-        if any((path / name).exists() for name in _TOKENIZER_FILES):
-            fallback = str(path)  # the fine-tune's own tokenizer (e.g. its chat template)
-        name = path.name
-    tokenizer_kwargs = {k: v for k, v in hf_model_kwargs.items() if k in _TOKENIZER_KWARGS}
-    try:
-        return _convert(
-            merged,
-            _resolve_tokenizer(tokenizer, fallback, **tokenizer_kwargs),
-            name=name,
-            device=device,
-            dtype=dtype,
-            processing=processing,
-            **conversion_kwargs,
-        )
-    finally:
-        del merged
-        gc.collect()
-# --- end of PEFT adapters ---
+# The sources that are materialised as a transformers model and converted.
+_Convertible = TransformersModel | PeftModelObject | AdapterDirectory | CheckpointDirectory | OfficialName | HubId
 
 
 @overload
@@ -619,32 +673,14 @@ def load_model(
 ) -> Model:
     """Load ``source`` as a HookedTransformer or TransformerBridge, without weight processing.
 
-    ``source`` may be:
-
-    * a ``HookedTransformer`` (or subclass, e.g. SAE-Lens' ``HookedSAETransformer``) or a
-      ``TransformerBridge``: returned as is, the same object. It is moved **in place** only if ``device`` / ``dtype`` are given;
-      the processing flags and ``tokenizer`` are ignored.
-    * a ``transformers`` causal LM object: converted with its own config. The tokenizer comes
-      from ``tokenizer`` or, failing that, from ``model.name_or_path`` if that directory holds
-      one. ``device`` / ``dtype`` default to the object's. The object itself is left intact.
-    * a local checkpoint directory (any name; offline): loaded with
-      ``AutoModelForCausalLM`` / ``AutoTokenizer`` and converted.
-    * a TransformerLens official model name (``"gpt2"``, ``"meta-llama/Llama-2-7b-hf"``):
-      ``HookedTransformer.from_pretrained_no_processing`` with the flags below.
-    * any other Hugging Face hub id (``"lmsys/vicuna-7b-v1.5"``): downloaded with
-      ``AutoModelForCausalLM`` and converted with the fine-tune's own config.
-    * a PEFT adapter directory (``adapter_config.json``, no ``config.json``) or a
-      ``peft.PeftModel``: the adapter (LoRA, DoRA, IA3, LoHa, LoKr... anything peft can merge)
-      is merged into a copy of its base (``adapter_base``, else the adapter's recorded
-      ``base_model_name_or_path``; a ``PeftModel`` carries its own) and converted. Neither the
-      base nor the ``PeftModel`` is modified. Needs ``pip install peft``; prompt / prefix tuning
-      adapters are refused (they change no weight). See ``docs/lora.md``.
-
-    tuco_lens records the processing flags that took effect for the models it loads
-    (:func:`tuco_lens.compatibility.processing_of` reads them), so
-    :func:`tuco_lens.compatibility.check_compatible` can compare them. Supported
-    architectures for directories and objects: those TransformerLens converts from a config
-    (GPT-2, Llama 2/3, Mistral, Qwen2, GPT-NeoX/Pythia, ...) plus Gemma (v1).
+    :func:`resolve_source` says which kind of :data:`Source` ``source`` is, and each kind's page
+    says how it is loaded: :class:`ReadyModel` (returned as is), :class:`TransformersModel`,
+    :class:`PeftModelObject`, :class:`CheckpointDirectory`, :class:`AdapterDirectory`,
+    :class:`OfficialName` or :class:`HubId`. All but ready models and official names (on the
+    ``"hooked"`` backend) are materialised as a ``transformers`` model, then converted. The
+    processing flags that took effect are recorded (:func:`tuco_lens.compatibility.processing_of`).
+    Architectures: those TransformerLens converts from a config (GPT-2, Llama 2/3, Mistral,
+    Qwen2, GPT-NeoX/Pythia, ...) plus Gemma (v1).
 
     Args:
         source: What to load (see above).
@@ -659,21 +695,18 @@ def load_model(
         center_unembed: Centre ``W_U`` (shifts logits, not log-probs).
         fold_value_biases: Fold value biases into the attention output bias.
         hf_model_kwargs: Extra keyword arguments for ``AutoModelForCausalLM.from_pretrained``
-            (e.g. ``revision``, ``trust_remote_code``); for official names they are passed on
-            through ``HookedTransformer.from_pretrained``.
+            (e.g. ``revision``, ``trust_remote_code``); passed on for official names too.
         adapter_base: For a PEFT adapter directory only: the base model to merge it into
-            (a checkpoint directory, hub id, TransformerLens name or ``transformers`` model,
-            which is copied, never modified). :func:`load_pair` passes its ``pt``.
+            (anything but an adapter; copied, never modified). :func:`load_pair` passes its ``pt``.
         backend: ``"hooked"`` (a HookedTransformer, transformer-lens 3.x), ``"bridge"`` (a
-            ``TransformerBridge`` around the Hugging Face model: the only model class of
-            transformer-lens 4.x; no weight processing flags, no ``n_devices``) or ``"auto"``
+            ``TransformerBridge`` around the Hugging Face model, the only model class of
+            transformer-lens 4.x: no processing flags, no ``n_devices``) or ``"auto"``
             (default): ``"hooked"`` when HookedTransformer is installed, else ``"bridge"``.
             Ready models are returned as they are with ``"auto"``. See ``docs/backends.md``.
         **from_pretrained_kwargs: For official names, passed to
             ``HookedTransformer.from_pretrained_no_processing``; otherwise only
-            ``default_prepend_bos``, ``default_padding_side``, ``n_ctx`` and ``n_devices``
-            (TransformerLens's even split of the blocks over ``n_devices`` GPUs; load both
-            models of a pair with the same value) are accepted.
+            ``default_prepend_bos``, ``default_padding_side``, ``n_ctx`` and ``n_devices`` (an even
+            split of the blocks over ``n_devices`` GPUs; the same for both models of a pair).
 
     Returns:
         A HookedTransformer (or TransformerBridge, see ``backend``) in eval mode.
@@ -688,163 +721,233 @@ def load_model(
         >>> model.cfg.dtype, tuco_lens.compatibility.processing_of(model)["fold_ln"]
         (torch.bfloat16, False)
     """
-    route = _route(source)
+    resolved = resolve_source(source)
     requested_backend, backend = backend, _resolve_backend(backend)
-    if adapter_base is not None and route != "adapter":
+    if adapter_base is not None and not isinstance(resolved, AdapterDirectory):
         raise InputError("adapter_base is only used when source is a PEFT adapter directory")
     check_device(device)
-    dtype = resolve_dtype(dtype)
-    hf_model_kwargs = dict(hf_model_kwargs or {})
-    processing = {
-        "fold_ln": fold_ln,
-        "center_writing_weights": center_writing_weights,
-        "center_unembed": center_unembed,
-        "fold_value_biases": fold_value_biases,
-    }
-    if route in ("hooked", "bridge"):
-        return _ready_model(source, route, backend, requested_backend, device=device, dtype=dtype)
-    if route == "official" and backend == "bridge":
-        route, source = "hub", tl_loading.get_official_model_name(source)
-    if route == "official":
-        return _official_model(
-            source, device=device, dtype=dtype, tokenizer=tokenizer, processing=processing,
-            hf_model_kwargs=hf_model_kwargs, **from_pretrained_kwargs,
+    processing = {"fold_ln": fold_ln, "center_writing_weights": center_writing_weights,
+                  "center_unembed": center_unembed, "fold_value_biases": fold_value_biases}
+    options = _LoadOptions(device, resolve_dtype(dtype), tokenizer, processing, dict(hf_model_kwargs or {}),
+                           backend, from_pretrained_kwargs)
+    if isinstance(resolved, ReadyModel):
+        return _ready_model(resolved, requested_backend, options)
+    if isinstance(resolved, OfficialName) and backend == "hooked":
+        return _official_model(resolved, options)
+    return _converted(resolved, options, adapter_base)
+
+
+def _ready_model(ready: ReadyModel, requested_backend: str, options: _LoadOptions) -> Model:
+    """A HookedTransformer or TransformerBridge passed in: the same object, moved in place if asked."""
+    model, kind = ready.model, backend_of(ready.model).kind
+    wanted = "HookedTransformer" if options.backend == "hooked" else "TransformerBridge"
+    if kind != options.backend and requested_backend != "auto":
+        raise InputTypeError(
+            f"backend={options.backend!r} asks for a {wanted}, but a ready {backend_of(model).name} was "
+            "passed: pass backend='auto' to use it as it is, or load from the checkpoint."
         )
-    unknown = sorted(set(from_pretrained_kwargs) - set(_CONVERSION_KWARGS))
+    moves = {} if kind == "bridge" else {"print_details": False}
+    if options.device is not None:
+        model.to(options.device, **moves)
+    if options.dtype is not None:
+        model.to(options.dtype, **moves)
+    return model
+
+
+def _official_model(official: OfficialName, options: _LoadOptions) -> Model:
+    """A TransformerLens official model name, through ``HookedTransformer.from_pretrained_no_processing``."""
+    given_tokenizer = _resolve_tokenizer(options.tokenizer, None)
+    try:
+        model = HookedTransformer.from_pretrained_no_processing(
+            official.name,
+            device=options.device,
+            dtype=options.dtype or torch.float32,
+            tokenizer=given_tokenizer,
+            **options.processing,
+            **options.hf_model_kwargs,
+            **options.from_pretrained_kwargs,
+        )
+    except OSError as error:  # download failures, missing files, no network
+        raise ModelLoadError(f"could not load the TransformerLens model {official.name!r}: {error}") from error
+    if "default_prepend_bos" not in options.from_pretrained_kwargs:
+        tokenizer_kwargs = options.tokenizer_kwargs
+        tokenizer_kwargs.pop("local_files_only", None)
+        _follow_tokenizer_bos(model, given_tokenizer, tokenizer_kwargs)
+    record_processing(model, _applicable(model.cfg, options.processing))
+    return model
+
+
+def _converted(source: _Convertible, options: _LoadOptions, adapter_base: Any) -> Model:
+    """Materialise ``source`` as a ``transformers`` model, then convert it to ``options.backend``."""
+    unknown = sorted(set(options.from_pretrained_kwargs) - set(_CONVERSION_KWARGS))
     if unknown:
         raise InputTypeError(
             f"unexpected keyword argument(s) {unknown} when converting a Hugging Face model; "
             f"accepted: {list(_CONVERSION_KWARGS)}. Pass Hugging Face loading options in "
             "hf_model_kwargs={...}."
         )
-    convert = dict(device=device, dtype=dtype, tokenizer=tokenizer, processing=processing, backend=backend)
-    if route in ("adapter", "peft_model"):
-        return _load_adapter(source, route, adapter_base, hf_model_kwargs=hf_model_kwargs, **convert,
-                             **from_pretrained_kwargs)
-    if route == "hf_model":
-        return _converted_hf_object(source, **convert, **from_pretrained_kwargs)
-    return _converted_checkpoint(source, route, hf_model_kwargs=hf_model_kwargs, **convert, **from_pretrained_kwargs)
-
-
-def _ready_model(
-    source: Model, route: str, backend: str, requested_backend: str, *, device: Any, dtype: torch.dtype | None
-) -> Model:
-    """A HookedTransformer or TransformerBridge passed in: the same object, moved in place if asked."""
-    wanted = "HookedTransformer" if backend == "hooked" else "TransformerBridge"
-    if backend_of(source).kind != backend and requested_backend != "auto":
-        raise InputTypeError(
-            f"backend={backend!r} asks for a {wanted}, but a ready {backend_of(source).name} was "
-            "passed: pass backend='auto' to use it as it is, or load from the checkpoint."
-        )
-    moves = {} if route == "bridge" else {"print_details": False}
-    if device is not None:
-        source.to(device, **moves)
-    if dtype is not None:
-        source.to(dtype, **moves)
-    return source
-
-
-def _official_model(
-    name: str,
-    *,
-    device: Any,
-    dtype: torch.dtype | None,
-    tokenizer: Any,
-    processing: dict[str, bool],
-    hf_model_kwargs: dict[str, Any],
-    **from_pretrained_kwargs: Any,
-) -> Model:
-    """A TransformerLens official model name, through ``HookedTransformer.from_pretrained_no_processing``."""
-    given_tokenizer = _resolve_tokenizer(tokenizer, None)
-    try:
-        model = HookedTransformer.from_pretrained_no_processing(
-            name,
-            device=device,
-            dtype=dtype or torch.float32,
-            tokenizer=given_tokenizer,
-            **processing,
-            **hf_model_kwargs,
-            **from_pretrained_kwargs,
-        )
-    except OSError as error:  # download failures, missing files, no network
-        raise ModelLoadError(f"could not load the TransformerLens model {name!r}: {error}") from error
-    if "default_prepend_bos" not in from_pretrained_kwargs:
-        tokenizer_kwargs = {k: v for k, v in hf_model_kwargs.items() if k in _TOKENIZER_KWARGS}
-        tokenizer_kwargs.pop("local_files_only", None)
-        _follow_tokenizer_bos(model, given_tokenizer, tokenizer_kwargs)
-    record_processing(model, _applicable(model.cfg, processing))
-    return model
-
-
-def _converted_hf_object(
-    source: transformers.PreTrainedModel,
-    *,
-    device: Any,
-    dtype: torch.dtype | None,
-    tokenizer: Any,
-    processing: dict[str, bool],
-    backend: str,
-    **conversion_kwargs: Any,
-) -> Model:
-    """A ``transformers`` model object, converted with its own config (the object is left intact)."""
-    name, fallback, device, dtype = _object_defaults(source, device, dtype)
-    return _convert(
-        copy.deepcopy(source) if backend == "bridge" else source,  # a bridge takes it over
-        _resolve_tokenizer(tokenizer, fallback),
-        name=name,
-        device=device,
-        dtype=dtype,
-        processing=processing,
-        backend=backend,
-        **conversion_kwargs,
-    )
-
-
-def _converted_checkpoint(
-    source: str | os.PathLike,
-    route: str,
-    *,
-    hf_model_kwargs: dict[str, Any],
-    device: Any,
-    dtype: torch.dtype | None,
-    tokenizer: Any,
-    processing: dict[str, bool],
-    backend: str,
-    **conversion_kwargs: Any,
-) -> Model:
-    """A local checkpoint directory (``route="local"``) or a hub id, loaded with transformers and converted."""
-    dtype = dtype or torch.float32
-    if route == "local":
-        path = Path(source).expanduser().resolve()
-        if not (path / "config.json").is_file():
-            raise ModelLoadError(
-                f"{str(path)!r} is not a Hugging Face checkpoint directory: expected a directory "
-                "containing config.json and the weights (*.safetensors or pytorch_model.bin), as "
-                "written by model.save_pretrained(...)"
-            )
-        text, what, tokenizer_kwargs = str(path), f"the checkpoint directory {str(path)!r}", {}
-    else:  # hub id
-        text = os.fspath(source)
-        what = (
-            f"{text!r} from the Hugging Face hub (there is no local directory "
-            f"{str(Path(text).resolve())!r})"
-        )
-        tokenizer_kwargs = {k: v for k, v in hf_model_kwargs.items() if k in _TOKENIZER_KWARGS}
-    hf_model = _load_hf_model(text, dtype, hf_model_kwargs, what)
+    hf = _materialise(source, options, adapter_base)
     try:
         return _convert(
-            hf_model,
-            _resolve_tokenizer(tokenizer, text, **tokenizer_kwargs),
-            name=Path(text).name,
-            device=device,
-            dtype=dtype,
-            processing=processing,
-            backend=backend,
-            **conversion_kwargs,
+            hf.model,
+            _resolve_tokenizer(options.tokenizer, hf.tokenizer_source, **hf.tokenizer_kwargs),
+            name=hf.name,
+            device=hf.device,
+            dtype=hf.dtype,
+            processing=options.processing,
+            backend=options.backend,
+            **options.from_pretrained_kwargs,
         )
     finally:
-        del hf_model
+        del hf
         gc.collect()
+
+
+def _materialise(source: _Convertible, options: _LoadOptions, adapter_base: Any) -> _Materialised:
+    """The ``transformers`` model ``source`` stands for: the object (copied for a bridge, which
+    takes it over), a merged copy, or loaded from a directory or the hub."""
+    match source:
+        case TransformersModel(model=model):
+            name, fallback, device, dtype = _object_defaults(model, options.device, options.dtype)
+            return _Materialised(copy.deepcopy(model) if options.backend == "bridge" else model,
+                                 name, device, dtype, fallback)
+        case PeftModelObject(model=model):
+            merged = adapters.merge_peft_model(model)  # a merged deep copy; ``model`` is intact
+            name, fallback, device, dtype = _object_defaults(merged, options.device, options.dtype)
+            return _Materialised(merged, f"{name}+adapter", device, dtype, fallback, options.tokenizer_kwargs)
+        case AdapterDirectory(path=path):
+            return _merged_adapter_dir(path.resolve(), adapter_base, options)
+        case CheckpointDirectory(path=path):
+            return _checkpoint_model(path.resolve(), options)
+        case OfficialName():
+            return _hub_model(source.hub_id(), options)
+        case HubId():
+            return _hub_model(source, options)
+
+
+def _checkpoint_model(path: Path, options: _LoadOptions) -> _Materialised:
+    """A local checkpoint directory, loaded with ``AutoModelForCausalLM`` (tokenizer: the same directory)."""
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"{str(path)!r} is not a Hugging Face checkpoint directory: expected a directory "
+            "containing config.json and the weights (*.safetensors or pytorch_model.bin), as "
+            "written by model.save_pretrained(...)"
+        )
+    dtype = options.dtype or torch.float32
+    model = _load_hf_model(str(path), dtype, options.hf_model_kwargs, f"the checkpoint directory {str(path)!r}")
+    return _Materialised(model, path.name, options.device, dtype, str(path))
+
+
+def _hub_model(hub: HubId, options: _LoadOptions) -> _Materialised:
+    """A hub id, downloaded with ``AutoModelForCausalLM`` (tokenizer: the same id, the same hub options)."""
+    text, dtype = hub.repo_id, options.dtype or torch.float32
+    what = f"{text!r} from the Hugging Face hub (there is no local directory {str(Path(text).resolve())!r})"
+    model = _load_hf_model(text, dtype, options.hf_model_kwargs, what)
+    return _Materialised(model, Path(text).name, options.device, dtype, text, options.tokenizer_kwargs)
+
+
+def _object_defaults(
+    model: transformers.PreTrainedModel, device: Any, dtype: torch.dtype | None
+) -> tuple[str, str | None, Any, torch.dtype]:
+    """What a ``transformers`` model object says about itself: ``(name, tokenizer directory or None,
+    device, dtype)``, where the device and dtype asked for win over the object's own."""
+    parameter = next(model.parameters())
+    origin = str(getattr(model, "name_or_path", "") or "")
+    fallback = origin if origin and Path(origin).is_dir() else None
+    name = Path(origin).name or type(model).__name__
+    return name, fallback, (device if device is not None else str(parameter.device)), dtype or parameter.dtype
+
+
+# --- PEFT adapter directories: the base model to merge into, the merge (tuco_lens.adapters) ---
+def _merged_adapter_dir(path: Path, base: Any, options: _LoadOptions) -> _Materialised:
+    """An adapter directory merged into a copy of its base (see :class:`AdapterDirectory`)."""
+    info = adapters.adapter_info(path)  # refuses prompt tuning before anything is loaded
+    dtype = options.dtype or torch.float32
+    model, owned, fallback = _adapter_base_model(
+        path, info["base_model_name_or_path"], base, dtype, options.hf_model_kwargs
+    )
+    merged = adapters.merge_adapter_dir(model, path, copy_base=not owned)
+    del model
+    if any((path / name).exists() for name in _TOKENIZER_FILES):
+        fallback = str(path)  # the fine-tune's own tokenizer (e.g. its chat template)
+    return _Materialised(merged, path.name, options.device, dtype, fallback, options.tokenizer_kwargs)
+
+
+def _note_base_mismatch(adapter: Path, recorded: str | None, used: str) -> None:
+    """Warn (never fail) when an adapter is merged into another base than the one it records."""
+    if not recorded or not used:
+        return
+    same = recorded.rstrip("/") == used.rstrip("/")
+    with contextlib.suppress(OSError, ValueError):
+        if Path(recorded).expanduser().exists() and Path(used).expanduser().exists():
+            same = Path(recorded).expanduser().resolve() == Path(used).expanduser().resolve()
+    if not same:
+        warnings.warn(
+            f"the adapter {str(adapter)!r} records the base model {recorded!r} but is merged into "
+            f"the pre-trained model {used!r}: the fine-tuned model is {used!r} + adapter",
+            UserWarning,
+            stacklevel=7,  # load_model's caller
+        )
+
+
+def _adapter_base_model(
+    adapter: Path,
+    recorded: str | None,
+    base: Any,
+    dtype: torch.dtype,
+    hf_model_kwargs: dict[str, Any],
+) -> tuple[transformers.PreTrainedModel, bool, str | None]:
+    """The base to merge the adapter directory into: ``(model, owned, tokenizer fallback)``.
+
+    ``base`` (the pair's pre-trained model) wins over the adapter's recorded base; ``owned``
+    says whether the model was loaded here (so it may be merged into in place).
+    """
+    if base is not None:
+        given = resolve_source(base)
+        if isinstance(given, TransformersModel):
+            origin = str(getattr(given.model, "name_or_path", "") or "")
+            _note_base_mismatch(adapter, recorded, origin)
+            return given.model, False, origin if origin and Path(origin).is_dir() else None
+        if isinstance(given, (AdapterDirectory, PeftModelObject)):
+            raise ModelLoadError(
+                f"cannot merge the adapter {str(adapter)!r} into a pre-trained model that is itself "
+                "a PEFT adapter: merge that one first (merge_and_unload(), then save_pretrained)"
+            )
+        if isinstance(given, ReadyModel):
+            warnings.warn(
+                f"the pre-trained model is a ready {type(base).__name__}, not a checkpoint: the "
+                f"adapter {str(adapter)!r} is merged into its recorded base {recorded!r} instead",
+                UserWarning,
+                stacklevel=6,  # load_model's caller
+            )
+        else:
+            base = os.fspath(base)
+            _note_base_mismatch(adapter, recorded, base)
+            recorded = base
+    if not recorded:
+        raise ModelLoadError(
+            f"the adapter {str(adapter)!r} records no base model (base_model_name_or_path): pass "
+            "the base, e.g. load_pair(base, adapter) or load_model(adapter, adapter_base=base)"
+        )
+    text = _base_checkpoint(resolve_source(recorded), recorded, adapter)
+    model = _load_hf_model(text, dtype, hf_model_kwargs, f"the adapter's base model {text!r}")
+    return model, True, text
+
+
+def _base_checkpoint(resolved: Source, recorded: str, adapter: Path) -> str:
+    """Where to load an adapter's base from: a resolved local directory or a hub id."""
+    match resolved:
+        case CheckpointDirectory(path=path):
+            return str(path.resolve())
+        case OfficialName():
+            return resolved.hub_id().repo_id
+        case HubId(repo_id=repo_id):
+            return repo_id
+    raise ModelLoadError(
+        f"the base model {recorded!r} of the adapter {str(adapter)!r} is not a checkpoint "
+        "directory or hub id (is it itself an adapter? merge it first)"
+    )
+# --- end of PEFT adapter directories ---
 
 
 def load_pair(
@@ -901,11 +1004,11 @@ def load_pair(
     if device_map is not None:
         return _load_pair_with_device_map(pt, ft, device_map, device=device, dtype=dtype, tokenizer=tokenizer, **kwargs)
 
-    for source in (pt, ft):  # fail on a bad source before loading anything
-        _route(source)
-    ft_is_adapter = _route(ft) == "adapter"
+    resolve_source(pt)  # fail on a bad source before loading anything
+    ft_source = resolve_source(ft)
+    ft_is_adapter = isinstance(ft_source, AdapterDirectory)
     if ft_is_adapter:
-        adapters.adapter_info(ft)  # e.g. a prompt-tuning adapter is refused before loading pt
+        adapters.adapter_info(ft_source.path)  # e.g. a prompt-tuning adapter is refused before loading pt
     options = dict(device=device, dtype=dtype, tokenizer=tokenizer, **kwargs)
     pt_model = load_model(pt, **options)
     ft_model = load_model(ft, **options, **({"adapter_base": pt} if ft_is_adapter else {}))
@@ -933,7 +1036,7 @@ def _load_pair_with_device_map(pt: Any, ft: Any, device_map: str | dict[str, Any
             "give the map once, as device_map=..."
         )
     for source in (pt, ft):
-        if _route(source) not in ("local", "hub", "official"):
+        if not isinstance(resolve_source(source), (CheckpointDirectory, HubId, OfficialName)):
             raise InputError(
                 "device_map applies when loading a checkpoint directory or hub id; ready models and "
                 "adapters keep their own placement (load them with the same map yourself)"
