@@ -10,13 +10,13 @@ undo), which is why the paper prefers TuCo.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Unpack
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from plotly.subplots import make_subplots
 from torch import Tensor
 
@@ -24,12 +24,12 @@ from tuco_lens.analyses._common import auc_matrix, check_common, check_pair, gro
 from tuco_lens.backends import backend_of
 from tuco_lens.decomposition import Norm, ratio, vector_norm
 from tuco_lens.errors import InputError
-from tuco_lens.inputs import Inputs, TokenBatch, run_batched, to_left_padding
+from tuco_lens.inputs import TOKENIZE_OPTIONS, Inputs, TokenBatch, TokenizeOptions, run_batched, to_left_padding
 from tuco_lens.io import PromptSource, SetSource, read_labelled_prompts
 from tuco_lens.metrics import roc_auc
 from tuco_lens.pair import TuCoPair
 from tuco_lens.plotting._util import escape, notebook_layout, set_colours
-from tuco_lens.validation import check_accumulate_dtype
+from tuco_lens.validation import check_accumulate_dtype, check_options
 
 __all__ = ["outputco", "TuCoOutputCoComparison", "compare_tuco_outputco"]
 
@@ -39,14 +39,12 @@ def outputco(
     pair: TuCoPair,
     inputs: Inputs,
     *,
-    attention_mask: Int[Tensor, "batch pos"] | None = None,
-    chat_template: bool = False,
-    prepend_bos: bool | None = None,
     batch_size: int | None = None,
     token_budget: int | None = None,
     show_progress: bool = False,
     norm: str = "l1",
     accumulate_dtype: torch.dtype = torch.float32,
+    **tokenize: Unpack[TokenizeOptions],
 ) -> Float[Tensor, " batch"]:
     """OutputCo of each prompt: how far fine-tuning moved the final residual stream (§5.5).
 
@@ -58,14 +56,12 @@ def outputco(
     Args:
         pair: The pre-trained / fine-tuned pair.
         inputs: Prompts or token ids, as for :meth:`TuCoPair.tuco`.
-        attention_mask: For padded token ids (1 = real token).
-        chat_template: Wrap prompts in the fine-tuned chat template with generation prompt.
-        prepend_bos: For plain strings; ``None`` follows the model's default (no second BOS).
         batch_size: Rows per forward pass (results come back in input order).
         token_budget: Alternative cap on ``rows × padded length`` per forward pass.
         show_progress: Progress bar over batches.
         norm: ``"l1"`` (the paper's) or ``"l2"``.
         accumulate_dtype: ``torch.float32`` (default) or ``torch.float64`` for the norms.
+        **tokenize: How ``inputs`` become tokens, as in :meth:`TuCoPair.tokenize`.
 
     Returns:
         OutputCo in ``[0, 1]`` per prompt. ``[batch]``
@@ -79,7 +75,8 @@ def outputco(
     pair = check_pair(pair)
     norm = check_common(batch_size, norm)
     check_accumulate_dtype(accumulate_dtype)
-    batch = pair.tokenize(inputs, attention_mask=attention_mask, chat_template=chat_template, prepend_bos=prepend_bos)
+    check_options(tokenize, TOKENIZE_OPTIONS, "outputco", "tokenization option")
+    batch = pair.tokenize(inputs, **tokenize)
     return run_batched(
         batch, lambda sub, _: _outputco(pair, sub, norm, accumulate_dtype), batch_size, token_budget,
         show_progress=show_progress, desc="OutputCo",
