@@ -63,9 +63,9 @@ def _resolve(obj: griffe.Object, kind: str, target: str) -> str | None:
     # ``from .suffix_search import suffix_search`` in a package: griffe keeps the submodule under
     # that name, Python the function. A role naming a function means the function.
     name = target.rsplit(".", 1)[-1]
-    if kind != "mod" and found.is_module and name in found.members:
-        found = found.members[name]
-    try:
+    try:  # an alias to a module outside the collection (e.g. transformer_lens) resolves to nothing
+        if kind != "mod" and found.is_module and name in found.members:
+            found = found.members[name]
         return found.canonical_path if not found.is_alias else found.final_target.canonical_path
     except (griffe.AliasResolutionError, griffe.CyclicAliasError):
         return None

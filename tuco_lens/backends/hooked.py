@@ -44,9 +44,14 @@ else:
         from transformer_lens.components.mlps.gated_mlp import GatedMLP
         from transformer_lens.components.unembed import Unembed
     except ImportError:  # pragma: no cover - exercised by the transformer-lens 4.x CI job
-        AbstractAttention = GatedMLP = Unembed = None
-        HookedTransformer = HookedTransformerConfig = tl_loading = None
-        TransformerLensKeyValueCache = TransformerLensKeyValueCacheEntry = None
+        AbstractAttention = None
+        GatedMLP = None
+        Unembed = None
+        HookedTransformer = None
+        HookedTransformerConfig = None
+        tl_loading = None
+        TransformerLensKeyValueCache = None
+        TransformerLensKeyValueCacheEntry = None
 
 __all__ = [
     "HAS_HOOKED_TRANSFORMER",
