@@ -29,6 +29,7 @@ from tuco_lens.inputs import (
     Inputs,
     TokenBatch,
     TokenizeOptions,
+    decode,
     length_sorted_batches,
     prepare_batch,
     run_batched,
@@ -730,5 +731,5 @@ class TuCoPair:
         texts = []
         for row in new.tolist():
             cut = next((i for i, t in enumerate(row) if t in stops), len(row))
-            texts.append(self.tokenizer.decode(row[:cut]))
+            texts.append(decode(self.tokenizer, row[:cut]))
         return texts
